@@ -51,6 +51,9 @@ impl Default for ProxyOptions {
     }
 }
 
+/// One row of the table: (layer, distortion, trajectories that saw the tag).
+pub type LayerRow = (usize, f64, usize);
+
 /// What the proxy check needs from a sensitivity table.
 #[derive(Debug, Clone)]
 pub struct TableView {
@@ -60,8 +63,8 @@ pub struct TableView {
     pub sinks: usize,
     pub window: usize,
     pub quantizer: QuantizerSettings,
-    /// (tag, kv, bits) -> (layer, distortion, trajectories that saw the tag) per row.
-    pub distortion: BTreeMap<(Tag, Kv, u8), Vec<(usize, f64, usize)>>,
+    /// (tag, kv, bits) -> its rows.
+    pub distortion: BTreeMap<(Tag, Kv, u8), Vec<LayerRow>>,
     /// Mean quantizable tokens per decode query, per tag.
     pub tokens: BTreeMap<Tag, f64>,
     /// Largest `trajectories` of any row (the allocator's weight divides by it).
