@@ -187,10 +187,15 @@ pub fn svg(s: &Scatter) -> String {
         escape(&s.y_label)
     );
     for (x, y, label) in pts {
+        // Labels of points in the right third go to their left, inside the frame.
+        let (lx, anchor) = if x > LEFT as f64 + 2.0 * pw / 3.0 {
+            (x - 6.0, "end")
+        } else {
+            (x + 6.0, "start")
+        };
         let _ = writeln!(
             o,
-            r##"<circle cx="{x:.1}" cy="{y:.1}" r="4" fill="#3b528b"><title>{l}</title></circle><text x="{:.1}" y="{:.1}" font-size="10">{l}</text>"##,
-            x + 6.0,
+            r##"<circle cx="{x:.1}" cy="{y:.1}" r="4" fill="#3b528b"><title>{l}</title></circle><text x="{lx:.1}" y="{:.1}" font-size="10" text-anchor="{anchor}">{l}</text>"##,
             y - 5.0,
             l = escape(label)
         );
