@@ -185,8 +185,9 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
 /// from its K/V must give bit for bit what a fresh replay gives (whole chunks, same order).
 #[test]
 fn replay_from_a_shared_prefix_equals_a_fresh_replay() {
-    use triaxkv::calibrate::capture::{replay, replay_from, reusable_prefix};
+    use triaxkv::calibrate::capture::{replay, replay_from, reusable_prefix, RecordingCache};
     use triaxkv::kvcache::KvCache;
+    use triaxkv::model::llama::Logits;
     use triaxkv::tags::{Modality, Role, TokenTag};
     if model().is_none() {
         return;
@@ -199,17 +200,17 @@ fn replay_from_a_shared_prefix_equals_a_fresh_replay() {
         turn: 0,
         step: 0,
     };
-    let a: Vec<u32> = (0..150u32).map(|i| 200 + (i * 37) % 5000).collect();
-    let mut b = a[..140].to_vec();
-    b.extend((0..30u32).map(|i| 300 + (i * 91) % 7000));
-    let tags = vec![tag; 170];
-    let chunk = 32;
-    let first_query = 135;
-    let positions = vec![first_query, 150, 169];
+    let a: Vec<u32> = (0..80u32).map(|i| 200 + (i * 37) % 5000).collect();
+    let mut b = a[..70].to_vec();
+    b.extend((0..14u32).map(|i| 300 + (i * 91) % 7000));
+    let tags = vec![tag; 84];
+    let chunk = 16;
+    let first_query = 66;
+    let positions = vec![first_query, 75, 83];
 
-    let cap_a = replay(m, &a, &tags[..150], vec![149], chunk, &mut |_| {});
-    let n = reusable_prefix((&b, &tags), (&a, &tags[..150]), first_query, chunk);
-    assert_eq!(n, 128, "common prefix 140, cut to whole chunks of 32");
+    let cap_a = replay(m, &a, &tags[..80], vec![79], chunk, &mut |_| {});
+    let n = reusable_prefix((&b, &tags), (&a, &tags[..80]), first_query, chunk);
+    assert_eq!(n, 64, "common prefix 70, cut to whole chunks of 16");
     let mut prefix = cap_a.full;
     prefix.truncate(n);
     let mut seen = Vec::new();
@@ -222,11 +223,7 @@ fn replay_from_a_shared_prefix_equals_a_fresh_replay() {
         Some(prefix),
         &mut |d| seen.push(d),
     );
-    assert_eq!(
-        seen,
-        vec![160, 170],
-        "progress counts whole-sequence tokens"
-    );
+    assert_eq!(seen, vec![80, 84], "progress counts whole-sequence tokens");
     let fresh = replay(m, &b, &tags, positions, chunk, &mut |_| {});
     for l in 0..m.config.num_layers {
         assert!(resumed.full.keys(l) == fresh.full.keys(l), "layer {l} keys");
@@ -236,10 +233,21 @@ fn replay_from_a_shared_prefix_equals_a_fresh_replay() {
         );
         assert!(resumed.q[l] == fresh.q[l], "layer {l} queries");
     }
-    assert_eq!(resumed.full.len(0), 170);
+    assert_eq!(resumed.full.len(0), 84);
+    // Without logits the last layer skips its attention but still records its queries:
+    // the same as a pass that attends everywhere (same chunks, so bit for bit).
+    let mut rec = RecordingCache::new(m.kv_shape(), vec![first_query, 75, 83]);
+    m.prefill(&b, &tags, &mut rec, Logits::All, chunk, &mut |_| {});
+    let attended = rec.into_capture();
+    let last = m.config.num_layers - 1;
+    assert!(fresh.q[last].iter().any(|&x| x != 0.0));
+    assert!(
+        attended.q == fresh.q,
+        "queries recorded with and without attention"
+    );
     // A measured position inside the common prefix limits what may be reused.
     assert_eq!(
-        reusable_prefix((&b, &tags), (&a, &tags[..150]), 100, chunk),
-        96
+        reusable_prefix((&b, &tags), (&a, &tags[..80]), 40, chunk),
+        32
     );
 }

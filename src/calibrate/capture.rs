@@ -62,6 +62,22 @@ impl KvCache for RecordingCache {
     }
 
     fn attend(&self, layer: usize, q: &[f32], out: &mut [f32]) {
+        self.record(layer, q);
+        self.full.attend(layer, q, out)
+    }
+
+    fn skip_attend(&self, layer: usize, q: &[f32]) {
+        self.record(layer, q);
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.full.truncate(len)
+    }
+}
+
+impl RecordingCache {
+    /// Keep the queries of `q` (the last stored tokens of `layer`) at chosen positions.
+    fn record(&self, layer: usize, q: &[f32]) {
         let s = self.full.shape();
         let qrow = s.num_heads * s.head_dim;
         let n = q.len() / qrow;
@@ -74,11 +90,6 @@ impl KvCache for RecordingCache {
             let src = &q[(p - start) * qrow..(p - start + 1) * qrow];
             rec[layer][(lo + i) * qrow..(lo + i + 1) * qrow].copy_from_slice(src);
         }
-        self.full.attend(layer, q, out)
-    }
-
-    fn truncate(&mut self, len: usize) {
-        self.full.truncate(len)
     }
 }
 

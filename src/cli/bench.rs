@@ -4,9 +4,10 @@
 //! (`bench_attention.rs`).
 
 use anyhow::{bail, Context, Result};
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::time::Instant;
-use triaxkv::kvcache::KvCache;
+use triaxkv::kvcache::{KvCache, KvShape};
 use triaxkv::model::llama::{Logits, DEFAULT_PREFILL_CHUNK};
 use triaxkv::model::load;
 use triaxkv::model::sampling::argmax;
@@ -55,6 +56,9 @@ struct Row {
     context: usize,
     prefill_tokens_per_s: f64,
     prefill_seconds: f64,
+    /// Part of the prefill spent in the KV cache's attention (the rest: projections, MLP,
+    /// norms, RoPE).
+    prefill_attention_seconds: f64,
     decode_tokens: usize,
     decode_tokens_per_s: f64,
 }
@@ -85,17 +89,22 @@ fn cpu(args: CpuArgs) -> Result<()> {
     let tags = vec![tag; longest];
     let mut rows = Vec::new();
     for &ctx in &args.contexts {
-        let mut cache = model.new_cache();
+        let mut timed = TimedCache {
+            inner: model.new_cache(),
+            attend_s: Cell::new(0.0),
+        };
         let t = Instant::now();
         let logits = model.prefill(
             &ids[..ctx],
             &tags[..ctx],
-            &mut cache,
+            &mut timed,
             Logits::Last,
             args.chunk,
             &mut |_| {},
         );
         let prefill_s = t.elapsed().as_secs_f64();
+        let attention_s = timed.attend_s.get();
+        let mut cache = timed.inner;
         let mut next = argmax(&logits);
         let t = Instant::now();
         for _ in 0..args.decode_tokens {
@@ -108,22 +117,28 @@ fn cpu(args: CpuArgs) -> Result<()> {
             context: ctx,
             prefill_tokens_per_s: ctx as f64 / prefill_s,
             prefill_seconds: prefill_s,
+            prefill_attention_seconds: attention_s,
             decode_tokens: args.decode_tokens,
             decode_tokens_per_s: args.decode_tokens as f64 / decode_s.max(1e-9),
         };
         eprintln!(
-            "context {ctx}: prefill {:.1} tok/s, decode {:.1} tok/s",
-            row.prefill_tokens_per_s, row.decode_tokens_per_s
+            "context {ctx}: prefill {:.1} tok/s ({:.0}% in attention), decode {:.1} tok/s",
+            row.prefill_tokens_per_s,
+            100.0 * attention_s / prefill_s.max(1e-9),
+            row.decode_tokens_per_s
         );
         rows.push(row);
     }
 
-    println!("| context | prefill tok/s | decode tok/s |");
-    println!("|--------:|--------------:|-------------:|");
+    println!("| context | prefill tok/s | prefill in attention | decode tok/s |");
+    println!("|--------:|--------------:|---------------------:|-------------:|");
     for r in &rows {
         println!(
-            "| {} | {:.1} | {:.1} |",
-            r.context, r.prefill_tokens_per_s, r.decode_tokens_per_s
+            "| {} | {:.1} | {:.0}% | {:.1} |",
+            r.context,
+            r.prefill_tokens_per_s,
+            100.0 * r.prefill_attention_seconds / r.prefill_seconds.max(1e-9),
+            r.decode_tokens_per_s
         );
     }
     if let Some(path) = &args.json {
@@ -146,6 +161,37 @@ fn cpu(args: CpuArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// A KV cache that adds up the wall time its attention takes.
+struct TimedCache<C> {
+    inner: C,
+    attend_s: Cell<f64>,
+}
+
+impl<C: KvCache> KvCache for TimedCache<C> {
+    fn shape(&self) -> KvShape {
+        self.inner.shape()
+    }
+
+    fn len(&self, layer: usize) -> usize {
+        self.inner.len(layer)
+    }
+
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], tags: &[TokenTag]) {
+        self.inner.append(layer, k, v, tags)
+    }
+
+    fn attend(&self, layer: usize, q: &[f32], out: &mut [f32]) {
+        let t = Instant::now();
+        self.inner.attend(layer, q, out);
+        self.attend_s
+            .set(self.attend_s.get() + t.elapsed().as_secs_f64());
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.inner.truncate(len)
+    }
 }
 
 fn profile() -> &'static str {

@@ -40,6 +40,11 @@ pub trait KvCache {
     /// `0..=len - n + i`. Writes `[n, num_heads, head_dim]` into `out`.
     fn attend(&self, layer: usize, q: &[f32], out: &mut [f32]);
 
+    /// Instead of [`KvCache::attend`] when nobody reads the output (the last layer of a
+    /// forward pass that returns no logits): a cache that records queries (calibration)
+    /// sees them here; the attention itself is skipped.
+    fn skip_attend(&self, _layer: usize, _q: &[f32]) {}
+
     /// Drop every token at position `>= len` in every layer (rewind after speculative work).
     fn truncate(&mut self, len: usize);
 }

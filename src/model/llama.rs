@@ -121,6 +121,12 @@ impl Model {
             rope.apply(&mut q, hd);
             rope.apply(&mut k, hd);
             cache.append(l, &k, &v, tags);
+            if logits == Logits::None && l + 1 == w.layers.len() {
+                // Only the cache's K/V are wanted: the last layer's attention output and
+                // MLP feed nothing.
+                cache.skip_attend(l, &q);
+                return Vec::new();
+            }
             cache.attend(l, &q, &mut att);
             matmul(&mut xb, &att, n, &lw.wo);
             add_in_place(&mut x, &xb);
