@@ -1,5 +1,5 @@
 //! The CPU forward pass over several sequences at once: the projections and the MLP run as
-//! one GEMM over every sequence's new rows (the weights are read once per step, which is
+//! one product over every sequence's new rows (the weights are read once per step, which is
 //! what makes batched decoding faster than one sequence after another), while RoPE
 //! positions and attention stay per sequence, each through its own KV cache.
 //!
@@ -13,7 +13,9 @@ use crate::tags::TokenTag;
 use rayon::prelude::*;
 
 /// Up to this many rows, a batched product splits the weight rows over threads (each reads
-/// its weights once for all rows) instead of running one GEMM that packs the whole matrix.
+/// its weights once for all rows) instead of calling the `gemm` crate, which is slow for a
+/// handful of rows (`examples/small_batch_matmul.rs`: 3-4x faster at 4 rows, ~1.7x at 16,
+/// even at 32).
 const SMALL_BATCH: usize = 32;
 
 /// One sequence's new tokens.
