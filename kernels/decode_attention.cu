@@ -11,10 +11,14 @@
 // (P^T from S^T's fp16 fragments by two movmatrix transposes).
 // Per-channel K scales are folded into Q once per block (Q' = q * s_k, bias = q . z_k); V's
 // per-token scales are folded into P (P' = P * s_v per value group) and its zeros into a
-// per-head, per-group scalar sum. Dequantization: K is one lop3 per pair (the magic-number
-// base goes into the per-block bias), V one lop3 + one hsub2 per pair. FP8 (E4M3) is one
+// per-head, per-group sum. Dequantization: K is one lop3 per pair (the magic-number base goes
+// into the per-block bias). V: 16-bit / FP8 as below; INT4 / INT2 (v4) read V codes as fp16
+// subnormals, one lop3 per pair and no subtraction (see the packed-class section), and get the
+// V-zero sums and the softmax sum from one extra mma per tile. FP8 (E4M3) is one
 // cvt.rn.f16x2.e4m3x2 per pair; its per-block K scale multiplies the fp32 scores and its V
 // scale is folded into P' (times FP8_P_SHIFT, undone on the output).
+// INT4 / INT2 blocks stream through a per-warp shared-memory ring filled by cp.async.bulk
+// (mbarrier completion), so the kernel needs sm_90.
 // Head dim is fixed at 128. Compiles with nvcc and NVRTC (no host code, no std headers).
 
 #include <cuda_fp16.h>
@@ -397,154 +401,410 @@ __device__ __forceinline__ void walk_registers(WarpState<HEAD_DIM / VG>& st, con
   }
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+// ---- Packed classes (INT4 / INT2) ------------------------------------------------------------
+// Per warp, a STAGES-deep shared-memory ring filled by cp.async.bulk (one bulk copy per area:
+// K codes, V codes, V scales, V zeros of UNR tiles, and the block's K scales/zeros on a warp's
+// first unit of a block; lane 0 issues them), completing on one mbarrier per stage.
+//
+// V codes are read as fp16 subnormals: `word & mask` (one lop3 per register pair, no magic and
+// no subtraction) is q * 2^(2j-24) for a field at mantissa bits 2j. The field weight 2^(2j)
+// depends on the A-fragment register a = row_hi + 2 tok_hi only: rows (dims) carry 4^row_hi
+// (INT2) or 16^row_hi (INT4), undone on the output; INT2's tokens 8..15 carry another 16,
+// undone by storing their probabilities as P / 16 (the exponent argument minus 4).
+// The V zeros and the softmax sum ride in one more mma per tile: A rows 0..NG-1 = the V zeros of
+// each value group (per token), row NG = ones; B = P^T. The running max moves only when a score
+// passes m + TKV_LAZY_T (probabilities up to 2^T are fine in fp16), so most tiles need no
+// cross-lane reduction at all.
+#ifndef TKV_LAZY_T
+#define TKV_LAZY_T 6.f
+#endif
 
-// 16-byte words per lane per tile.
-template <int CLS> struct TileWords;
-template <> struct TileWords<CLASS_INT4> { static const int N = 4; };
-template <> struct TileWords<CLASS_INT2> { static const int N = 2; };
-
-__device__ __forceinline__ const unsigned char* tile_src(int cls, const unsigned char* blk, int v_off,
-                                                         int tile, int i) {
-  // INT4: K words at tile*1024 + {0, 512}, V at v_off + tile*1024 + {0, 512};
-  // INT2: K at tile*512, V at v_off + tile*512 (lane offset added by the caller).
-  if (cls == CLASS_INT4) return blk + (i < 2 ? 0 : v_off) + tile * 1024 + (i & 1) * 512;
-  return blk + (i == 0 ? 0 : v_off) + tile * 512;
-}
-
-// Per-warp shared-memory ring for the cp.async pipeline: codes of UNR tiles, their V scales and
-// zeros, and the K scales/zeros of the block a group starts.
-template <int CLS, int VG, int UNR> struct PipeStage {
-  uint4 codes[UNR][TileWords<CLS>::N][32];
-  uint4 vsz[UNR][2][2 * (HEAD_DIM / VG)];  // per tile: [0] 32*NG bytes of V scales, [1] zeros
-  uint4 ksz[32];                           // 256 B K scales + 256 B K zeros
+template <int NG> struct IntState {
+  float o[8][4];  // O^T fragments (dims x heads 2t, 2t+1), row-weighted V codes
+  float zl[4];    // [0], [1]: row g (g < NG: V-zero sum of group g; g == NG: softmax sum)
+  float m[2];     // running max of heads 2t, 2t+1 (log2 domain)
 };
+
+template <int CLS> struct TileBytes { static const int N = CLS == CLASS_INT4 ? 1024 : 512; };
+
+template <int CLS, int VG, int UNR> struct BStage {
+  uint4 k[UNR * TileBytes<CLS>::N / 16];  // K codes of UNR consecutive tiles (global order)
+  uint4 v[UNR * TileBytes<CLS>::N / 16];  // V codes
+  uint4 vs[UNR * 2 * (HEAD_DIM / VG)];    // V scales, 32 * NG bytes per tile
+  uint4 vz[UNR * 2 * (HEAD_DIM / VG)];    // V zeros
+  uint4 ksz[32];                          // K scales (256 B) + K zeros (256 B)
+};
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+  return (u32)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+  u32 ok;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(ok)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!ok);
+}
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ u32 lds32s(u32 a) {
+  u32 r;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(a) : "memory");
+  return r;
+}
+__device__ __forceinline__ uint4 lds128s(u32 a) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "r"(a)
+               : "memory");
+  return r;
+}
+__device__ __forceinline__ u32 hfma2u(u32 a, u32 b, u32 c) {
+  return h2u(__hfma2(u2h(a), u2h(b), u2h(c)));
+}
+
+// V^T A fragment as fp16 subnormals (see above): m-tile m, register a.
+__device__ __forceinline__ u32 vsub(const Tile<CLASS_INT4>& t, int m, int a) {
+  const u32 x = word(t.v[m / 4], m % 4);
+  return ((a >= 2) ? (x >> 8) : x) & (0x000f000fu << (4 * (a & 1)));
+}
+__device__ __forceinline__ u32 vsub(const Tile<CLASS_INT2>& t, int m, int a) {
+  const u32 x = word(t.v, m / 2);
+  return ((m & 1) ? (x >> 8) : x) & (0x00030003u << (2 * a));
+}
+// Output weight of O^T row half (dims 16m + g + 8 row_hi): 2^24 / field weight.
+template <int CLS> __device__ __forceinline__ float vweight(int row_hi) {
+  return row_hi ? (CLS == CLASS_INT2 ? 4194304.f : 1048576.f) : 16777216.f;
+}
+// Exponent offset of tokens 8..15 of a tile (INT2 stores P / 16 for them).
+template <int CLS> __device__ __forceinline__ float tok_hi_off() {
+  return CLS == CLASS_INT2 ? 4.f : 0.f;
+}
+
+// Per-block K fold by mma: Q' = q * s_k (per channel), and the score bias
+// q . z_k - Q' . base (base: the magic-number base of each K field, see Magic), computed as
+// two mma chains with all A rows equal, so every lane gets the bias of its heads 2t, 2t+1.
+template <int CLS>
+__device__ __forceinline__ void fold_mma(u32 (&qk)[8][2], float2& bias, const uint4* qsm,
+                                         u32 ksz, int lane) {
+  const int t = lane & 3;
+  float az[4] = {0.f, 0.f, 0.f, 0.f}, ab[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const uint4 w4 = qsm[i * 32 + lane];
+    const u32 qf[2][2] = {{w4.x, w4.y}, {w4.z, w4.w}};
+#pragma unroll
+    for (int cc = 0; cc < 2; cc++) {
+      const int c = 2 * i + cc;
+      const int d0 = 16 * c + 2 * t, d1 = d0 + 8;
+      const u32 s0 = lds32s(ksz + 2 * d0), s1 = lds32s(ksz + 2 * d1);
+      const u32 z0 = lds32s(ksz + 2 * HEAD_DIM + 2 * d0), z1 = lds32s(ksz + 2 * HEAD_DIM + 2 * d1);
+      qk[c][0] = h2u(__hmul2(u2h(qf[cc][0]), u2h(s0)));
+      qk[c][1] = h2u(__hmul2(u2h(qf[cc][1]), u2h(s1)));
+      const u32 nb0 = h2u(__float2half2_rn(-kbase<CLS>(c, 0)));
+      const u32 nb1 = h2u(__float2half2_rn(-kbase<CLS>(c, 1)));
+      mma16816(az, z0, z0, z1, z1, qf[cc][0], qf[cc][1]);
+      mma16816(ab, nb0, nb0, nb1, nb1, qk[c][0], qk[c][1]);
+    }
+  }
+  bias = make_float2(az[0] + ab[0], az[1] + ab[1]);
+}
+
+// Constants of the zero/sum mma's A operand for this lane (row g).
+struct ZRow {
+  u32 k0, c0, k2, c2;  // a0 = z * k0 + c0 (tokens 2t, 2t+1), a2 = z * k2 + c2 (tokens 2t+8, 2t+9)
+  int gc;              // value group this lane reads (clamped)
+};
+template <int CLS, int NG> __device__ __forceinline__ ZRow make_zrow(int lane) {
+  const int g = lane >> 2;
+  const float hi = CLS == CLASS_INT2 ? 16.f : 1.f;
+  ZRow r;
+  r.k0 = h2u(__float2half2_rn(g < NG ? 1.f : 0.f));
+  r.c0 = h2u(__float2half2_rn(g == NG ? 1.f : 0.f));
+  r.k2 = h2u(__float2half2_rn(g < NG ? hi : 0.f));
+  r.c2 = h2u(__float2half2_rn(g == NG ? hi : 0.f));
+  r.gc = g < NG ? g : 0;
+  return r;
+}
+
+// NT (1 or 2) consecutive 16-token tiles of a packed class, one softmax step: the two tiles'
+// chains interleave (independent mma and decode work while the other waits).
+// cinit = bias - m per score slot (token g / g+8 x heads 2t, 2t+1; INT2 tokens g+8 also minus
+// 4). rem[j] = valid tokens from tile j's first; vsc/vzc = shared addresses of tile 0's V
+// scales / zeros (tile 1's follow at +32 NG bytes).
+template <int CLS, int VG, int NT>
+__device__ __forceinline__ void tiles_int(IntState<HEAD_DIM / VG>& st, const Tile<CLS> (&tl)[NT],
+                                          const u32 (&qk)[8][2], float (&cinit)[4], u32 vsc,
+                                          u32 vzc, int rem0, bool& first, int lane,
+                                          const Magic& mg, const ZRow& zr) {
+  constexpr int NG = HEAD_DIM / VG;
+  const int g = lane >> 2, t = lane & 3;
+  float acc[NT][2][4];
+#pragma unroll
+  for (int j = 0; j < NT; j++)
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      acc[j][0][i] = cinit[i];
+      acc[j][1][i] = 0.f;
+    }
+#pragma unroll
+  for (int c = 0; c < 8; c++)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+      mma16816(acc[j][c & 1], kfrag(tl[j], 0, c, 0, mg), kfrag(tl[j], 1, c, 0, mg),
+               kfrag(tl[j], 0, c, 1, mg), kfrag(tl[j], 1, c, 1, mg), qk[c][0], qk[c][1]);
+  // x[j][2r + h]: tile j, token g + 8r, head 2t + h, minus m (INT2 r = 1: minus 4 more).
+  float x[NT][4];
+  bool hot = false;
+#pragma unroll
+  for (int j = 0; j < NT; j++)
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      x[j][i] = acc[j][0][i] + acc[j][1][i];
+      hot = hot || x[j][i] > TKV_LAZY_T;
+    }
+  // Rare, warp-uniform: the first tile, a partial tile, or a score past m + T.
+  const int remN = rem0 - 16 * (NT - 1);  // valid tokens of the last tile
+  if (first || remN < 16 || __any_sync(0xffffffffu, hot)) {
+    if (remN < 16) {
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+          x[j][i] = g + 8 * (i >> 1) < rem0 - 16 * j ? x[j][i] : TKV_NEG_INF;
+    }
+    float d[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      float mx = TKV_NEG_INF;
+#pragma unroll
+      for (int j = 0; j < NT; j++) mx = fmaxf(mx, fmaxf(x[j][h], x[j][2 + h] + tok_hi_off<CLS>()));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      d[h] = first ? mx : fmaxf(mx, 0.f);  // a computed tile has a valid token
+    }
+    if (first || __any_sync(0xffffffffu, d[0] != 0.f || d[1] != 0.f)) {
+      float alpha[2];
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        st.m[h] += d[h];
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+          x[j][h] -= d[h];
+          x[j][2 + h] -= d[h];
+        }
+        cinit[h] -= d[h];
+        cinit[2 + h] -= d[h];
+        alpha[h] = ex2(-d[h]);
+      }
+      if (!first) {
+#pragma unroll
+        for (int mt = 0; mt < 8; mt++) {
+          st.o[mt][0] *= alpha[0];
+          st.o[mt][1] *= alpha[1];
+          st.o[mt][2] *= alpha[0];
+          st.o[mt][3] *= alpha[1];
+        }
+        st.zl[0] *= alpha[0];
+        st.zl[1] *= alpha[1];
+        st.zl[2] *= alpha[0];
+        st.zl[3] *= alpha[1];
+      }
+      first = false;
+    }
+  }
+  u32 b0[NT][NG], b1[NT][NG];
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    const u32 vs = vsc + j * 32 * NG, vz = vzc + j * 32 * NG;
+    // P^T fragments: tokens (2t, 2t+1) / (2t+8, 2t+9) of head g.
+    const u32 pb0 = transpose8x8(h2u(__floats2half2_rn(ex2(x[j][0]), ex2(x[j][1]))));
+    const u32 pb1 = transpose8x8(h2u(__floats2half2_rn(ex2(x[j][2]), ex2(x[j][3]))));
+    // V zeros and ones x P^T: group sums and the softmax sum.
+    const u32 za0 = hfma2u(lds32s(vz + 4 * (t * NG + zr.gc)), zr.k0, zr.c0);
+    const u32 za2 = hfma2u(lds32s(vz + 4 * ((t + 4) * NG + zr.gc)), zr.k2, zr.c2);
+    mma16816(st.zl, za0, 0u, za2, 0u, pb0, pb1);
+#pragma unroll
+    for (int gi = 0; gi < NG; gi++) {
+      b0[j][gi] = h2u(__hmul2(u2h(pb0), u2h(lds32s(vs + 4 * (t * NG + gi)))));
+      b1[j][gi] = h2u(__hmul2(u2h(pb1), u2h(lds32s(vs + 4 * ((t + 4) * NG + gi)))));
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < 8; mt++) {
+    const int gi = (16 * mt) / VG;
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+      mma16816(st.o[mt], vsub(tl[j], mt, 0), vsub(tl[j], mt, 1), vsub(tl[j], mt, 2),
+               vsub(tl[j], mt, 3), b0[j][gi], b1[j][gi]);
+  }
+}
 
 // Which (block, tile group) units of a work item a warp takes. Long work items: whole blocks
 // round-robin over the warps (one K fold per block). Short ones (small batch, few blocks per
-// CTA): every warp walks every block and takes tile groups warp, warp + NWARPS, ..., so all
-// warps have work and each warp's serial chain is a quarter as long.
-struct UnitIter {
-  int e, g, ng;   // entry, tile group in it, groups in it
-  bool first;     // first unit of this entry for this warp (its K scales are needed)
-  int e_step, g_first, g_step;
-  __device__ __forceinline__ void settle(const ClassInfo& ci, int e1, int unr) {
-    while (e < e1) {
-      ng = (((ci.ntok[e] + 15) >> 4) + unr - 1) / unr;
-      if (g < ng) return;
-      e += e_step;
-      g = g_first;
-      first = true;
+// CTA): the units (block, group of UNR tiles) of all blocks in order, warp w taking units
+// w, w + NWARPS, ..., so all warps have work and each warp's serial chain is a quarter as long.
+// Block tables come from shared memory (the first TKV_TAB entries of the work item).
+#ifndef TKV_TAB
+#define TKV_TAB 64
+#endif
+// Tiles per softmax step (1 or 2; 2 interleaves two tiles' dependency chains).
+#ifndef TKV_PAIR
+#define TKV_PAIR 2
+#endif
+struct Units {
+  int e, g, nt, ntok;
+  bool first;  // first unit of this entry for this warp (its K scales are needed)
+  bool inter;
+  __device__ __forceinline__ void load(const ClassInfo& ci, const int* s_ntok, int e0, int e1) {
+    if (e < e1) {
+      ntok = e - e0 < TKV_TAB ? s_ntok[e - e0] : ci.ntok[e];
+      nt = (ntok + 15) >> 4;
     }
   }
-  __device__ __forceinline__ void init(const ClassInfo& ci, int e0, int e1, int warp, int unr) {
-    const bool inter = e1 - e0 < 2 * NWARPS;
-    e = inter ? e0 : e0 + warp;
-    e_step = inter ? 1 : NWARPS;
-    g_first = inter ? warp : 0;
-    g_step = inter ? NWARPS : 1;
-    g = g_first;
-    first = true;
-    settle(ci, e1, unr);
+  __device__ __forceinline__ void step(const ClassInfo& ci, const int* s_ntok, int e0, int e1,
+                                       int unr, int estep) {
+    g++;
+    while (e < e1 && g * unr >= nt) {
+      e += estep;
+      g = 0;
+      first = true;
+      load(ci, s_ntok, e0, e1);
+    }
   }
-  __device__ __forceinline__ void next(const ClassInfo& ci, int e1, int unr) {
-    g += g_step;
+  __device__ __forceinline__ void init(const ClassInfo& ci, const int* s_ntok, int e0, int e1,
+                                       int warp, int unr) {
+    inter = e1 - e0 < 2 * NWARPS;
+    e = inter ? e0 : e0 + warp;
+    g = -1;
+    nt = 0;
+    load(ci, s_ntok, e0, e1);
+    first = true;
+    step(ci, s_ntok, e0, e1, unr, inter ? 1 : NWARPS);
+    if (inter)
+      for (int i = 0; i < warp; i++) step(ci, s_ntok, e0, e1, unr, 1);
+    first = true;
+  }
+  __device__ __forceinline__ void next(const ClassInfo& ci, const int* s_ntok, int e0, int e1,
+                                       int unr) {
     first = false;
-    settle(ci, e1, unr);
+    if (inter) {
+#pragma unroll
+      for (int i = 0; i < NWARPS; i++) step(ci, s_ntok, e0, e1, unr, 1);
+    } else {
+      step(ci, s_ntok, e0, e1, unr, NWARPS);
+    }
   }
 };
 
-// Pipelined path for INT4/INT2: each lane copies its own 16-byte words into a STAGES-deep ring
-// with cp.async, STAGES - 1 groups ahead of the compute, so bytes stay in flight without
-// holding registers. Scales travel in the same groups.
 template <int CLS, int VG, int UNR, int STAGES>
-__device__ __forceinline__ void walk_pipelined(WarpState<HEAD_DIM / VG>& st, const uint4* qsm,
-                                               const DecodeParams& p, const ClassInfo& ci, int kvh,
-                                               int e0, int e1, int warp, int lane,
-                                               PipeStage<CLS, VG, UNR>* ring, const Magic& mg) {
+__device__ __forceinline__ void walk_bulk(IntState<HEAD_DIM / VG>& st, const uint4* qsm,
+                                          const DecodeParams& p, const ClassInfo& ci, int kvh,
+                                          int e0, int e1, int warp, int lane,
+                                          BStage<CLS, VG, UNR>* ring, unsigned long long* bars,
+                                          const int* s_slot, const int* s_ntok, const Magic& mg) {
   constexpr int NG = HEAD_DIM / VG;
-  constexpr int NW = TileWords<CLS>::N;
-  auto block_ptr = [&](int e) {
-    return p.pool + ((long long)ci.slot[e] * p.kv_heads + kvh) * p.slab_bytes;
-  };
-  UnitIter is, cs;  // issue and compute iterators walk the same sequence
-  is.init(ci, e0, e1, warp, UNR);
+  constexpr int TB = TileBytes<CLS>::N;
+  typedef BStage<CLS, VG, UNR> Stage;
+  const u32 ring_s = smem_u32(ring), bar_s = smem_u32(bars);
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; s++) mbar_init(bar_s + 8 * s, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncwarp();
+  constexpr u32 OFF_V = UNR * TB, OFF_VS = 2 * UNR * TB, OFF_VZ = OFF_VS + UNR * 32 * NG,
+                OFF_KSZ = OFF_VZ + UNR * 32 * NG;
+  static_assert(OFF_KSZ + 512 == sizeof(Stage), "BStage layout");
+  Units is, cs;  // issue and compute iterators walk the same sequence
+  is.init(ci, s_ntok, e0, e1, warp, UNR);
   cs = is;
   auto issue = [&](int stage) {
     if (is.e < e1) {
-      PipeStage<CLS, VG, UNR>& sg = ring[stage];
-      const unsigned char* iblk = block_ptr(is.e);
-      const int intiles = (ci.ntok[is.e] + 15) >> 4;
-      if (is.first) cp_async16(&sg.ksz[lane], iblk + ci.ks_off + lane * 16);
-#pragma unroll
-      for (int u = 0; u < UNR; u++) {
-        const int tile = is.g * UNR + u;
-        if (tile < intiles) {
-#pragma unroll
-          for (int i = 0; i < NW; i++)
-            cp_async16(&sg.codes[u][i][lane], tile_src(CLS, iblk, ci.v_off, tile, i) + lane * 16);
-          if (lane < 4 * NG) {
-            // Lanes 0..2NG-1 copy the tile's 32*NG bytes of V scales, the next 2NG its zeros.
-            const int half = lane / (2 * NG), chunk = lane % (2 * NG);
-            const int off = (half ? ci.vz_off : ci.vs_off) + tile * 32 * NG + chunk * 16;
-            cp_async16(&sg.vsz[u][half][chunk], iblk + off);
-          }
-        }
+      const int slot = is.e - e0 < TKV_TAB ? s_slot[is.e - e0] : ci.slot[is.e];
+      const unsigned char* blk = p.pool + ((long long)slot * p.kv_heads + kvh) * p.slab_bytes;
+      const int t0 = is.g * UNR;
+      const int n = min(UNR, is.nt - t0);
+      const u32 bar = bar_s + 8 * stage;
+      if (lane == 0) {
+        mbar_expect_tx(bar, n * (2 * TB + 64 * NG) + (is.first ? 512 : 0));
+        const u32 sd = ring_s + stage * (u32)sizeof(Stage);
+        bulk_copy(sd, blk + t0 * TB, n * TB, bar);
+        bulk_copy(sd + OFF_V, blk + ci.v_off + t0 * TB, n * TB, bar);
+        bulk_copy(sd + OFF_VS, blk + ci.vs_off + t0 * 32 * NG, n * 32 * NG, bar);
+        bulk_copy(sd + OFF_VZ, blk + ci.vz_off + t0 * 32 * NG, n * 32 * NG, bar);
+        if (is.first) bulk_copy(sd + OFF_KSZ, blk + ci.ks_off, 512, bar);
       }
-      is.next(ci, e1, UNR);
+      is.next(ci, s_ntok, e0, e1, UNR);
     }
-    cp_async_commit();  // always, so group counting stays uniform
   };
 #pragma unroll
   for (int s = 0; s < STAGES - 1; s++) issue(s);
+  const ZRow zr = make_zrow<CLS, NG>(lane);
   int stage = 0;
+  u32 phase = 0;
+  bool first = true;  // no tile computed yet (the running max is not set)
   u32 qk[8][2];
-  float2 bias = make_float2(0.f, 0.f);
+  float cinit[4] = {0.f, 0.f, 0.f, 0.f};
   while (cs.e < e1) {
     issue((stage + STAGES - 1) % STAGES);
-    cp_async_wait<STAGES - 1>();
-    __syncwarp();  // scales were copied by other lanes
-    PipeStage<CLS, VG, UNR>& sg = ring[stage];
+    const u32 sb = ring_s + stage * (u32)sizeof(Stage);
+    mbar_wait(bar_s + 8 * stage, (phase >> stage) & 1);
+    phase ^= 1u << stage;
     if (cs.first) {
-      // q comes from shared memory at each fold instead of 16 registers live all the way.
-      u32 qf[8][2];
-#pragma unroll
-      for (int i = 0; i < 4; i++) {
-        const uint4 w4 = qsm[i * 32 + lane];
-        qf[2 * i][0] = w4.x;
-        qf[2 * i][1] = w4.y;
-        qf[2 * i + 1][0] = w4.z;
-        qf[2 * i + 1][1] = w4.w;
-      }
-      fold_block<CLS>(qk, bias, qf, reinterpret_cast<const unsigned char*>(sg.ksz), lane);
+      float2 bias;
+      fold_mma<CLS>(qk, bias, qsm, sb + OFF_KSZ, lane);
+      cinit[0] = bias.x - st.m[0];
+      cinit[1] = bias.y - st.m[1];
+      cinit[2] = cinit[0] - tok_hi_off<CLS>();
+      cinit[3] = cinit[1] - tok_hi_off<CLS>();
     }
-    const int cntok = ci.ntok[cs.e];
-    const int cntiles = (cntok + 15) >> 4;
+    auto load = [&](Tile<CLS>& tl, int u) {
+      uint4* w = reinterpret_cast<uint4*>(&tl);
 #pragma unroll
-    for (int u = 0; u < UNR; u++) {
+      for (int i = 0; i < TB / 512; i++) {
+        w[i] = lds128s(sb + u * TB + i * 512 + lane * 16);
+        w[TB / 512 + i] = lds128s(sb + OFF_V + u * TB + i * 512 + lane * 16);
+      }
+    };
+#pragma unroll
+    for (int u = 0; u < UNR; u += TKV_PAIR) {
       const int tile = cs.g * UNR + u;
-      if (tile < cntiles) {
-        Tile<CLS> tl;
-        uint4* w = reinterpret_cast<uint4*>(&tl);
-#pragma unroll
-        for (int i = 0; i < NW; i++) w[i] = sg.codes[u][i][lane];
-        compute_tile<CLS, VG>(st, tl, qk, bias, reinterpret_cast<const __half2*>(sg.vsz[u][0]),
-                              reinterpret_cast<const __half2*>(sg.vsz[u][1]), tile, cntok, lane,
-                              mg);
+      const u32 vs = sb + OFF_VS + u * 32 * NG, vz = sb + OFF_VZ + u * 32 * NG;
+      if (TKV_PAIR == 2 && u + 1 < UNR && tile + 1 < cs.nt) {
+        Tile<CLS> tl[2];
+        load(tl[0], u);
+        load(tl[1], u + 1);
+        tiles_int<CLS, VG, 2>(st, tl, qk, cinit, vs, vz, cs.ntok - tile * 16, first, lane, mg, zr);
+      } else if (tile < cs.nt) {
+        Tile<CLS> tl[1];
+        load(tl[0], u);
+        tiles_int<CLS, VG, 1>(st, tl, qk, cinit, vs, vz, cs.ntok - tile * 16, first, lane, mg, zr);
       }
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
-    cs.next(ci, e1, UNR);
+    cs.next(ci, s_ntok, e0, e1, UNR);
     stage = (stage + 1) % STAGES;
   }
-  cp_async_wait<0>();
+  if (first) st.m[0] = st.m[1] = -1e30f;  // no tile: this warp must not weigh in the combine
 }
 
 template <int CLS, int VG, int UNR, int STAGES>
@@ -573,76 +833,102 @@ __device__ __forceinline__ void decode_attention_body(const DecodeParams& p, int
       qf[c][b] = h2u(__floats2half2_rn(v.x, v.y));
     }
 
-  WarpState<NG> st;
-#pragma unroll
-  for (int mt = 0; mt < 8; mt++)
-#pragma unroll
-    for (int i = 0; i < 4; i++) st.o[mt][i] = 0.f;
-#pragma unroll
-  for (int h = 0; h < 2; h++) {
-    st.m[h] = -1e30f;  // finite, so a fully masked tile never computes inf - inf
-    st.l[h] = 0.f;
-#pragma unroll
-    for (int i = 0; i < NG; i++) st.z[h][i] = 0.f;
-  }
-
-  // One shared buffer: the cp.async ring while walking, the cross-warp combine afterwards.
+  // One shared buffer: the bulk-copy ring while walking, the cross-warp combine afterwards.
   struct Combine {
     float o[NWARPS][MAX_GQA][HEAD_DIM];
     float m[NWARPS][MAX_GQA], l[NWARPS][MAX_GQA], z[NWARPS][MAX_GQA][NG];
   };
-  // Class of the pipelined path (16-bit and FP8 blocks take the register path).
+  // Class of the packed path (16-bit and FP8 blocks take the register path).
   constexpr int PCLS = CLS == CLASS_INT4 ? CLASS_INT4 : CLASS_INT2;
   constexpr bool REG_PATH = CLS == CLASS_F16 || CLS == CLASS_FP8 || STAGES == 0;
-  constexpr int RING =
-      REG_PATH ? 0 : (int)sizeof(PipeStage<PCLS, VG, UNR>) * (STAGES > 0 ? STAGES : 1) * NWARPS;
+  constexpr int NSTAGES = STAGES > 1 ? STAGES : 2;
+  constexpr int RING = REG_PATH ? 0 : (int)sizeof(BStage<PCLS, VG, UNR>) * NSTAGES * NWARPS;
   constexpr int SMEM = RING > (int)sizeof(Combine) ? RING : (int)sizeof(Combine);
-  __shared__ __align__(16) unsigned char smem[SMEM];
+  __shared__ __align__(128) unsigned char smem[SMEM];
+  __shared__ unsigned long long bars[REG_PATH ? 1 : NWARPS * NSTAGES];
+  Combine& cb = *reinterpret_cast<Combine*>(smem);
 
   const ClassInfo& ci = p.cls[CLS];
   const Magic mg = make_magic();
-  __shared__ uint4 qsm[4 * 32];  // qf of every lane (equal in all warps), for walk_pipelined
-  if (!REG_PATH && warp == 0) {
+  if constexpr (REG_PATH) {
+    WarpState<NG> st;
 #pragma unroll
-    for (int i = 0; i < 4; i++)
-      qsm[i * 32 + lane] = make_uint4(qf[2 * i][0], qf[2 * i][1], qf[2 * i + 1][0], qf[2 * i + 1][1]);
-  }
-  if (!REG_PATH) __syncthreads();
-  if (REG_PATH) {
-    walk_registers<CLS, VG, UNR>(st, qf, p, ci, kvh, e0, e1, warp, lane, mg);
-  } else {
-    typedef PipeStage<PCLS, VG, UNR> Stage;
-    walk_pipelined<PCLS, VG, UNR, (STAGES > 1 ? STAGES : 2)>(
-        st, qsm, p, ci, kvh, e0, e1, warp, lane,
-        reinterpret_cast<Stage*>(smem) + warp * (STAGES > 1 ? STAGES : 2), mg);
-  }
-  __syncthreads();  // the ring is reused below
-  Combine& cb = *reinterpret_cast<Combine*>(smem);
-
-  // Finish the per-lane partial sums over the 8 lanes of each t (tokens g, g+8).
+    for (int mt = 0; mt < 8; mt++)
 #pragma unroll
-  for (int h = 0; h < 2; h++)
-#pragma unroll
-    for (int x = 4; x < 32; x *= 2) {
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], x);
-#pragma unroll
-      for (int i = 0; i < NG; i++) st.z[h][i] += __shfl_xor_sync(0xffffffffu, st.z[h][i], x);
-    }
-
-#pragma unroll
-  for (int mt = 0; mt < 8; mt++)
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      const int h = 2 * t + (i & 1), d = 16 * mt + g + 8 * (i >> 1);
-      cb.o[warp][h][d] = st.o[mt][i];
-    }
-  if (g == 0) {
+      for (int i = 0; i < 4; i++) st.o[mt][i] = 0.f;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-      cb.m[warp][2 * t + h] = st.m[h];
-      cb.l[warp][2 * t + h] = st.l[h];
+      st.m[h] = -1e30f;  // finite, so a fully masked tile never computes inf - inf
+      st.l[h] = 0.f;
 #pragma unroll
-      for (int i = 0; i < NG; i++) cb.z[warp][2 * t + h][i] = st.z[h][i];
+      for (int i = 0; i < NG; i++) st.z[h][i] = 0.f;
+    }
+    walk_registers<CLS, VG, UNR>(st, qf, p, ci, kvh, e0, e1, warp, lane, mg);
+    __syncthreads();
+    // Finish the per-lane partial sums over the 8 lanes of each t (tokens g, g+8).
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+      for (int x = 4; x < 32; x *= 2) {
+        st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], x);
+#pragma unroll
+        for (int i = 0; i < NG; i++) st.z[h][i] += __shfl_xor_sync(0xffffffffu, st.z[h][i], x);
+      }
+#pragma unroll
+    for (int mt = 0; mt < 8; mt++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const int h = 2 * t + (i & 1), d = 16 * mt + g + 8 * (i >> 1);
+        cb.o[warp][h][d] = st.o[mt][i];
+      }
+    if (g == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        cb.m[warp][2 * t + h] = st.m[h];
+        cb.l[warp][2 * t + h] = st.l[h];
+#pragma unroll
+        for (int i = 0; i < NG; i++) cb.z[warp][2 * t + h][i] = st.z[h][i];
+      }
+    }
+  } else {
+    __shared__ uint4 qsm[4 * 32];  // qf of every lane (equal in all warps), for the K fold
+    __shared__ int s_slot[TKV_TAB], s_ntok[TKV_TAB];  // the work item's block table
+    for (int i = threadIdx.x; i < e1 - e0 && i < TKV_TAB; i += NWARPS * 32) {
+      s_slot[i] = ci.slot[e0 + i];
+      s_ntok[i] = ci.ntok[e0 + i];
+    }
+    if (warp == 0) {
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+        qsm[i * 32 + lane] =
+            make_uint4(qf[2 * i][0], qf[2 * i][1], qf[2 * i + 1][0], qf[2 * i + 1][1]);
+    }
+    __syncthreads();
+    IntState<NG> st;
+#pragma unroll
+    for (int mt = 0; mt < 8; mt++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) st.o[mt][i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) st.zl[i] = 0.f;
+    st.m[0] = st.m[1] = 0.f;
+    typedef BStage<PCLS, VG, UNR> Stage;
+    walk_bulk<PCLS, VG, UNR, NSTAGES>(st, qsm, p, ci, kvh, e0, e1, warp, lane,
+                                      reinterpret_cast<Stage*>(smem) + warp * NSTAGES,
+                                      bars + warp * NSTAGES, s_slot, s_ntok, mg);
+    __syncthreads();  // the ring is reused below
+#pragma unroll
+    for (int mt = 0; mt < 8; mt++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const int h = 2 * t + (i & 1), d = 16 * mt + g + 8 * (i >> 1);
+        cb.o[warp][h][d] = st.o[mt][i] * vweight<PCLS>(i >> 1);
+      }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      if (g == 0) cb.m[warp][2 * t + h] = st.m[h];
+      if (g < NG) cb.z[warp][2 * t + h][g] = st.zl[h];
+      if (g == NG) cb.l[warp][2 * t + h] = st.zl[h];
     }
   }
   __syncthreads();
@@ -665,6 +951,9 @@ __device__ __forceinline__ void decode_attention_body(const DecodeParams& p, int
   }
 }
 
+#ifndef TKV_MERGE_MAXW
+#define TKV_MERGE_MAXW (2 * HEAD_DIM)  // at most 2 * HEAD_DIM (two partials per thread)
+#endif
 // Merge the split-K partials of each (sequence, query head) by log-sum-exp. The partials of
 // sequence s are rows work_index[seq_work_begin[s] .. seq_work_begin[s + 1]].
 // grid (num_seqs, q_heads), block HEAD_DIM threads.
@@ -672,19 +961,114 @@ __device__ __forceinline__ void merge_partials(const float* part_o, const float*
                                                const int* seq_work_begin, const int* work_index,
                                                int q_heads, float* out) {
   const int seq = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-  const int w0 = seq_work_begin[seq], w1 = seq_work_begin[seq + 1];
-  float M = TKV_NEG_INF;
-  for (int i = w0; i < w1; i++) M = fmaxf(M, part_lse[(long long)work_index[i] * q_heads + h]);
-  float L = 0.f, O = 0.f;
-  for (int i = w0; i < w1; i++) {
-    const long long row = (long long)work_index[i] * q_heads + h;
-    const float lse = part_lse[row];
-    if (lse == TKV_NEG_INF) continue;
-    const float f = exp2f(lse - M);
-    L += f;
-    O += f * part_o[row * HEAD_DIM + d];
+  const int w0 = seq_work_begin[seq], n = seq_work_begin[seq + 1] - w0;
+  // Up to 2 * HEAD_DIM partials: their weights are computed once, in parallel (one partial per
+  // thread), and the weighted rows are then read with independent loads. More: the same steps
+  // strided over the threads, the rows in chunks of MAXW.
+  constexpr int MAXW = TKV_MERGE_MAXW;
+  __shared__ float s_f[MAXW];
+  __shared__ int s_row[MAXW];
+  __shared__ float s_red[2][HEAD_DIM / 32];
+  const int warp = d >> 5, lane = d & 31;
+  if (n > MAXW) {
+    // Many partials: the same three steps, strided over the threads, then the rows in chunks.
+    float m = TKV_NEG_INF;
+    for (int i = d; i < n; i += HEAD_DIM)
+      m = fmaxf(m, part_lse[(long long)work_index[w0 + i] * q_heads + h]);
+#pragma unroll
+    for (int x = 16; x > 0; x >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
+    if (lane == 0) s_red[0][warp] = m;
+    __syncthreads();
+    float M = s_red[0][0];
+#pragma unroll
+    for (int wi = 1; wi < HEAD_DIM / 32; wi++) M = fmaxf(M, s_red[0][wi]);
+    float l = 0.f;
+    for (int i = d; i < n; i += HEAD_DIM) {
+      const float lse = part_lse[(long long)work_index[w0 + i] * q_heads + h];
+      l += lse == TKV_NEG_INF ? 0.f : exp2f(lse - M);
+    }
+#pragma unroll
+    for (int x = 16; x > 0; x >>= 1) l += __shfl_xor_sync(0xffffffffu, l, x);
+    if (lane == 0) s_red[1][warp] = l;
+    __syncthreads();
+    float L = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < HEAD_DIM / 32; wi++) L += s_red[1][wi];
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+    float O = 0.f;
+    for (int c0 = 0; c0 < n; c0 += MAXW) {
+      const int cnt = min(MAXW, n - c0);
+      for (int i = d; i < cnt; i += HEAD_DIM) {
+        const int row = work_index[w0 + c0 + i] * q_heads + h;
+        const float lse = part_lse[row];
+        s_f[i] = lse == TKV_NEG_INF ? 0.f : exp2f(lse - M) * inv;
+        s_row[i] = row;
+      }
+      __syncthreads();
+      int i = 0;
+      for (; i + 4 <= cnt; i += 4) {
+        float v[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) v[k] = part_o[(long long)s_row[i + k] * HEAD_DIM + d];
+#pragma unroll
+        for (int k = 0; k < 4; k++) O += s_f[i + k] * v[k];
+      }
+      for (; i < cnt; i++) O += s_f[i] * part_o[(long long)s_row[i] * HEAD_DIM + d];
+      __syncthreads();
+    }
+    out[((long long)seq * q_heads + h) * HEAD_DIM + d] = O;
+    return;
   }
-  out[((long long)seq * q_heads + h) * HEAD_DIM + d] = L > 0.f ? O / L : 0.f;
+  int r[2] = {0, 0};
+  float lse[2] = {TKV_NEG_INF, TKV_NEG_INF};
+#pragma unroll
+  for (int k = 0; k < 2; k++) {
+    const int i = d + k * HEAD_DIM;
+    if (i < n) {
+      r[k] = work_index[w0 + i] * q_heads + h;
+      lse[k] = part_lse[r[k]];
+    }
+  }
+  float m = fmaxf(lse[0], lse[1]);
+#pragma unroll
+  for (int x = 16; x > 0; x >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
+  if (lane == 0) s_red[0][warp] = m;
+  __syncthreads();
+  float M = s_red[0][0];
+#pragma unroll
+  for (int wi = 1; wi < HEAD_DIM / 32; wi++) M = fmaxf(M, s_red[0][wi]);
+  float f[2];
+#pragma unroll
+  for (int k = 0; k < 2; k++) f[k] = lse[k] == TKV_NEG_INF ? 0.f : exp2f(lse[k] - M);
+  float l = f[0] + f[1];
+#pragma unroll
+  for (int x = 16; x > 0; x >>= 1) l += __shfl_xor_sync(0xffffffffu, l, x);
+  if (lane == 0) s_red[1][warp] = l;
+  __syncthreads();
+  float L = 0.f;
+#pragma unroll
+  for (int wi = 0; wi < HEAD_DIM / 32; wi++) L += s_red[1][wi];
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+#pragma unroll
+  for (int k = 0; k < 2; k++) {
+    const int i = d + k * HEAD_DIM;
+    if (i < n) {
+      s_f[i] = f[k] * inv;
+      s_row[i] = r[k];
+    }
+  }
+  __syncthreads();
+  float O = 0.f;
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {
+    float v[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = part_o[(long long)s_row[i + k] * HEAD_DIM + d];
+#pragma unroll
+    for (int k = 0; k < 4; k++) O += s_f[i + k] * v[k];
+  }
+  for (; i < n; i++) O += s_f[i] * part_o[(long long)s_row[i] * HEAD_DIM + d];
+  out[((long long)seq * q_heads + h) * HEAD_DIM + d] = O;
 }
 
 }  // namespace tkv
@@ -701,23 +1085,29 @@ __device__ __forceinline__ void merge_partials(const float* part_o, const float*
   }
 #define TKV_DECODE_ENTRIES(VG)                                                   \
   TKV_DECODE_ENTRY(f16, tkv::CLASS_F16, 1, 0, VG, TKV_MIN_BLOCKS)                          \
-  TKV_DECODE_ENTRY(int4, tkv::CLASS_INT4, TKV_UNR_INT4, TKV_STAGES, VG, TKV_MIN_BLOCKS_INT4) \
-  TKV_DECODE_ENTRY(int2, tkv::CLASS_INT2, TKV_UNR_INT2, TKV_STAGES, VG, TKV_MIN_BLOCKS)      \
+  TKV_DECODE_ENTRY(int4, tkv::CLASS_INT4, TKV_UNR_INT4, TKV_STAGES_INT4, VG, TKV_MIN_BLOCKS_INT4) \
+  TKV_DECODE_ENTRY(int2, tkv::CLASS_INT2, TKV_UNR_INT2, TKV_STAGES_INT2, VG, TKV_MIN_BLOCKS_INT2)      \
   TKV_DECODE_ENTRY(fp8, tkv::CLASS_FP8, TKV_UNR_FP8, 0, VG, TKV_MIN_BLOCKS_FP8)
-// Tiles per group and cp.async ring depth for the packed classes (TKV_STAGES 0: plain register
+// Tiles per group and bulk-copy ring depth for the packed classes (TKV_STAGES 0: plain register
 // loads, no ring); measured variants in docs/KERNEL_BENCH.md.
 #ifndef TKV_UNR_INT4
-#define TKV_UNR_INT4 1
+#define TKV_UNR_INT4 2
 #endif
 #ifndef TKV_UNR_INT2
-#define TKV_UNR_INT2 2
+#define TKV_UNR_INT2 4
 #endif
 // FP8 walks plain register loads: 2 tiles = 8 KB per warp in flight, as much as 16-bit.
 #ifndef TKV_UNR_FP8
 #define TKV_UNR_FP8 2
 #endif
 #ifndef TKV_STAGES
-#define TKV_STAGES 3
+#define TKV_STAGES 2  // v4: 2 stages x 4 (INT2) / 2 (INT4) tiles; static shared memory <= 48 KB
+#endif
+#ifndef TKV_STAGES_INT4
+#define TKV_STAGES_INT4 TKV_STAGES
+#endif
+#ifndef TKV_STAGES_INT2
+#define TKV_STAGES_INT2 TKV_STAGES
 #endif
 // CTAs per SM the register allocation must allow (4 caps registers at 128 per thread).
 #ifndef TKV_MIN_BLOCKS
@@ -725,6 +1115,9 @@ __device__ __forceinline__ void merge_partials(const float* part_o, const float*
 #endif
 #ifndef TKV_MIN_BLOCKS_INT4
 #define TKV_MIN_BLOCKS_INT4 TKV_MIN_BLOCKS
+#endif
+#ifndef TKV_MIN_BLOCKS_INT2
+#define TKV_MIN_BLOCKS_INT2 TKV_MIN_BLOCKS
 #endif
 #ifndef TKV_MIN_BLOCKS_FP8
 #define TKV_MIN_BLOCKS_FP8 3  // UNR 2 needs ~148 registers (128 spills 112 B)

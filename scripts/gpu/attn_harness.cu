@@ -2,6 +2,8 @@
 //   attn_harness golden FIXTURE      compare with the Rust packer + f64 reference fixture
 //   attn_harness random              random packed caches at odd sizes vs a CPU reference
 //   attn_harness bench OUT.json      timing grid: batch x context x cache kind
+//     (env: TKV_ONLY=cache:batch:ctx one shape, TKV_QUICK=1 a few large ones,
+//      TKV_CACHES=int2,mixed only those cache kinds)
 // Exit code is non-zero on any failed check or CUDA error.
 
 #include <cuda_runtime.h>
@@ -743,6 +745,11 @@ static int mode_bench(const char* json_path) {
         char tag[64];
         snprintf(tag, sizeof tag, "%s:%d:%d", cfg.name, batch, ctx);
         if (only && strcmp(only, tag) != 0) continue;
+        // TKV_CACHES=int2,mixed limits the cache kinds (comma list).
+        if (const char* cs = getenv("TKV_CACHES")) {
+          std::string list = std::string(",") + cs + ",";
+          if (list.find(std::string(",") + cfg.name + ",") == std::string::npos) continue;
+        }
         if (quick && (cfg.f16_only || ctx == 4096 || (batch == 1 && ctx == 32768) ||
                       (batch == 32 && ctx == 131072)))
           continue;
