@@ -9,7 +9,10 @@
 # Env (run mode): BENCH=0 skips the benchmark, SDPA=0 the PyTorch SDPA baseline on the same
 # shapes, HARNESS=1 also runs the nvcc harness's quick grid (same kernel, scripts/gpu/),
 # NCU=1 profiles the INT2 kernel at 8 x 32k with Nsight Compute, BENCH_ARGS adds arguments to
-# `bench attention` (e.g. "--batch 8 --context 32768").
+# `bench attention` (e.g. "--batch 8 --context 32768"), TESTS adds arguments to the GPU test
+# binary (a name filter, e.g. "decode_step gemm"), DECODE_STEP=1 also runs `bench decode-step`
+# (random-weight llama3-8b; DECODE_STEP_ARGS adds arguments, e.g. "--batch 8,32";
+# DECODE_STEP_ARGS2, when set, runs it a second time with those arguments).
 set -uo pipefail
 
 if [ "${1:-}" = "--pack" ]; then
@@ -47,8 +50,22 @@ if [ "${HARNESS:-0}" = 1 ]; then
     -o /tmp/attn_harness >/tmp/harness_build.txt 2>&1) &
 fi
 
+# cuBLAS (bench decode-step, its tests) is loaded at run time: find it where the loader
+# does not (the CUDA toolkit's lib64, or the nvidia-cublas wheel).
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    $(python3 -c 'import nvidia.cublas, os; print(os.path.join(nvidia.cublas.__path__[0], "lib"))' 2>/dev/null); do
+    if ls "$d"/libcublas.so* >/dev/null 2>&1; then
+      export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+      echo "libcublas from $d"
+      break
+    fi
+  done
+fi
+
 echo "== GPU tests"
-"$HERE/gpu-tests" --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.txt"
+# shellcheck disable=SC2086
+"$HERE/gpu-tests" --test-threads=1 --nocapture ${TESTS:-} 2>&1 | tee "$OUT/tests.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 sdpa_arg=()
@@ -67,6 +84,22 @@ if [ "${BENCH:-1}" = 1 ]; then
   "$HERE/triaxkv" bench attention "${sdpa_arg[@]}" --json "$OUT/bench_attention.json" \
     --markdown "$OUT/bench_attention.md" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if [ "${DECODE_STEP:-0}" = 1 ]; then
+  echo "== bench decode-step (random weights, speed only)"
+  # shellcheck disable=SC2086
+  "$HERE/triaxkv" bench decode-step --random-weights llama3-8b \
+    --json "$OUT/bench_decode_step.json" --markdown "$OUT/bench_decode_step.md" \
+    ${DECODE_STEP_ARGS:-} 2>&1 | tee "$OUT/decode_step.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  if [ -n "${DECODE_STEP_ARGS2:-}" ]; then
+    # shellcheck disable=SC2086
+    "$HERE/triaxkv" bench decode-step --random-weights llama3-8b \
+      --json "$OUT/bench_decode_step2.json" --markdown "$OUT/bench_decode_step2.md" \
+      $DECODE_STEP_ARGS2 2>&1 | tee "$OUT/decode_step2.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  fi
 fi
 
 if [ "${HARNESS:-0}" = 1 ]; then

@@ -625,3 +625,267 @@ fn layer_ops_match_cpu_references() {
         8e-3,
     );
 }
+
+/// cuBLAS bf16 GEMM (`gpu::gemm::Gemm::linear`, f32 accumulation) against an f64 product of
+/// the same bf16-rounded operands, odd sizes, bf16 and f32 outputs poisoned with NaN first.
+/// Tolerance (max |err| / max |ref|): f32 output 1e-4 (f32 accumulation over up to 4,099
+/// terms); bf16 output 8e-3 (rounded to bf16, relative step 2^-8).
+#[test]
+fn cublas_bf16_gemm_matches_cpu() {
+    use triaxkv::gpu::gemm::Gemm;
+    use triaxkv::gpu::Bf16;
+    let Some(gpu) = gpu_or_skip("cublas_bf16_gemm_matches_cpu") else {
+        return;
+    };
+    let gemm = Gemm::new(&gpu).unwrap();
+    let mut rng = StdRng::seed_from_u64(0x9e11);
+    for (rows, k, n) in [(1, 7, 3), (5, 1001, 77), (33, 4099, 129), (32, 256, 1003)] {
+        let x: Vec<f32> = (0..rows * k)
+            .map(|_| Bf16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|_| Bf16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+            .collect();
+        let mut want = vec![0f32; rows * n];
+        for r in 0..rows {
+            for o in 0..n {
+                let s: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
+                    .sum();
+                want[r * n + o] = s as f32;
+            }
+        }
+        let bx: Vec<Bf16> = x.iter().map(|&v| Bf16::from_f32(v)).collect();
+        let bw: Vec<Bf16> = w.iter().map(|&v| Bf16::from_f32(v)).collect();
+        let (dx, dw) = (gpu.upload(&bx).unwrap(), gpu.upload(&bw).unwrap());
+        let mut y32 = gpu.upload(&vec![f32::NAN; rows * n]).unwrap();
+        gemm.linear(&gpu, &dx, &dw, &mut y32, rows, k, n).unwrap();
+        let mut y16 = gpu.upload(&vec![Bf16(0x7fc0); rows * n]).unwrap();
+        gemm.linear(&gpu, &dx, &dw, &mut y16, rows, k, n).unwrap();
+        gpu.synchronize().unwrap();
+        let got32 = gpu.download(&y32).unwrap();
+        let got16: Vec<f32> = gpu
+            .download(&y16)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let (e32, e16) = (rel_err(&got32, &want), rel_err(&got16, &want));
+        eprintln!("gemm {rows}x{k} · ({n}x{k})^T: f32 out rel_err {e32:.2e}, bf16 out {e16:.2e}");
+        assert!(e32 < 1e-4, "f32 output {rows}x{k}x{n}: {e32:.2e}");
+        assert!(e16 < 8e-3, "bf16 output {rows}x{k}x{n}: {e16:.2e}");
+    }
+    // Sizes are checked, not trusted.
+    let small = gpu.zeros::<Bf16>(4).unwrap();
+    let mut y = gpu.zeros::<f32>(4).unwrap();
+    assert!(gemm.linear(&gpu, &small, &small, &mut y, 2, 3, 2).is_err());
+}
+
+/// One GPU decode step of a tiny random model (2 layers, hidden 256, 4 query / 2 KV heads of
+/// 128, MLP 320, vocab 1003; a Llama-style and a Qwen3-style q-norm variant), F16-only paged
+/// caches of 37 / 200 / 129 tokens per layer (made by the real packer), against an f32/f64
+/// CPU computation of the same step: the same bf16-rounded weights and cache values, the
+/// activations rounded to bf16 where the GPU stores bf16, q rounded to fp16 as the attention
+/// kernel reads it, attention by `quant::reference_attention`. Checks: max |Δlogit| <
+/// 2e-2 × max |logit_ref|; the GPU argmax kernel picks the argmax of the GPU logits; top-1
+/// equal to the CPU's wherever the CPU's top-2 gap exceeds 2 × max |Δlogit| (closer pairs
+/// are a tie within the tolerance and are reported).
+#[test]
+fn decode_step_matches_cpu_reference() {
+    use triaxkv::gpu::decode_step::{
+        DecodeStep, DeviceWeights, HostLayer, HostWeights, KvCaches, ModelShape, StepOptions,
+    };
+    use triaxkv::gpu::{Bf16, DecodePlan, DeviceCache};
+    let Some(gpu) = gpu_or_skip("decode_step_matches_cpu_reference") else {
+        return;
+    };
+    let bf = |x: f32| Bf16::from_f32(x).to_f32();
+    let lens = [37usize, 200, 129];
+    let batch = lens.len();
+    for qk_norm in [false, true] {
+        let shape = ModelShape {
+            name: format!("tiny{}", if qk_norm { "-qknorm" } else { "" }),
+            layers: 2,
+            hidden: 256,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 128,
+            intermediate: 320,
+            vocab: 1003,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            qk_norm,
+        };
+        let (h, inter, v, qd) = (shape.hidden, shape.intermediate, shape.vocab, shape.q_dim());
+        let mut rng = StdRng::seed_from_u64(0xdec0 + qk_norm as u64);
+        let mut rv = |n: usize, off: f32, amp: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| bf(off + rng.random_range(-amp..amp)))
+                .collect()
+        };
+        let a = |fan: usize| (3.0 / fan as f32).sqrt();
+        let mut layers = Vec::new();
+        for _ in 0..shape.layers {
+            layers.push(HostLayer {
+                attn_norm: rv(h, 1.0, 0.2),
+                wqkv: rv(shape.qkv_dim() * h, 0.0, a(h)),
+                wo: rv(h * qd, 0.0, a(qd)),
+                mlp_norm: rv(h, 1.0, 0.2),
+                wgu: rv(2 * inter * h, 0.0, a(h)),
+                wdown: rv(h * inter, 0.0, a(inter)),
+                q_norm: qk_norm.then(|| rv(128, 1.0, 0.2)),
+            });
+        }
+        let host = HostWeights {
+            embed: rv(v * h, 0.0, 1.0),
+            layers,
+            final_norm: rv(h, 1.0, 0.2),
+            lm_head: rv(v * h, 0.0, 2.0 * a(h)),
+        };
+        let ids: Vec<i32> = vec![5, 1002, 517];
+        let positions: Vec<i32> = lens.iter().map(|&n| n as i32).collect();
+        let toks: Vec<[usize; 4]> = lens.iter().map(|&n| [n, 0, 0, 0]).collect();
+        let cases: Vec<Case> = (0..shape.layers)
+            .map(|_| make_case(shape.q_heads, shape.kv_heads, 64, &toks, &mut rng))
+            .collect();
+
+        // GPU.
+        let w = DeviceWeights::upload(&gpu, &shape, &host).unwrap();
+        let caches: Vec<DeviceCache> = cases
+            .iter()
+            .map(|c| DeviceCache::upload(&gpu, &c.host).unwrap())
+            .collect();
+        let kv = KvCaches::PerLayer(caches);
+        let mut plan = DecodePlan::new(&gpu, kv.first().unwrap(), 3).unwrap();
+        let mut step = DecodeStep::new(&gpu, &shape, batch, 64).unwrap();
+        step.set_inputs(&gpu, &ids, &positions).unwrap();
+        step.logits = gpu.upload(&vec![f32::NAN; batch * v]).unwrap();
+        step.run(&gpu, &w, &kv, &mut plan, StepOptions::default())
+            .unwrap();
+        gpu.synchronize().unwrap();
+        let got = gpu.download(&step.logits).unwrap();
+        let got_ids = gpu.download(&step.next_ids).unwrap();
+
+        // CPU, rounding where the GPU stores bf16.
+        let rms = |x: &[f32], w: &[f32], eps: f32| -> Vec<f32> {
+            let d = w.len();
+            let mut out = Vec::with_capacity(x.len());
+            for r in x.chunks(d) {
+                let ss = r.iter().map(|&v| v * v).sum::<f32>() / d as f32;
+                let inv = 1.0 / (ss + eps).sqrt();
+                out.extend(r.iter().zip(w).map(|(&v, &wt)| bf(v * inv * wt)));
+            }
+            out
+        };
+        let lin = |x: &[f32], w: &[f32], k: usize, n: usize, round: bool| -> Vec<f32> {
+            let rows = x.len() / k;
+            let mut y = vec![0f32; rows * n];
+            for r in 0..rows {
+                for o in 0..n {
+                    let s: f64 = (0..k)
+                        .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
+                        .sum();
+                    y[r * n + o] = if round { bf(s as f32) } else { s as f32 };
+                }
+            }
+            y
+        };
+        let freq = shape.inv_freq();
+        let mut x: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| host.embed[id as usize * h..(id as usize + 1) * h].to_vec())
+            .collect();
+        for (l, lw) in host.layers.iter().enumerate() {
+            let hn = rms(&x, &lw.attn_norm, shape.rms_eps);
+            let qkv = lin(&hn, &lw.wqkv, h, shape.qkv_dim(), true);
+            let mut q = vec![0f32; batch * qd];
+            for b in 0..batch {
+                for hh in 0..shape.q_heads {
+                    let src = &qkv[b * shape.qkv_dim() + hh * 128..][..128];
+                    let mut qh: Vec<f32> = src.to_vec();
+                    if let Some(qn) = &lw.q_norm {
+                        qh = rms(&qh, qn, shape.rms_eps);
+                    }
+                    for j in 0..64 {
+                        let ang = positions[b] as f32 * freq[j];
+                        let (s, c) = (ang as f64).sin_cos();
+                        let (x0, x1) = (qh[j] as f64, qh[j + 64] as f64);
+                        let o = (b * shape.q_heads + hh) * 128;
+                        q[o + j] = half::f16::from_f64(x0 * c - x1 * s).to_f32();
+                        q[o + j + 64] = half::f16::from_f64(x1 * c + x0 * s).to_f32();
+                    }
+                }
+            }
+            let att: Vec<f32> = reference(&cases[l], &q, 1.0 / (128f32).sqrt())
+                .iter()
+                .map(|&v| bf(v))
+                .collect();
+            let o = lin(&att, &lw.wo, qd, h, true);
+            x = x.iter().zip(&o).map(|(&a, &b)| bf(a + b)).collect();
+            let hn = rms(&x, &lw.mlp_norm, shape.rms_eps);
+            let gu = lin(&hn, &lw.wgu, h, 2 * inter, true);
+            let mut m = vec![0f32; batch * inter];
+            for b in 0..batch {
+                for c in 0..inter {
+                    let g = gu[b * 2 * inter + c];
+                    let u = gu[b * 2 * inter + inter + c];
+                    m[b * inter + c] = bf(g / (1.0 + (-g).exp()) * u);
+                }
+            }
+            let d = lin(&m, &lw.wdown, inter, h, true);
+            x = x.iter().zip(&d).map(|(&a, &b)| bf(a + b)).collect();
+        }
+        let hn = rms(&x, &host.final_norm, shape.rms_eps);
+        let want = lin(&hn, &host.lm_head, h, v, false);
+
+        let argmax = |r: &[f32]| -> usize {
+            let mut best = 0;
+            for (i, &val) in r.iter().enumerate() {
+                if val > r[best] {
+                    best = i;
+                }
+            }
+            best
+        };
+        let max_ref = want.iter().fold(0f32, |m, &x| m.max(x.abs()));
+        let max_d = got.iter().zip(&want).fold(0f32, |m, (&g, &w)| {
+            if g.is_finite() {
+                m.max((g - w).abs())
+            } else {
+                f32::INFINITY
+            }
+        });
+        eprintln!(
+            "decode step {}: max |Δlogit| {max_d:.3e}, max |logit| {max_ref:.3}, ratio {:.2e}",
+            shape.name,
+            max_d / max_ref
+        );
+        assert!(
+            max_d < 2e-2 * max_ref,
+            "{}: max |Δlogit| {max_d:.3e} over 2e-2 × {max_ref:.3}",
+            shape.name
+        );
+        for b in 0..batch {
+            let (g, r) = (&got[b * v..(b + 1) * v], &want[b * v..(b + 1) * v]);
+            assert_eq!(got_ids[b] as usize, argmax(g), "GPU argmax kernel, row {b}");
+            let top = argmax(r);
+            let mut sorted = r.to_vec();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let gap = sorted[0] - sorted[1];
+            let gpu_top = got_ids[b] as usize;
+            eprintln!(
+                "  row {b}: top-1 GPU {gpu_top} CPU {top} (CPU top-2 gap {gap:.3e}){}",
+                if gpu_top == top {
+                    ""
+                } else {
+                    "  TIE WITHIN TOLERANCE"
+                }
+            );
+            if gap > 2.0 * max_d {
+                assert_eq!(gpu_top, top, "{} row {b}: top-1 differs", shape.name);
+            } else {
+                assert!(r[top] - r[gpu_top] <= 2.0 * max_d, "row {b}");
+            }
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! context lengths on real trace text, as JSON and a markdown table.
 //! `triaxkv bench attention`: the GPU decode-attention kernel per batch × context × cache
 //! (`bench_attention.rs`).
+//! `triaxkv bench decode-step`: a whole-model GPU decode step (`bench_decode_step.rs`).
 
 use anyhow::{bail, Context, Result};
 use std::cell::Cell;
@@ -20,6 +21,9 @@ pub enum BenchCommand {
     /// GPU decode attention over packed KV caches: µs per call, GB/s against the measured
     /// read bandwidth, speedups over 16-bit, FP8 and (given --sdpa) PyTorch SDPA.
     Attention(super::bench_attention::AttentionArgs),
+    /// One whole-model GPU decode step (random bf16 weights of a named shape: speed only)
+    /// over a paged KV cache per kind: step time, attention share, tokens/s, KV bytes.
+    DecodeStep(super::bench_decode_step::DecodeStepArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -48,6 +52,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Cpu(args) => cpu(args),
         BenchCommand::Attention(args) => super::bench_attention::run(args),
+        BenchCommand::DecodeStep(args) => super::bench_decode_step::run(args),
     }
 }
 

@@ -4,6 +4,7 @@
 mod allocate;
 mod bench;
 mod bench_attention;
+mod bench_decode_step;
 mod calibrate;
 mod eval;
 mod generate;

@@ -4,6 +4,8 @@
 pub mod attention_bench;
 pub mod context;
 pub mod decode_attention;
+pub mod decode_step;
+pub mod gemm;
 pub mod layer_ops;
 pub mod membench;
 pub mod nvrtc;
@@ -47,6 +49,16 @@ pub enum GpuError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "no cuBLAS: libcublas could not be loaded, so the GPU matrix products are unavailable"
+    )]
+    NoCublas,
+    #[error("cuBLAS call failed while {what}: {source}")]
+    Cublas {
+        what: String,
+        #[source]
+        source: cudarc::cublas::result::CublasError,
     },
     /// A cache description, plan or input the kernels cannot take.
     #[error("{0}")]

@@ -1,0 +1,125 @@
+// Glue kernels of the whole-model decode step (`triaxkv bench decode-step`, launched from
+// src/gpu/decode_step.rs): random bf16 weights filled on the device, the embedding gather,
+// q of the fused QKV row -> (optional per-head RMSNorm) -> rotate-half RoPE -> fp16 for the
+// decode-attention kernel, f32 -> bf16, the SwiGLU of a fused gate/up row and a greedy argmax.
+// bf16 storage, f32 arithmetic. CPU reference: tests/gpu.rs (decode_step_matches_cpu_reference).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+typedef unsigned int u32;
+
+__device__ __forceinline__ u32 tkv_hash(unsigned long long i, u32 seed) {
+  u32 x = (u32)(i * 2654435761ull) ^ (u32)(i >> 32) * 0x9e3779b9u ^ seed;
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// p[i] = offset + scale * u, u uniform in [-1, 1) from a hash of (i, seed).
+extern "C" __global__ void tkv_fill_bf16(__nv_bfloat16* p, long long n, u32 seed, float offset,
+                                         float scale) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const float u = (tkv_hash((unsigned long long)i, seed) >> 8) * (2.f / 16777216.f) - 1.f;
+    p[i] = __float2bfloat16_rn(offset + scale * u);
+  }
+}
+
+// out[b] = table[ids[b]] (rows of `hidden`); one CTA per row.
+extern "C" __global__ void tkv_embed_bf16(const __nv_bfloat16* table, const int* ids,
+                                          __nv_bfloat16* out, int hidden, int vocab) {
+  const int b = blockIdx.x;
+  int id = ids[b];
+  id = id < 0 ? 0 : (id >= vocab ? vocab - 1 : id);
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+    out[(long long)b * hidden + i] = table[(long long)id * hidden + i];
+}
+
+// One CTA of 64 threads per (sequence, query head): q of row b of the fused QKV output
+// (`row` values per row, q first) -> optional RMSNorm over the head (weight qnorm[128], output
+// rounded to bf16 as a bf16 model stores it) -> rotate-half RoPE at positions[b] in f32 ->
+// fp16 into q16 [b][head][128] (the decode-attention kernel's q).
+extern "C" __global__ void tkv_q_rope_f16(const __nv_bfloat16* qkv, int row,
+                                          const __nv_bfloat16* qnorm, float eps,
+                                          const float* inv_freq, const int* positions,
+                                          unsigned short* q16) {
+  __shared__ float part[2];
+  const int b = blockIdx.x, h = blockIdx.y, heads = gridDim.y, j = threadIdx.x;
+  const long long at = (long long)b * row + h * 128;
+  float x0 = __bfloat162float(qkv[at + j]), x1 = __bfloat162float(qkv[at + j + 64]);
+  if (qnorm != nullptr) {
+    float ss = x0 * x0 + x1 * x1;
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((j & 31) == 0) part[j >> 5] = ss;
+    __syncthreads();
+    const float inv = 1.f / sqrtf((part[0] + part[1]) / 128.f + eps);
+    x0 = __bfloat162float(__float2bfloat16_rn(x0 * inv * __bfloat162float(qnorm[j])));
+    x1 = __bfloat162float(__float2bfloat16_rn(x1 * inv * __bfloat162float(qnorm[j + 64])));
+  }
+  float s, c;
+  sincosf((float)positions[b] * inv_freq[j], &s, &c);
+  const long long o = ((long long)b * heads + h) * 128;
+  q16[o + j] = __half_as_ushort(__float2half_rn(x0 * c - x1 * s));
+  q16[o + j + 64] = __half_as_ushort(__float2half_rn(x1 * c + x0 * s));
+}
+
+extern "C" __global__ void tkv_f32_to_bf16(const float* x, __nv_bfloat16* out, long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x)
+    out[i] = __float2bfloat16_rn(x[i]);
+}
+
+// gu [rows][2 * inter] = [gate | up] per row -> out [rows][inter] = silu(gate) * up.
+extern "C" __global__ void tkv_swiglu_fused_bf16(const __nv_bfloat16* gu, __nv_bfloat16* out,
+                                                 int inter, long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long r = i / inter, c = i % inter;
+    const float g = __bfloat162float(gu[r * 2 * inter + c]);
+    const float u = __bfloat162float(gu[r * 2 * inter + inter + c]);
+    out[i] = __float2bfloat16_rn(g / (1.f + expf(-g)) * u);
+  }
+}
+
+// ids[b] = argmax of logits row b (f32, `vocab` values; ties to the lower index, NaN never
+// wins); one CTA of 1024 threads per row.
+extern "C" __global__ void tkv_argmax_f32(const float* logits, int vocab, int* ids) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  const float* row = logits + (long long)blockIdx.x * vocab;
+  float best = __int_as_float(0xff800000);  // -inf (NVRTC has no math.h)
+  int idx = 0x7fffffff;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = row[i];
+    if (v > best) {
+      best = v;
+      idx = i;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float v = __shfl_xor_sync(0xffffffffu, best, o);
+    const int k = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (v > best || (v == best && k < idx)) {
+      best = v;
+      idx = k;
+    }
+  }
+  const int w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  if ((threadIdx.x & 31) == 0) {
+    sv[w] = best;
+    si[w] = idx;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < nw; i++)
+      if (sv[i] > best || (sv[i] == best && si[i] < idx)) {
+        best = sv[i];
+        idx = si[i];
+      }
+    ids[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
+  }
+}
