@@ -274,7 +274,7 @@ pub fn inv_freq(c: &ModelConfig) -> Vec<f32> {
 }
 
 /// `out[i] = x[i] / rms(x[i]) * weight` for every row of length `weight.len()`.
-fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+pub(crate) fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     let d = weight.len();
     for (o, xr) in out.chunks_mut(d).zip(x.chunks(d)) {
         let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
@@ -286,7 +286,7 @@ fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
 }
 
 /// RMSNorm of every `weight.len()`-long slice of `x` (Qwen3's per-head q/k norm).
-fn rmsnorm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+pub(crate) fn rmsnorm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     let d = weight.len();
     for xr in x.chunks_mut(d) {
         let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
@@ -297,7 +297,7 @@ fn rmsnorm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+pub(crate) fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
     if let Some(b) = bias {
         for row in x.chunks_mut(b.len()) {
             add_in_place(row, b);
@@ -305,13 +305,13 @@ fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
     }
 }
 
-fn add_in_place(x: &mut [f32], y: &[f32]) {
+pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
 }
 
-fn silu(x: f32) -> f32 {
+pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 

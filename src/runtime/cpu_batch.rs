@@ -7,7 +7,9 @@
 //! order, so its logits are bit-for-bit those of `triaxkv generate`.
 
 use crate::kvcache::KvCache;
-use crate::model::llama::{inv_freq, matmul, Model};
+use crate::model::llama::{
+    add_bias, add_in_place, inv_freq, matmul, rmsnorm, rmsnorm_in_place, silu, Model,
+};
 use crate::model::weights::Matrix;
 use crate::tags::TokenTag;
 use rayon::prelude::*;
@@ -285,46 +287,6 @@ impl Rope {
             }
         }
     }
-}
-
-fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
-    let d = weight.len();
-    for (o, xr) in out.chunks_mut(d).zip(x.chunks(d)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ss + eps).sqrt();
-        for ((o, &v), &wt) in o.iter_mut().zip(xr).zip(weight) {
-            *o = v * inv * wt;
-        }
-    }
-}
-
-fn rmsnorm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
-    let d = weight.len();
-    for xr in x.chunks_mut(d) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ss + eps).sqrt();
-        for (v, &wt) in xr.iter_mut().zip(weight) {
-            *v = *v * inv * wt;
-        }
-    }
-}
-
-fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
-    if let Some(b) = bias {
-        for row in x.chunks_mut(b.len()) {
-            add_in_place(row, b);
-        }
-    }
-}
-
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 #[cfg(test)]
