@@ -32,5 +32,5 @@ echo "== 5. eval on held-out traces: KL, top-1, perplexity, tool-call match vs t
 "$bin" eval --profile "$out/profiles/triaxial.json" "$out/profiles/kivi2.json" \
     "$out/profiles/uniform-int2.json" \
     --traces traces/test/webvoyager.jsonl traces/test/swe-agent.jsonl \
-    --max-tokens 3072 --tool-calls 1 -o "$out/eval"
+    --max-tokens 3072 --positions 32 --tool-calls 1 -o "$out/eval"
 echo "see $out/calib/summary.md, $out/calib/heatmap.png, $out/eval/eval.md and $out/eval/pareto.png"
