@@ -10,6 +10,7 @@ pub mod linalg;
 pub mod model;
 pub mod profile;
 pub mod quant;
+pub mod raster;
 pub mod runtime;
 pub mod serve;
 pub mod tags;

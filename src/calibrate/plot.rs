@@ -1,8 +1,9 @@
 //! Heatmaps of the sensitivity table (layer × tag, log10 distortion, keys and values side
-//! by side at the lowest bit width): a labelled SVG and an unlabelled PNG of the same grid.
+//! by side at the lowest bit width): a labelled SVG and a PNG of the same grid and labels.
 
 use super::table::SensitivityTable;
 use super::CalibrateError;
+use crate::raster::{Anchor, Canvas, BLACK, GLYPH};
 use crate::tags::Tag;
 use crate::util::write_atomic;
 use std::collections::BTreeMap;
@@ -142,36 +143,62 @@ fn svg(gs: &[Grid]) -> String {
     s
 }
 
-/// RGB raster of the panels side by side (same geometry as the SVG without labels).
+/// RGB raster of the panels side by side: the SVG's geometry and labels, in the 8×8 font.
 fn raster(gs: &[Grid]) -> (usize, usize, Vec<u8>) {
-    let gap = 2 * CELL_W;
-    let width = gs
+    let (left, top, gap) = (40usize, 30usize, 60usize);
+    let longest = gs
         .iter()
-        .map(|g| g.tags.len() * CELL_W + gap)
-        .sum::<usize>()
-        + gap;
-    let height = gs.iter().map(|g| g.layers).max().unwrap_or(0) * CELL_H + 2 * CELL_H;
-    let mut px = vec![255u8; width * height * 3];
-    let mut x0 = gap;
+        .flat_map(|g| g.tags.iter().map(|t| t.to_string().chars().count()))
+        .max()
+        .unwrap_or(0);
+    let label_h = longest * GLYPH + 12;
+    // A panel is as wide as its cells or its title, whichever is wider.
+    let panel_w = |g: &Grid| (g.tags.len() * CELL_W).max(Canvas::text_width(&title(g), 1));
+    let width = left + gs.iter().map(|g| panel_w(g) + gap).sum::<usize>();
+    let height = top + gs.iter().map(|g| g.layers).max().unwrap_or(0) * CELL_H + label_h;
+    let mut cv = Canvas::new(width, height);
+    let mut x0 = left;
     for g in gs {
         let (lo, hi) = range(&g.cells);
+        cv.text(x0 as i64, 8, &title(g), 1, Anchor::Start, BLACK);
+        // Colour bar from the range's low (left) to its high (right) end.
+        for i in 0..120 {
+            cv.fill_rect((x0 + i) as i64, 19, 1, 6, color(i as f64 / 119.0));
+        }
         for l in 0..g.layers {
+            let y = top + l * CELL_H;
+            if l % 5 == 0 {
+                cv.text(
+                    x0 as i64 - 3,
+                    y as i64 + 1,
+                    &format!("L{l}"),
+                    1,
+                    Anchor::End,
+                    BLACK,
+                );
+            }
             for c in 0..g.tags.len() {
                 let rgb = match g.cells[l * g.tags.len() + c] {
                     Some(v) => color((v - lo) / (hi - lo)),
                     None => [221, 221, 221],
                 };
-                for dy in 0..CELL_H - 1 {
-                    for dx in 0..CELL_W - 1 {
-                        let (x, y) = (x0 + c * CELL_W + dx, CELL_H + l * CELL_H + dy);
-                        px[(y * width + x) * 3..(y * width + x) * 3 + 3].copy_from_slice(&rgb);
-                    }
-                }
+                let x = x0 + c * CELL_W;
+                cv.fill_rect(x as i64, y as i64, CELL_W - 1, CELL_H - 1, rgb);
             }
         }
-        x0 += g.tags.len() * CELL_W + gap;
+        let yb = top + g.layers * CELL_H + 4;
+        for (c, tag) in g.tags.iter().enumerate() {
+            let x = x0 + c * CELL_W + CELL_W / 2 + GLYPH / 2;
+            cv.text_down(x as i64, yb as i64, &tag.to_string(), 1, BLACK);
+        }
+        x0 += panel_w(g) + gap;
     }
-    (width, height, px)
+    (width, height, cv.px)
+}
+
+fn title(g: &Grid) -> String {
+    let (lo, hi) = range(&g.cells);
+    format!("{} (range {lo:.1} .. {hi:.1})", g.title)
 }
 
 fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {

@@ -1,8 +1,9 @@
 //! Labelled scatter plots (the Pareto plot of `eval`, the proxy check's scatter): an SVG with
-//! axes, ticks and point labels, and a PNG of the same geometry without text (no font
-//! dependency, DESIGN §8b), encoded by the heatmaps' PNG writer.
+//! axes, ticks and point labels, and a PNG of the same plot (text in an 8×8 bitmap font: no
+//! font library, DESIGN §8b), encoded by the heatmaps' PNG writer.
 
 use crate::calibrate::plot::encode_png;
+use crate::raster::{Anchor, Canvas, BLACK};
 use crate::util::write_atomic;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -62,32 +63,59 @@ impl Axis {
         }
     }
 
-    /// Tick positions (plotted units) and their labels.
+    /// Tick positions (plotted units) and their labels: decades on a log axis, then 1-2-5
+    /// steps when fewer than two decades are in view, then plain value ticks.
     fn ticks(&self) -> Vec<(f64, String)> {
-        if self.log {
-            let (a, b) = (self.lo.ceil() as i64, self.hi.floor() as i64);
-            let every = ((b - a) / 8 + 1).max(1);
-            return (a..=b)
-                .filter(|e| (e - a) % every == 0)
-                .map(|e| (e as f64, format!("1e{e}")))
-                .collect();
+        if !self.log {
+            return linear_ticks(self.lo, self.hi);
         }
-        let span = self.hi - self.lo;
-        let raw = span / 6.0;
-        let mag = 10f64.powf(raw.log10().floor());
-        let step = [1.0, 2.0, 5.0, 10.0]
-            .iter()
-            .map(|m| m * mag)
-            .find(|s| *s >= raw)
-            .unwrap_or(10.0 * mag);
-        let mut t = (self.lo / step).ceil() * step;
-        let mut out = Vec::new();
-        while t <= self.hi + 1e-12 {
-            out.push((t, format!("{}", (t / step).round() * step)));
-            t += step;
+        let (a, b) = (self.lo.floor() as i64, self.hi.ceil() as i64);
+        let inside = |t: &(f64, String)| t.0 >= self.lo - 1e-12 && t.0 <= self.hi + 1e-12;
+        let every = ((b - a) / 8 + 1).max(1);
+        let decades: Vec<(f64, String)> = (a..=b)
+            .filter(|e| (e - a) % every == 0)
+            .map(|e| (e as f64, format!("1e{e}")))
+            .filter(inside)
+            .collect();
+        if decades.len() >= 2 {
+            return decades;
         }
-        out
+        let steps: Vec<(f64, String)> = (a..=b)
+            .flat_map(|e| {
+                [1u32, 2, 5].map(|m| (f64::from(m).log10() + e as f64, format!("{m}e{e}")))
+            })
+            .filter(inside)
+            .collect();
+        if steps.len() >= 2 {
+            return steps;
+        }
+        linear_ticks(10f64.powf(self.lo), 10f64.powf(self.hi))
+            .into_iter()
+            .filter(|(v, _)| *v > 0.0)
+            .map(|(v, l)| (v.log10(), l))
+            .collect()
     }
+}
+
+/// About six ticks at 1-2-5 steps over [lo, hi], labelled with the step's decimals.
+fn linear_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
+    let raw = (hi - lo) / 6.0;
+    if !(raw > 0.0 && raw.is_finite()) {
+        return Vec::new();
+    }
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    let first = (lo / step).ceil() as i64;
+    (first..)
+        .map(|i| i as f64 * step)
+        .take_while(|t| *t <= hi + 1e-9 * step)
+        .map(|t| (t, format!("{t:.decimals$}")))
+        .collect()
 }
 
 fn tr(x: f64, log: bool) -> Option<f64> {
@@ -204,50 +232,64 @@ pub fn svg(s: &Scatter) -> String {
     o
 }
 
-/// RGB pixels: frame, grid lines at the ticks and the points, no text.
+/// RGB pixels of the SVG's plot: frame, grid lines, points, title, ticks and labels.
 pub fn raster(s: &Scatter) -> Vec<u8> {
     let (ax, ay, pts) = placed(s);
     let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
-    let mut img = vec![255u8; W * H * 3];
-    let mut put = |x: i64, y: i64, c: [u8; 3]| {
-        if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
-            let i = (y as usize * W + x as usize) * 3;
-            img[i..i + 3].copy_from_slice(&c);
-        }
-    };
+    let mut cv = Canvas::new(W, H);
     let grid = [221, 221, 221];
-    for (t, _) in ax.ticks() {
+    for (t, label) in ax.ticks() {
         let x = px(&ax, t, LEFT as f64, pw).round() as i64;
         for y in TOP..=H - BOTTOM {
-            put(x, y as i64, grid);
+            cv.put(x, y as i64, grid);
         }
+        cv.text(x, (H - BOTTOM + 8) as i64, &label, 1, Anchor::Middle, BLACK);
     }
-    for (t, _) in ay.ticks() {
+    for (t, label) in ay.ticks() {
         let y = px(&ay, t, (H - BOTTOM) as f64, -ph).round() as i64;
         for x in LEFT..=W - RIGHT {
-            put(x as i64, y, grid);
+            cv.put(x as i64, y, grid);
         }
+        cv.text(LEFT as i64 - 6, y - 4, &label, 1, Anchor::End, BLACK);
     }
     let frame = [68, 68, 68];
     for x in LEFT..=W - RIGHT {
-        put(x as i64, TOP as i64, frame);
-        put(x as i64, (H - BOTTOM) as i64, frame);
+        cv.put(x as i64, TOP as i64, frame);
+        cv.put(x as i64, (H - BOTTOM) as i64, frame);
     }
     for y in TOP..=H - BOTTOM {
-        put(LEFT as i64, y as i64, frame);
-        put((W - RIGHT) as i64, y as i64, frame);
+        cv.put(LEFT as i64, y as i64, frame);
+        cv.put((W - RIGHT) as i64, y as i64, frame);
     }
-    for (x, y, _) in pts {
+    cv.text((W / 2) as i64, 10, &s.title, 1, Anchor::Middle, BLACK);
+    cv.text(
+        (LEFT as f64 + pw / 2.0) as i64,
+        (H - 26) as i64,
+        &s.x_label,
+        1,
+        Anchor::Middle,
+        BLACK,
+    );
+    cv.text_up(8, (TOP as f64 + ph / 2.0) as i64, &s.y_label, 1, BLACK);
+    let dot = [59, 82, 139];
+    for (x, y, label) in pts {
         let (cx, cy) = (x.round() as i64, y.round() as i64);
         for dy in -4i64..=4 {
             for dx in -4i64..=4 {
                 if dx * dx + dy * dy <= 16 {
-                    put(cx + dx, cy + dy, [59, 82, 139]);
+                    cv.put(cx + dx, cy + dy, dot);
                 }
             }
         }
+        // As in the SVG: labels of points in the right third go to their left.
+        let (lx, anchor) = if x > LEFT as f64 + 2.0 * pw / 3.0 {
+            (cx - 6, Anchor::End)
+        } else {
+            (cx + 6, Anchor::Start)
+        };
+        cv.text(lx, cy - 13, label, 1, anchor, BLACK);
     }
-    img
+    cv.px
 }
 
 /// Write the SVG and the PNG atomically.
@@ -306,5 +348,40 @@ mod tests {
         assert!(pts[0].1 < pts[1].1, "y grows downwards: {pts:?}");
         assert!(pts[0].0 < pts[1].0);
         assert_eq!(raster(&sample()).len(), W * H * 3);
+    }
+
+    #[test]
+    fn tick_labels_are_round_and_narrow_log_axes_still_get_ticks() {
+        let lin = Axis {
+            lo: 4.08,
+            hi: 4.38,
+            log: false,
+        };
+        let labels: Vec<String> = lin.ticks().into_iter().map(|t| t.1).collect();
+        assert_eq!(labels, ["4.10", "4.15", "4.20", "4.25", "4.30", "4.35"]);
+        // 0.21 .. 0.45: no decade and one 1-2-5 step in view, so value ticks.
+        let log = Axis {
+            lo: 0.21f64.log10(),
+            hi: 0.45f64.log10(),
+            log: true,
+        };
+        let t = log.ticks();
+        assert!(t.len() >= 2, "{t:?}");
+        assert!(t.iter().all(|(p, _)| *p >= log.lo && *p <= log.hi));
+        let wide = Axis {
+            lo: -4.2,
+            hi: -0.1,
+            log: true,
+        };
+        let w: Vec<String> = wide.ticks().into_iter().map(|t| t.1).collect();
+        assert_eq!(w, ["1e-4", "1e-3", "1e-2", "1e-1"]);
+    }
+
+    #[test]
+    fn png_carries_the_labels() {
+        let mut s = sample();
+        let blank = raster(&s);
+        s.title = "a title".into();
+        assert_ne!(raster(&s), blank, "the title is drawn");
     }
 }
