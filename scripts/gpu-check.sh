@@ -12,7 +12,8 @@
 # `bench attention` (e.g. "--batch 8 --context 32768"), TESTS adds arguments to the GPU test
 # binary (a name filter, e.g. "decode_step gemm"), DECODE_STEP=1 also runs `bench decode-step`
 # (random-weight llama3-8b; DECODE_STEP_ARGS adds arguments, e.g. "--batch 8,32";
-# DECODE_STEP_ARGS2, when set, runs it a second time with those arguments).
+# DECODE_STEP_ARGS2, when set, runs it a second time with those arguments). SDPA_BATCH and
+# SDPA_CONTEXT (comma-separated) set the SDPA baseline's grid (default 1,8,32 x 4k,32k,128k).
 set -uo pipefail
 
 if [ "${1:-}" = "--pack" ]; then

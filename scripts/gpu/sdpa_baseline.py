@@ -5,6 +5,7 @@ attn_harness.cu: CUDA events, L2 flushed before every call, median of 25 after w
 Usage: python3 sdpa_baseline.py OUT.json
 """
 import json
+import os
 import sys
 
 import torch
@@ -36,8 +37,11 @@ def main():
     rows = []
     hq, hkv, d = 32, 8, 128
     print(f"{'batch':>5} {'ctx':>7} {'us':>9} {'GB/s':>8}")
-    for batch in (1, 8, 32):
-        for ctx in (4096, 32768, 131072):
+    # The grid of `triaxkv bench attention`'s defaults; SDPA_BATCH / SDPA_CONTEXT widen it.
+    batches = [int(x) for x in os.environ.get("SDPA_BATCH", "1,8,32").split(",")]
+    contexts = [int(x) for x in os.environ.get("SDPA_CONTEXT", "4096,32768,131072").split(",")]
+    for batch in batches:
+        for ctx in contexts:
             try:
                 q = torch.randn(batch, hq, 1, d, device=dev, dtype=torch.bfloat16)
                 k = torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.bfloat16)
