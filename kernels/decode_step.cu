@@ -1,7 +1,8 @@
 // Glue kernels of the whole-model decode step (`triaxkv bench decode-step`, launched from
 // src/gpu/decode_step.rs): random bf16 weights filled on the device, the embedding gather,
 // q of the fused QKV row -> (optional per-head RMSNorm) -> rotate-half RoPE -> fp16 for the
-// decode-attention kernel, f32 -> bf16, the SwiGLU of a fused gate/up row and a greedy argmax.
+// decode-attention kernel, f32 -> bf16, the SwiGLU of a fused gate/up row, a greedy argmax and
+// nucleus sampling (src/gpu/sampling.rs).
 // bf16 storage, f32 arithmetic. CPU reference: tests/gpu.rs (decode_step_matches_cpu_reference).
 
 #include <cuda_bf16.h>
@@ -120,6 +121,95 @@ extern "C" __global__ void tkv_argmax_f32(const float* logits, int vocab, int* i
         best = sv[i];
         idx = si[i];
       }
+    ids[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
+  }
+}
+
+// ---- Nucleus (top-p) sampling: the CPU Sampler's rule (src/model/sampling.rs) without a sort.
+// p_i = softmax(logits / T). The nucleus is {i : p_i >= tau} for the largest tau whose mass
+// reaches top_p; the draw is the token at which the mass, taken in decreasing probability,
+// first exceeds coin * (nucleus mass). Both thresholds are found by bisection on the bit
+// pattern of a probability (monotone for non-negative floats), each step one block-wide sum;
+// ties at the chosen probability go to the lowest index (the CPU's order among ties is
+// unspecified). One CTA of 1024 threads per row.
+
+__device__ __forceinline__ float tkv_block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();  // red may still be read by the previous reduction
+  if ((threadIdx.x & 31) == 0) red[w] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int i = 0; i < nw; i++) s += red[i];  // same order in every thread: same result
+  return s;
+}
+
+__device__ __forceinline__ float tkv_block_max(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[w] = v;
+  __syncthreads();
+  float m = red[0];
+  for (int i = 1; i < nw; i++) m = fmaxf(m, red[i]);
+  return m;
+}
+
+// Mass of the tokens whose probability bits are >= `bits`.
+__device__ __forceinline__ float tkv_mass_at_least(const float* row, int vocab, float m,
+                                                   float inv_t, float inv_z, u32 bits,
+                                                   float* red) {
+  float s = 0.f;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float p = expf((row[i] - m) * inv_t) * inv_z;
+    if (__float_as_uint(p) >= bits) s += p;
+  }
+  return tkv_block_sum(s, red);
+}
+
+extern "C" __global__ void tkv_sample_top_p_f32(const float* logits, int vocab, float inv_t,
+                                                float top_p, const float* coins, int* ids) {
+  __shared__ float red[32];
+  __shared__ int s_idx[32];
+  const float* row = logits + (long long)blockIdx.x * vocab;
+  float m = __int_as_float(0xff800000);
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, row[i]);
+  m = tkv_block_max(m, red);
+  float z = 0.f;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) z += expf((row[i] - m) * inv_t);
+  const float inv_z = 1.f / tkv_block_sum(z, red);
+
+  // Largest tau with mass(>= tau) >= top_p. Invariant: mass(lo) >= top_p (mass(0) is all of
+  // it, rounding aside: top_p >= 1 keeps everything), mass(hi) < top_p (hi is above 1.0).
+  const u32 one_up = 0x3f800001u;
+  u32 lo = 0, hi = one_up;
+  if (top_p < 1.f) {
+    while (hi - lo > 1) {
+      const u32 mid = lo + (hi - lo) / 2;
+      if (tkv_mass_at_least(row, vocab, m, inv_t, inv_z, mid, red) >= top_p) lo = mid;
+      else hi = mid;
+    }
+  }
+  const float kept = tkv_mass_at_least(row, vocab, m, inv_t, inv_z, lo, red);
+  const float target = coins[blockIdx.x] * kept;
+  // Largest v with mass(>= v) > target: the probability of the drawn token.
+  u32 vlo = lo, vhi = one_up;
+  while (vhi - vlo > 1) {
+    const u32 mid = vlo + (vhi - vlo) / 2;
+    if (tkv_mass_at_least(row, vocab, m, inv_t, inv_z, mid, red) > target) vlo = mid;
+    else vhi = mid;
+  }
+  int idx = 0x7fffffff;
+  for (int i = threadIdx.x; i < vocab && idx == 0x7fffffff; i += blockDim.x) {
+    const float p = expf((row[i] - m) * inv_t) * inv_z;
+    if (__float_as_uint(p) == vlo) idx = i;
+  }
+  for (int o = 16; o > 0; o >>= 1) idx = min(idx, __shfl_xor_sync(0xffffffffu, idx, o));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) s_idx[threadIdx.x >> 5] = idx;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < (int)((blockDim.x + 31) >> 5); i++) idx = min(idx, s_idx[i]);
     ids[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
   }
 }

@@ -10,12 +10,14 @@ pub mod layer_ops;
 pub mod membench;
 pub mod nvrtc;
 pub mod quantize_append;
+pub mod sampling;
 
 pub use context::{driver_available, GpuContext};
 pub use decode_attention::{DecodeAttention, DecodePlan, DeviceCache, HostCache, PagedLayout};
 pub use layer_ops::{Bf16, LayerOps};
 pub use nvrtc::{KernelSource, DECODE_ATTENTION, LAYER_OPS, MEMBENCH, QUANTIZE_APPEND};
 pub use quantize_append::{QuantizeAppend, QuantizeJob};
+pub use sampling::GpuSampler;
 
 use cudarc::driver::DriverError;
 use std::path::PathBuf;
