@@ -203,6 +203,9 @@ pub struct ProfileProvenance {
     pub triaxkv_version: String,
     /// Seconds since the Unix epoch.
     pub created_unix: u64,
+    /// `allocate --value-weight`, when not 1: the factor on value items' objective weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_weight: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -432,6 +435,7 @@ mod tests {
                 solve_s: None,
                 triaxkv_version: env!("CARGO_PKG_VERSION").into(),
                 created_unix: 0,
+                value_weight: None,
             },
         }
     }

@@ -350,3 +350,38 @@ fn bad_input_is_refused_with_a_clear_message() {
     assert!(e.contains("nope"), "{e}");
     assert!(!out.exists());
 }
+
+#[test]
+fn value_weight_moves_bits_to_values_and_is_recorded() {
+    let (dir, calib) = calib_dir();
+    // Summed bits of the value items at a budget between the floor and all-INT4.
+    let value_bits = |w: &str| {
+        let out = dir.path().join(format!("vw-{w}.json"));
+        ok(&allocate(
+            &calib,
+            &out,
+            &["--budget", "4.6", "--value-weight", w],
+        ));
+        let p = Profile::read(&out).unwrap();
+        let v: u32 = p
+            .assignments
+            .iter()
+            .filter(|a| a.kv.as_str() == "v")
+            .map(|a| a.bits as u32)
+            .sum();
+        (v, p.provenance.value_weight)
+    };
+    let (plain, recorded_plain) = value_bits("1");
+    let (heavy, recorded_heavy) = value_bits("50");
+    let (light, _) = value_bits("0.02");
+    assert!(heavy > plain, "weight 50: {heavy} value bits vs {plain}");
+    assert!(light < plain, "weight 0.02: {light} value bits vs {plain}");
+    assert_eq!(recorded_plain, None);
+    assert_eq!(recorded_heavy, Some(50.0));
+    let err = failed(&allocate(
+        &calib,
+        &dir.path().join("bad.json"),
+        &["--budget", "4.6", "--value-weight", "0"],
+    ));
+    assert!(err.contains("--value-weight"), "{err}");
+}

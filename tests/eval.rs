@@ -113,6 +113,7 @@ fn profile(model: &ModelIdentity, name: &str, k: u8, v: u8) -> Profile {
             solve_s: None,
             triaxkv_version: env!("CARGO_PKG_VERSION").into(),
             created_unix: 0,
+            value_weight: None,
         },
     }
 }

@@ -115,6 +115,9 @@ pub struct Request {
     pub batch: Option<usize>,
     pub solver: Solver,
     pub name: Option<String>,
+    /// Multiplies the objective weight of every value item: puts value distortion on the
+    /// keys' scale of end-to-end damage (1.0 = the table as measured).
+    pub value_weight: f64,
 }
 
 /// The sensitivity table solved over, for the profile's provenance.
@@ -159,7 +162,16 @@ pub fn allocate(
     model: &ModelIdentity,
     req: &Request,
 ) -> Result<Outcome, AllocateError> {
-    let sens = Sensitivity::from_table(table)?;
+    let mut sens = Sensitivity::from_table(table)?;
+    if !(req.value_weight.is_finite() && req.value_weight > 0.0) {
+        return Err(AllocateError::BudgetOptions(format!(
+            "--value-weight {}: must be a positive number",
+            req.value_weight
+        )));
+    }
+    for item in sens.items.iter_mut().filter(|i| i.key.kv == Kv::V) {
+        item.weight *= req.value_weight;
+    }
     let prov = &sens.provenance;
     if prov.model_sha256 != model.sha256 {
         return Err(AllocateError::ModelMismatch {
@@ -427,6 +439,7 @@ pub fn allocate(
             solve_s: fixed.is_none().then_some(solve_s),
             triaxkv_version: env!("CARGO_PKG_VERSION").into(),
             created_unix,
+            value_weight: (req.value_weight != 1.0).then_some(req.value_weight),
         },
     };
     Ok(Outcome {

@@ -88,6 +88,10 @@ pub struct AllocateArgs {
     name: Option<String>,
     #[arg(long, value_enum, default_value = "ilp")]
     solver: SolverArg,
+    /// Factor on the objective weight of value items (values' attention distortion is
+    /// numerically smaller than keys' for the same end-to-end damage; see profiles/README.md).
+    #[arg(long, value_name = "W", default_value_t = 1.0)]
+    value_weight: f64,
     /// The calibrated model (GGUF file or safetensors folder), for its identity and shape
     /// [default: the bundled SmolLM2 from scripts/setup.sh].
     #[arg(long)]
@@ -131,6 +135,7 @@ pub fn run(args: AllocateArgs) -> Result<()> {
             SolverArg::IlpFull => Solver::IlpFull,
         },
         name: args.name,
+        value_weight: args.value_weight,
     };
     let calibration = Calibration {
         path: file.display().to_string(),
