@@ -176,6 +176,18 @@ fn sixteen_bit_reproduces_the_reference_and_int2_does_not() {
     assert!(f(b, "mean_kl") > 1e-3, "INT2 mean KL {}", f(b, "mean_kl"));
     assert!(f(b, "p95_kl") > 0.0 && f(b, "max_kl") >= f(b, "p95_kl"));
     assert!((f(a, "ref_ppl") - f(b, "ref_ppl")).abs() < 1e-9);
+    // Per-position KL, for paired comparisons: one value per scored position, whose mean is
+    // the trajectory's.
+    let t = &b["per_trajectory"][0];
+    let kls: Vec<f64> = t["kl"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(kls.len() as f64, t["positions"].as_f64().unwrap());
+    let mean = kls.iter().sum::<f64>() / kls.len() as f64;
+    assert!((mean - t["mean_kl"].as_f64().unwrap()).abs() < 1e-12, "{t}");
     assert_eq!(a["effective_bits"].as_f64(), Some(16.0));
     let bits2 = b["effective_bits"].as_f64().unwrap();
     assert!(bits2 > 2.0 && bits2 < 16.0, "{bits2}");

@@ -192,6 +192,9 @@ pub struct TrajectoryFidelity {
     pub mean_kl: f64,
     pub top1: f64,
     pub effective_bits: f64,
+    /// KL at each scored position, in replay order (the same positions for every profile,
+    /// so two profiles can be compared position by position).
+    pub kl: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -392,6 +395,7 @@ pub fn evaluate(
                 mean_kl: s.mean_kl,
                 top1: s.top1,
                 effective_bits: bits.effective_bits(),
+                kl: acc.kls.clone(),
             });
             tot.acc.merge(&acc);
             tot.bytes += bits.weighted_bytes;
