@@ -240,27 +240,20 @@ pub fn raster(s: &Scatter) -> Vec<u8> {
     let grid = [221, 221, 221];
     for (t, label) in ax.ticks() {
         let x = px(&ax, t, LEFT as f64, pw).round() as i64;
-        for y in TOP..=H - BOTTOM {
-            cv.put(x, y as i64, grid);
-        }
+        cv.fill_rect(x, TOP as i64, 1, H - BOTTOM - TOP + 1, grid);
         cv.text(x, (H - BOTTOM + 8) as i64, &label, 1, Anchor::Middle, BLACK);
     }
     for (t, label) in ay.ticks() {
         let y = px(&ay, t, (H - BOTTOM) as f64, -ph).round() as i64;
-        for x in LEFT..=W - RIGHT {
-            cv.put(x as i64, y, grid);
-        }
+        cv.fill_rect(LEFT as i64, y, W - RIGHT - LEFT + 1, 1, grid);
         cv.text(LEFT as i64 - 6, y - 4, &label, 1, Anchor::End, BLACK);
     }
     let frame = [68, 68, 68];
-    for x in LEFT..=W - RIGHT {
-        cv.put(x as i64, TOP as i64, frame);
-        cv.put(x as i64, (H - BOTTOM) as i64, frame);
-    }
-    for y in TOP..=H - BOTTOM {
-        cv.put(LEFT as i64, y as i64, frame);
-        cv.put((W - RIGHT) as i64, y as i64, frame);
-    }
+    let (fw, fh) = (W - RIGHT - LEFT + 1, H - BOTTOM - TOP + 1);
+    cv.fill_rect(LEFT as i64, TOP as i64, fw, 1, frame);
+    cv.fill_rect(LEFT as i64, (H - BOTTOM) as i64, fw, 1, frame);
+    cv.fill_rect(LEFT as i64, TOP as i64, 1, fh, frame);
+    cv.fill_rect((W - RIGHT) as i64, TOP as i64, 1, fh, frame);
     cv.text((W / 2) as i64, 10, &s.title, 1, Anchor::Middle, BLACK);
     cv.text(
         (LEFT as f64 + pw / 2.0) as i64,

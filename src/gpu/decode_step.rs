@@ -14,6 +14,7 @@ use super::gemm::Gemm;
 use super::layer_ops::{Bf16, LayerOps};
 use super::membench::{fill_random, median, EventTimer, L2Flush};
 use super::nvrtc::KernelSource;
+use super::sampling::GpuSampler;
 use super::{DriverResult, GpuError};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
@@ -361,7 +362,7 @@ pub struct DecodeStep {
     f_q_rope: CudaFunction,
     f_to_bf16: CudaFunction,
     f_swiglu: CudaFunction,
-    f_argmax: CudaFunction,
+    sampler: GpuSampler,
     inv_freq: CudaSlice<f32>,
     positions: CudaSlice<i32>,
     /// Input token of each sequence.
@@ -413,7 +414,7 @@ impl DecodeStep {
             f_q_rope: f("tkv_q_rope_f16")?,
             f_to_bf16: f("tkv_f32_to_bf16")?,
             f_swiglu: f("tkv_swiglu_fused_bf16")?,
-            f_argmax: f("tkv_argmax_f32")?,
+            sampler: GpuSampler::load(gpu)?,
             inv_freq: gpu.upload(&shape.inv_freq())?,
             positions: gpu.zeros(b)?,
             ids: gpu.zeros(b)?,
@@ -582,16 +583,8 @@ impl DecodeStep {
             .rmsnorm(gpu, &self.x, &w.final_norm, &mut self.h, b, s.rms_eps)?;
         self.gemm
             .linear(gpu, &self.h, &w.lm_head, &mut self.logits, b, hd, s.vocab)?;
-        let cfg = LaunchConfig {
-            grid_dim: (b as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut lb = stream.launch_builder(&self.f_argmax);
-        lb.arg(&self.logits).arg(&vocab32).arg(&mut self.next_ids);
-        // SAFETY: logits `b × vocab`, next_ids `b`.
-        unsafe { lb.launch(cfg) }.during("launching tkv_argmax_f32")?;
-        Ok(())
+        self.sampler
+            .argmax(gpu, &self.logits, b, s.vocab, &mut self.next_ids)
     }
 
     /// Sum over layers of the attention time of the last step run with `time_attention`
