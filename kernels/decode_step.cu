@@ -1,7 +1,8 @@
 // Glue kernels of the whole-model decode step (`triaxkv bench decode-step`, launched from
 // src/gpu/decode_step.rs): random bf16 weights filled on the device, the embedding gather,
 // q of the fused QKV row -> (optional per-head RMSNorm) -> rotate-half RoPE -> fp16 for the
-// decode-attention kernel, f32 -> bf16, the SwiGLU of a fused gate/up row, a greedy argmax and
+// decode-attention kernel, the new token's K/V into its 16-bit block, the attention output ->
+// bf16, the SwiGLU of a fused gate/up row, a greedy argmax and
 // nucleus sampling (src/gpu/sampling.rs).
 // bf16 storage, f32 arithmetic. CPU reference: tests/gpu.rs (decode_step_matches_cpu_reference).
 
@@ -40,39 +41,133 @@ extern "C" __global__ void tkv_embed_bf16(const __nv_bfloat16* table, const int*
     out[(long long)b * hidden + i] = table[(long long)id * hidden + i];
 }
 
+// out[b] = f32 of table[ids[b]]: the residual stream stays f32 (as llama.cpp keeps it), so
+// rounding does not accumulate over the layers; one CTA per row.
+extern "C" __global__ void tkv_embed_f32(const __nv_bfloat16* table, const int* ids, float* out,
+                                         int hidden, int vocab) {
+  const int b = blockIdx.x;
+  int id = ids[b];
+  id = id < 0 ? 0 : (id >= vocab ? vocab - 1 : id);
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+    out[(long long)b * hidden + i] = __bfloat162float(table[(long long)id * hidden + i]);
+}
+
+// out[r] = bf16(x[r] / sqrt(mean(x[r]^2) + eps) * w): the f32 residual row -> the bf16 input of
+// the next GEMM; one CTA per row of d.
+extern "C" __global__ void tkv_rmsnorm_f32_bf16(const float* x, const __nv_bfloat16* w,
+                                                __nv_bfloat16* out, int d, float eps) {
+  __shared__ float part[32];
+  const long long row = (long long)blockIdx.x * d;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) ss += x[row + i] * x[row + i];
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < (int)((blockDim.x + 31) >> 5); i++) total += part[i];
+  const float inv = 1.f / sqrtf(total / (float)d + eps);
+  for (int i = threadIdx.x; i < d; i += blockDim.x)
+    out[row + i] = __float2bfloat16_rn(x[row + i] * inv * __bfloat162float(w[i]));
+}
+
 // One CTA of 64 threads per (sequence, query head): q of row b of the fused QKV output
-// (`row` values per row, q first) -> optional RMSNorm over the head (weight qnorm[128], output
-// rounded to bf16 as a bf16 model stores it) -> rotate-half RoPE at positions[b] in f32 ->
-// fp16 into q16 [b][head][128] (the decode-attention kernel's q).
-extern "C" __global__ void tkv_q_rope_f16(const __nv_bfloat16* qkv, int row,
-                                          const __nv_bfloat16* qnorm, float eps,
-                                          const float* inv_freq, const int* positions,
-                                          unsigned short* q16) {
+// (`row` values per row, q first, heads of `hd` <= 128 values) -> optional RMSNorm over the head
+// (weight qnorm[hd], output rounded to bf16 as a bf16 model stores it) -> rotate-half RoPE at
+// positions[b] in f32 -> fp16 into q16 [b][head][128] (the decode-attention kernel's q; dims
+// from hd on are zero, so a head dim of 64 runs through the 128 kernel with exact scores).
+__device__ __forceinline__ void tkv_head_rope(const __nv_bfloat16* src, int hd,
+                                              const __nv_bfloat16* norm, float eps,
+                                              float inv_freq_j, int pos, float& y0, float& y1) {
   __shared__ float part[2];
-  const int b = blockIdx.x, h = blockIdx.y, heads = gridDim.y, j = threadIdx.x;
-  const long long at = (long long)b * row + h * 128;
-  float x0 = __bfloat162float(qkv[at + j]), x1 = __bfloat162float(qkv[at + j + 64]);
-  if (qnorm != nullptr) {
+  const int j = threadIdx.x, hh = hd >> 1;
+  const bool live = j < hh;
+  float x0 = live ? __bfloat162float(src[j]) : 0.f;
+  float x1 = live ? __bfloat162float(src[j + hh]) : 0.f;
+  if (norm != nullptr) {
     float ss = x0 * x0 + x1 * x1;
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     if ((j & 31) == 0) part[j >> 5] = ss;
     __syncthreads();
-    const float inv = 1.f / sqrtf((part[0] + part[1]) / 128.f + eps);
-    x0 = __bfloat162float(__float2bfloat16_rn(x0 * inv * __bfloat162float(qnorm[j])));
-    x1 = __bfloat162float(__float2bfloat16_rn(x1 * inv * __bfloat162float(qnorm[j + 64])));
+    const float inv = 1.f / sqrtf((part[0] + part[1]) / (float)hd + eps);
+    if (live) {
+      x0 = __bfloat162float(__float2bfloat16_rn(x0 * inv * __bfloat162float(norm[j])));
+      x1 = __bfloat162float(__float2bfloat16_rn(x1 * inv * __bfloat162float(norm[j + hh])));
+    }
   }
-  float s, c;
-  sincosf((float)positions[b] * inv_freq[j], &s, &c);
-  const long long o = ((long long)b * heads + h) * 128;
-  q16[o + j] = __half_as_ushort(__float2half_rn(x0 * c - x1 * s));
-  q16[o + j + 64] = __half_as_ushort(__float2half_rn(x1 * c + x0 * s));
+  float s = 0.f, c = 1.f;
+  if (live) sincosf((float)pos * inv_freq_j, &s, &c);
+  y0 = x0 * c - x1 * s;
+  y1 = x1 * c + x0 * s;
 }
 
-extern "C" __global__ void tkv_f32_to_bf16(const float* x, __nv_bfloat16* out, long long n) {
+extern "C" __global__ void tkv_q_rope_f16(const __nv_bfloat16* qkv, int row, int hd,
+                                          const __nv_bfloat16* qnorm, float eps,
+                                          const float* inv_freq, const int* positions,
+                                          unsigned short* q16) {
+  const int b = blockIdx.x, h = blockIdx.y, heads = gridDim.y, j = threadIdx.x, hh = hd >> 1;
+  float y0, y1;
+  tkv_head_rope(qkv + (long long)b * row + (long long)h * hd, hd, qnorm, eps,
+                j < hh ? inv_freq[j] : 0.f, positions[b], y0, y1);
+  const long long o = ((long long)b * heads + h) * 128;
+  if (j < hh) {
+    q16[o + j] = __half_as_ushort(__float2half_rn(y0));
+    q16[o + j + hh] = __half_as_ushort(__float2half_rn(y1));
+  }
+  for (int d = hd + j; d < 128; d += 64) q16[o + d] = 0;
+}
+
+// Byte offsets of key / value (tok, dim) in a 16-bit block of head dim 128 (docs/KV_LAYOUT.md;
+// `BlockGeometry::k_code_pos` / `v_code_pos` for the F16 class).
+__device__ __forceinline__ int tkv_lane_word(int lane, int j, int nw) {
+  const int r = nw < 4 ? nw : 4;
+  return (j / r) * 128 * r + lane * 4 * r + (j % r) * 4;
+}
+__device__ __forceinline__ int tkv_f16_k_off(int tok, int dim) {
+  const int c = dim / 16, w = dim % 16, t = (w % 8) / 2, b = w / 8, hi = w % 2;
+  return (tok / 8) * 2048 + tkv_lane_word(4 * (tok % 8) + t, 2 * c + b, 16) + 2 * hi;
+}
+__device__ __forceinline__ int tkv_f16_v_off(int tok, int dim) {
+  const int m = dim / 16, w = dim % 16, g = w % 8, row_hi = w / 8;
+  const int rr = tok % 16, t = (rr % 8) / 2, hi = rr % 2, tok_hi = rr / 8;
+  return (tok / 16) * 4096 + tkv_lane_word(4 * g + t, 4 * m + row_hi + 2 * tok_hi, 32) + 2 * hi;
+}
+
+// One CTA of 64 threads per (sequence, KV head): the new token's k (optional per-head RMSNorm,
+// RoPE) and v from its fused QKV row (k at q_dim, v at q_dim + kv_heads * hd) -> fp16 into
+// token slot tok[b] of the 16-bit block in pool slot slot[b] (`slab_bytes` per (slot, KV head)
+// slab, V codes at `v_off`); dims from hd to 128 are written zero.
+extern "C" __global__ void tkv_kv_append_f16(const __nv_bfloat16* qkv, int row, int q_dim, int hd,
+                                             const __nv_bfloat16* knorm, float eps,
+                                             const float* inv_freq, const int* positions,
+                                             unsigned char* pool, long long slab_bytes, int v_off,
+                                             const int* slot, const int* tok) {
+  const int b = blockIdx.x, h = blockIdx.y, kv_heads = gridDim.y, j = threadIdx.x;
+  const int hh = hd >> 1, t = tok[b];
+  const __nv_bfloat16* krow = qkv + (long long)b * row + q_dim + (long long)h * hd;
+  const __nv_bfloat16* vrow = krow + (long long)kv_heads * hd;
+  float y0, y1;
+  tkv_head_rope(krow, hd, knorm, eps, j < hh ? inv_freq[j] : 0.f, positions[b], y0, y1);
+  unsigned char* slab = pool + ((long long)slot[b] * kv_heads + h) * slab_bytes;
+  auto put = [&](int off, float x) {
+    *reinterpret_cast<__half*>(slab + off) = __float2half_rn(x);
+  };
+  if (j < hh) {
+    put(tkv_f16_k_off(t, j), y0);
+    put(tkv_f16_k_off(t, j + hh), y1);
+  }
+  for (int d = hd + j; d < 128; d += 64) put(tkv_f16_k_off(t, d), 0.f);
+  for (int d = j; d < 128; d += 64)
+    put(v_off + tkv_f16_v_off(t, d), d < hd ? __bfloat162float(vrow[d]) : 0.f);
+}
+
+// out [rows][128] f32 (the decode-attention output) -> attn [rows][hd] bf16.
+extern "C" __global__ void tkv_attn_out_bf16(const float* out, __nv_bfloat16* attn, int hd,
+                                             long long n) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x)
-    out[i] = __float2bfloat16_rn(x[i]);
+    attn[i] = __float2bfloat16_rn(out[(i / hd) * 128 + i % hd]);
 }
+
 
 // gu [rows][2 * inter] = [gate | up] per row -> out [rows][inter] = silu(gate) * up.
 extern "C" __global__ void tkv_swiglu_fused_bf16(const __nv_bfloat16* gu, __nv_bfloat16* out,

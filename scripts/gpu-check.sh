@@ -14,6 +14,8 @@
 # (random-weight llama3-8b; DECODE_STEP_ARGS adds arguments, e.g. "--batch 8,32";
 # DECODE_STEP_ARGS2, when set, runs it a second time with those arguments). SDPA_BATCH and
 # SDPA_CONTEXT (comma-separated) set the SDPA baseline's grid (default 1,8,32 x 4k,32k,128k).
+# FORWARD=1 runs `eval gpu-forward` (GPU vs CPU forward of a real model; MODEL names the GGUF,
+# FORWARD_ARGS adds arguments, e.g. "--max-tokens 1024").
 set -uo pipefail
 
 if [ "${1:-}" = "--pack" ]; then
@@ -32,11 +34,17 @@ for l in sys.stdin:
   strip -o "$dir/triaxkv" "$target/debug/triaxkv"
   strip -o "$dir/gpu-tests" "$test_bin"
   cp scripts/gpu-check.sh scripts/gpu/sdpa_baseline.py "$dir/"
+  # xz shrinks the binaries ~5x: the carried tree, binaries and any model share 64 MiB.
+  rm -f "$dir/triaxkv.xz" "$dir/gpu-tests.xz"
+  xz -T2 -6 "$dir/triaxkv" "$dir/gpu-tests"
   du -sh "$dir"/*
   exit 0
 fi
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+for b in triaxkv gpu-tests; do
+  if [ -f "$HERE/$b.xz" ] && [ ! -x "$HERE/$b" ]; then xz -dk "$HERE/$b.xz"; fi
+done
 OUT=${OUT:-/tmp/triaxkv-gpu-out}
 mkdir -p "$OUT"
 export TRIAXKV_HOME=${TRIAXKV_HOME:-/tmp/triaxkv-home}
@@ -101,6 +109,14 @@ if [ "${DECODE_STEP:-0}" = 1 ]; then
       $DECODE_STEP_ARGS2 2>&1 | tee "$OUT/decode_step2.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   fi
+fi
+
+if [ "${FORWARD:-0}" = 1 ]; then
+  echo "== eval gpu-forward (GPU forward vs CPU forward, real weights)"
+  # shellcheck disable=SC2086
+  "$HERE/triaxkv" eval gpu-forward ${MODEL:+--model "$MODEL"} -o "$OUT/gpu-forward" \
+    ${FORWARD_ARGS:-} 2>&1 | tee "$OUT/gpu_forward.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
 if [ "${HARNESS:-0}" = 1 ]; then

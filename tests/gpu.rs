@@ -713,6 +713,7 @@ fn decode_step_matches_cpu_reference() {
             intermediate: 320,
             vocab: 1003,
             rope_theta: 10_000.0,
+            rope_scaling: triaxkv::model::config::RopeScaling::None,
             rms_eps: 1e-5,
             qk_norm,
         };
@@ -734,6 +735,7 @@ fn decode_step_matches_cpu_reference() {
                 wgu: rv(2 * inter * h, 0.0, a(h)),
                 wdown: rv(h * inter, 0.0, a(inter)),
                 q_norm: qk_norm.then(|| rv(128, 1.0, 0.2)),
+                k_norm: qk_norm.then(|| rv(128, 1.0, 0.2)),
             });
         }
         let host = HostWeights {
@@ -820,8 +822,8 @@ fn decode_step_matches_cpu_reference() {
                 .iter()
                 .map(|&v| bf(v))
                 .collect();
-            let o = lin(&att, &lw.wo, qd, h, true);
-            x = x.iter().zip(&o).map(|(&a, &b)| bf(a + b)).collect();
+            let o = lin(&att, &lw.wo, qd, h, false);
+            x = x.iter().zip(&o).map(|(&a, &b)| a + b).collect();
             let hn = rms(&x, &lw.mlp_norm, shape.rms_eps);
             let gu = lin(&hn, &lw.wgu, h, 2 * inter, true);
             let mut m = vec![0f32; batch * inter];
@@ -832,8 +834,8 @@ fn decode_step_matches_cpu_reference() {
                     m[b * inter + c] = bf(g / (1.0 + (-g).exp()) * u);
                 }
             }
-            let d = lin(&m, &lw.wdown, inter, h, true);
-            x = x.iter().zip(&d).map(|(&a, &b)| bf(a + b)).collect();
+            let d = lin(&m, &lw.wdown, inter, h, false);
+            x = x.iter().zip(&d).map(|(&a, &b)| a + b).collect();
         }
         let hn = rms(&x, &host.final_norm, shape.rms_eps);
         let want = lin(&hn, &host.lm_head, h, v, false);
@@ -976,4 +978,146 @@ fn top_p_sampling_matches_the_cpu_sampler() {
         same * 100 >= total * 95,
         "only {same}/{total} draws equal the CPU's"
     );
+}
+
+/// A tiny random model (weights already bf16-representable, so only the GPU's bf16
+/// activations differ from the CPU's f32 math) run token by token through `GpuForward` —
+/// K/V appended to 16-bit blocks across block boundaries, head dim 64 zero-padded into the
+/// 128 kernel, and head dim 128 with Qwen3's q/k norm — against the CPU `Model::forward`
+/// over the same tokens: logits within 3e-2 × max |logit| at every position, top-1 equal
+/// wherever the CPU's top-2 gap exceeds twice the largest logit difference.
+#[test]
+fn gpu_forward_matches_cpu_model_forward() {
+    use triaxkv::gpu::GpuForward;
+    use triaxkv::kvcache::KvCache;
+    use triaxkv::model::config::{Arch, ModelConfig, RopeScaling};
+    use triaxkv::model::llama::{Logits, Model};
+    use triaxkv::model::weights::{LayerWeights, Matrix, Weights};
+    use triaxkv::tags::TokenTag;
+    let Some(gpu) = gpu_or_skip("gpu_forward_matches_cpu_model_forward") else {
+        return;
+    };
+    let bf = |x: f32| triaxkv::gpu::Bf16::from_f32(x).to_f32();
+    for (arch, head_dim, qk_norm) in [(Arch::Llama, 64, false), (Arch::Qwen3, 128, true)] {
+        let c = ModelConfig {
+            arch,
+            vocab_size: 301,
+            hidden_size: 192,
+            intermediate_size: 256,
+            num_layers: 2,
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            qk_norm,
+        };
+        let mut rng = StdRng::seed_from_u64(0xf0f0 + head_dim as u64);
+        let mut rv = |n: usize, off: f32, amp: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| bf(off + rng.random_range(-amp..amp)))
+                .collect()
+        };
+        let mut mat = |rows: usize, cols: usize| Matrix {
+            rows,
+            cols,
+            data: rv(rows * cols, 0.0, (3.0 / cols as f32).sqrt()),
+        };
+        let (h, qd, kvd, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let mut layers = Vec::new();
+        for _ in 0..c.num_layers {
+            layers.push(LayerWeights {
+                attn_norm: vec![],
+                wq: mat(qd, h),
+                wk: mat(kvd, h),
+                wv: mat(kvd, h),
+                wo: mat(h, qd),
+                bq: None,
+                bk: None,
+                bv: None,
+                q_norm: None,
+                k_norm: None,
+                ffn_norm: vec![],
+                w_gate: mat(i, h),
+                w_up: mat(i, h),
+                w_down: mat(h, i),
+            });
+        }
+        let embed = mat(c.vocab_size, h);
+        let rv = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|k| bf(1.0 + 0.1 * ((k * 7 % 13) as f32 / 13.0 - 0.5)))
+                .collect()
+        };
+        for l in &mut layers {
+            l.attn_norm = rv(h);
+            l.ffn_norm = rv(h);
+            if qk_norm {
+                l.q_norm = Some(rv(head_dim));
+                l.k_norm = Some(rv(head_dim));
+            }
+        }
+        let model = Model {
+            config: c.clone(),
+            weights: Weights {
+                embed,
+                layers,
+                final_norm: rv(h),
+                lm_head: None,
+            },
+        };
+        let n = 41; // two full 16-token blocks and a partial one
+        let ids: Vec<u32> = (0..n)
+            .map(|k| ((k * 97 + 13) % c.vocab_size) as u32)
+            .collect();
+        let tag = TokenTag {
+            role: triaxkv::tags::Role::User,
+            modality: triaxkv::tags::Modality::Text,
+            turn: 1,
+            step: 0,
+        };
+        let tags = vec![tag; n];
+        let mut cache = model.new_cache();
+        let want = model.forward(&ids, &tags, &mut cache as &mut dyn KvCache, Logits::All);
+        let mut fwd = GpuForward::new(&gpu, "tiny", &model, 48).unwrap();
+        let v = c.vocab_size;
+        let max_ref = want.iter().fold(0f32, |m, &x| m.max(x.abs()));
+        let mut max_d = 0f32;
+        let mut got_all = Vec::new();
+        for &id in &ids {
+            let got = fwd.step(&gpu, id).unwrap();
+            assert_eq!(got.len(), v);
+            got_all.extend(got);
+        }
+        for (g, w) in got_all.iter().zip(&want) {
+            assert!(g.is_finite(), "{arch:?}: non-finite GPU logit");
+            max_d = max_d.max((g - w).abs());
+        }
+        eprintln!(
+            "gpu forward {arch:?} hd {head_dim}: max |Δlogit| {max_d:.3e}, max |logit| {max_ref:.3}"
+        );
+        assert!(max_d < 3e-2 * max_ref, "{arch:?}: max |Δlogit| {max_d:.3e}");
+        for p in 0..n {
+            let (g, r) = (&got_all[p * v..(p + 1) * v], &want[p * v..(p + 1) * v]);
+            let top = triaxkv::model::sampling::argmax(r) as usize;
+            let gt = triaxkv::model::sampling::argmax(g) as usize;
+            let mut sorted = r.to_vec();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] > 2.0 * max_d {
+                assert_eq!(gt, top, "{arch:?} position {p}: top-1 differs");
+            }
+        }
+        // The cache is full at its capacity; a reset starts a new sequence that matches again.
+        fwd.reset(&gpu).unwrap();
+        let again = fwd.step(&gpu, ids[0]).unwrap();
+        let d0 = again
+            .iter()
+            .zip(&want[..v])
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(d0 < 3e-2 * max_ref, "after reset: {d0:.3e}");
+    }
 }

@@ -50,6 +50,28 @@ enum EvalCommand {
     /// Does the calibration table's distortion predict end-to-end KL? Quantize one tag at a
     /// time and rank-correlate (proxy.md, proxy.json, proxy.svg/.png).
     Proxy(ProxyArgs),
+    /// Does the GPU forward (bf16 weights, 16-bit paged cache) compute what the CPU forward
+    /// computes? Top-1 agreement and KL at every position (gpu-forward.json, gpu-forward.md).
+    GpuForward(GpuForwardArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GpuForwardArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Trace JSONL files, folders or glob patterns.
+    #[arg(long, num_args = 1.., value_name = "GLOB", default_values_t = ["traces/test".to_string()])]
+    traces: Vec<String>,
+    /// Tokens of each trajectory run through both forwards (every position is compared).
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_tokens: usize,
+    #[arg(short = 'o', long = "out", value_name = "DIR")]
+    out: PathBuf,
+    /// Exit non-zero when the total top-1 agreement is below this.
+    #[arg(long, default_value_t = 0.995)]
+    min_agreement: f64,
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,8 +119,10 @@ fn threads(n: Option<usize>) -> Result<()> {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    if let Some(EvalCommand::Proxy(p)) = args.command {
-        return run_proxy(p);
+    match args.command {
+        Some(EvalCommand::Proxy(p)) => return run_proxy(p),
+        Some(EvalCommand::GpuForward(g)) => return run_gpu_forward(g),
+        None => {}
     }
     threads(args.threads)?;
     let Some(out) = args.out else {
@@ -193,5 +217,62 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
         args.out.display(),
         r.wall_s
     );
+    Ok(())
+}
+
+fn run_gpu_forward(args: GpuForwardArgs) -> Result<()> {
+    use triaxkv::eval::gpu_forward;
+    threads(args.threads)?;
+    if args.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&args.min_agreement) {
+        bail!("--min-agreement must be within 0..=1");
+    }
+    let files = read_glob(&args.traces).context("reading --traces")?;
+    if files.iter().all(|f| f.trajectories.is_empty()) {
+        bail!("no trajectories in {}", args.traces.join(" "));
+    }
+    let gpu = triaxkv::gpu::GpuContext::open(0).context("opening the GPU")?;
+    let model = load::load_or_default(args.model.as_deref()).context("loading the model")?;
+    let (plans, notes) =
+        triaxkv::eval::render_plans(&model, &files, Some(args.max_tokens), None, 0, false)?;
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
+    let total: usize = plans.iter().map(|p| p.ids.len()).sum();
+    eprintln!(
+        "comparing the GPU and CPU forwards of {} on {} trajectories ({total} positions) on {}",
+        model.name,
+        plans.len(),
+        gpu.name
+    );
+    let pb = indicatif::ProgressBar::new(total as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} positions {msg}",
+        )
+        .context("progress bar template")?,
+    );
+    let r = gpu_forward::compare(&gpu, &model, &plans, |done, _| pb.set_position(done as u64))?;
+    pb.finish_and_clear();
+    let md = gpu_forward::markdown(&r);
+    let json = serde_json::to_string_pretty(&r).context("serialising the report")?;
+    let write = |name: &str, text: &str| -> Result<()> {
+        let path = args.out.join(name);
+        triaxkv::util::write_atomic(&path, |w| w.write_all(text.as_bytes()))
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    write("gpu-forward.json", &json)?;
+    write("gpu-forward.md", &md)?;
+    println!("{md}");
+    println!("wrote {}/gpu-forward.{{json,md}}", args.out.display());
+    if r.total.top1_agreement < args.min_agreement {
+        bail!(
+            "top-1 agreement {:.4} is below --min-agreement {}",
+            r.total.top1_agreement,
+            args.min_agreement
+        );
+    }
     Ok(())
 }

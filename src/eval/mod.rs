@@ -1,6 +1,7 @@
 //! Fidelity of profiles against the unquantized KV cache on held-out traces (DESIGN §10):
 //! teacher-forced replay, metrics, tool-call match, reports, and the distortion-vs-KL check.
 
+pub mod gpu_forward;
 pub mod metrics;
 pub mod plot;
 pub mod proxy;
@@ -9,7 +10,7 @@ pub mod report;
 pub mod run;
 pub mod toolcall;
 
-pub use run::{evaluate, prepare_plans, EvalOptions, EvalReport, NamedProfile};
+pub use run::{evaluate, prepare_plans, render_plans, EvalOptions, EvalReport, NamedProfile};
 
 use crate::calibrate::table::TableError;
 use crate::profile::ProfileError;

@@ -71,6 +71,19 @@ pub fn prepare_plans(
     positions: Option<usize>,
     tool_calls: usize,
 ) -> Result<(Vec<ReplayPlan>, Vec<String>), EvalError> {
+    render_plans(model, files, max_tokens, positions, tool_calls, true)
+}
+
+/// As [`prepare_plans`], keeping trajectories with no assistant token within the limit when
+/// `skip_unscored` is false (for checks that compare every position, not assistant ones).
+pub fn render_plans(
+    model: &LoadedModel,
+    files: &[TraceFile],
+    max_tokens: Option<usize>,
+    positions: Option<usize>,
+    tool_calls: usize,
+    skip_unscored: bool,
+) -> Result<(Vec<ReplayPlan>, Vec<String>), EvalError> {
     let template = ChatTemplate::for_tokenizer(&model.tokenizer)
         .map_err(|e| EvalError::Option(format!("chat template of {}: {e}", model.name)))?;
     let context = model.model.config.max_position_embeddings.max(1);
@@ -107,7 +120,7 @@ pub fn prepare_plans(
                     }
                 ));
             }
-            if plan.positions.is_empty() {
+            if plan.positions.is_empty() && skip_unscored {
                 notes.push(format!(
                     "{} ({file}): no assistant token within {} tokens; skipped",
                     traj.id,

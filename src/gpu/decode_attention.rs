@@ -360,6 +360,38 @@ impl DeviceCache {
         }
     }
 
+    /// A zeroed pool of `layers` consecutive layer pools of `layout`'s size (layer `l` at byte
+    /// `l * layout.pool_bytes()`), all read through `layout`'s block tables.
+    pub fn allocate_layers(
+        gpu: &GpuContext,
+        layout: &PagedLayout,
+        layers: usize,
+    ) -> Result<Self, GpuError> {
+        layout.validate()?;
+        let pool = gpu.zeros::<u8>(layout.pool_bytes() * layers.max(1))?;
+        Self::with_pool(gpu, layout, pool)
+    }
+
+    /// Replace the block tables (the pool stays): `layout` must have this cache's shape and
+    /// slots.
+    pub fn set_tables(&mut self, gpu: &GpuContext, layout: &PagedLayout) -> Result<(), GpuError> {
+        layout.validate()?;
+        let same = layout.q_heads == self.layout.q_heads
+            && layout.kv_heads == self.layout.kv_heads
+            && layout.seqs == self.layout.seqs
+            && layout.slots == self.layout.slots
+            && layout.slab_bytes == self.layout.slab_bytes
+            && layout.geoms == self.layout.geoms;
+        if !same {
+            return Err(GpuError::Shape(
+                "new block tables for a cache of another shape".into(),
+            ));
+        }
+        let pool = std::mem::replace(&mut self.pool, gpu.zeros::<u8>(0)?);
+        *self = Self::with_pool(gpu, layout, pool)?;
+        Ok(())
+    }
+
     fn with_pool(
         gpu: &GpuContext,
         layout: &PagedLayout,
@@ -714,7 +746,28 @@ impl DecodeAttention {
         q: &CudaSlice<u16>,
         sm_scale: f32,
     ) -> Result<(), GpuError> {
+        self.launch_at(gpu, cache, 0, plan, q, sm_scale)
+    }
+
+    /// [`launch`](Self::launch) over the layout's pool starting `pool_offset` bytes into
+    /// `cache.pool` (a pool of several layers that share one block table).
+    pub fn launch_at(
+        &self,
+        gpu: &GpuContext,
+        cache: &DeviceCache,
+        pool_offset: usize,
+        plan: &mut DecodePlan,
+        q: &CudaSlice<u16>,
+        sm_scale: f32,
+    ) -> Result<(), GpuError> {
         let l = &cache.layout;
+        if pool_offset % 16 != 0 || pool_offset + l.pool_bytes() > cache.pool.len() {
+            return Err(GpuError::Shape(format!(
+                "a pool of {} bytes at offset {pool_offset} in a buffer of {}",
+                l.pool_bytes(),
+                cache.pool.len()
+            )));
+        }
         if l.head_dim() != HEAD_DIM {
             return Err(GpuError::Shape(format!(
                 "head dim {}: the decode kernel is compiled for {HEAD_DIM}",
@@ -744,7 +797,7 @@ impl DecodeAttention {
         let main = gpu.stream();
         let ptr = |s: &CudaSlice<i32>| s.device_ptr(main).0;
         let mut p = DecodeParams {
-            pool: cache.pool.device_ptr(main).0,
+            pool: cache.pool.device_ptr(main).0 + pool_offset as u64,
             slab_bytes: l.slab_bytes as i64,
             kv_heads: l.kv_heads as i32,
             q_heads: l.q_heads as i32,

@@ -2,10 +2,13 @@
 //! decode-step`: per layer RMSNorm → fused QKV GEMM (cuBLAS, bf16, f32 accumulate) → RoPE on q
 //! → paged decode attention (`DecodeAttention` over a `DeviceCache`) → O GEMM → residual →
 //! RMSNorm → fused gate/up GEMM → SwiGLU → down GEMM → residual; then the final RMSNorm, the LM
-//! head GEMM (f32 logits) and a greedy argmax. Weights are bf16 (random on the device for the
-//! benchmark: speed only; or uploaded from the host for the correctness test). The new token's
-//! K/V are not appended to the cache (quantize-append is timed by its own tests): attention
-//! runs over the `context` cached tokens. Glue kernels: `kernels/decode_step.cu`.
+//! head GEMM (f32 logits) and a greedy argmax. The residual stream and the O / down projection
+//! outputs are f32 (rounding does not pile up over the layers); GEMM inputs are bf16. Weights
+//! are bf16 (random on the device for the
+//! benchmark: speed only; or uploaded from a loaded model, `gpu::forward`). In the benchmark the
+//! new token's K/V are not appended (quantize-append is timed by its own tests): attention runs
+//! over the `context` cached tokens; `set_append` makes a step write them into a 16-bit block
+//! first, as a forward pass needs. Glue kernels: `kernels/decode_step.cu`.
 
 use super::attention_bench::{bench_layout, CacheKind};
 use super::context::GpuContext;
@@ -16,14 +19,21 @@ use super::membench::{fill_random, median, EventTimer, L2Flush};
 use super::nvrtc::KernelSource;
 use super::sampling::GpuSampler;
 use super::{DriverResult, GpuError};
+use crate::model::config::{ModelConfig, RopeScaling};
+use crate::model::llama::{inv_freq_of, Model};
+use crate::quant::KvClass;
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 pub const DECODE_STEP: KernelSource = KernelSource {
     name: "decode_step.cu",
     source: include_str!("../../kernels/decode_step.cu"),
     options: &[],
 };
+
+/// Head dims a step runs: 128 natively, 64 zero-padded to 128 in q and in the 16-bit cache
+/// blocks (scores and outputs are exact; the cache then holds twice the bytes it needs).
+pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// Said in every output of the benchmark.
 pub const RANDOM_WEIGHTS_NOTE: &str = "random weights (speed only)";
@@ -40,8 +50,10 @@ pub struct ModelShape {
     pub intermediate: usize,
     pub vocab: usize,
     pub rope_theta: f32,
+    /// Llama-3.1 frequency scaling (none for the random-weight shapes: speed only).
+    pub rope_scaling: RopeScaling,
     pub rms_eps: f32,
-    /// Qwen3's per-head RMSNorm of q (and k; k is not needed: the step appends no K/V).
+    /// Qwen3's per-head RMSNorm of q and k.
     pub qk_norm: bool,
 }
 
@@ -59,6 +71,7 @@ impl ModelShape {
             intermediate: 14336,
             vocab: 128256,
             rope_theta: 500_000.0,
+            rope_scaling: RopeScaling::None,
             rms_eps: 1e-5,
             qk_norm: false,
         }
@@ -77,8 +90,27 @@ impl ModelShape {
             intermediate: 12288,
             vocab: 151936,
             rope_theta: 1_000_000.0,
+            rope_scaling: RopeScaling::None,
             rms_eps: 1e-6,
             qk_norm: true,
+        }
+    }
+
+    /// The shape of a loaded model (`name` labels it in reports).
+    pub fn of_config(name: &str, c: &ModelConfig) -> Self {
+        ModelShape {
+            name: name.to_string(),
+            layers: c.num_layers,
+            hidden: c.hidden_size,
+            q_heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            intermediate: c.intermediate_size,
+            vocab: c.vocab_size,
+            rope_theta: c.rope_theta,
+            rope_scaling: c.rope_scaling,
+            rms_eps: c.rms_norm_eps,
+            qk_norm: c.qk_norm,
         }
     }
 
@@ -119,19 +151,17 @@ impl ModelShape {
         2 * self.params()
     }
 
-    /// Plain RoPE frequencies `theta^(-2j / head_dim)` (no Llama-3.1 scaling: speed only).
+    /// RoPE frequencies `theta^(-2j / head_dim)`, scaled as the CPU forward scales them.
     pub fn inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / d as f32))
-            .collect()
+        inv_freq_of(self.rope_theta, self.head_dim, self.rope_scaling)
     }
 
     pub fn validate(&self) -> Result<(), GpuError> {
         let bad = |m: String| Err(GpuError::Shape(format!("model {}: {m}", self.name)));
-        if self.head_dim != HEAD_DIM {
+        if !SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
             return bad(format!(
-                "head dim {}: the decode kernel is compiled for {HEAD_DIM}",
+                "head dim {}: the step takes {SUPPORTED_HEAD_DIMS:?} (the decode kernel is \
+                 compiled for {HEAD_DIM}; smaller heads run zero-padded to it)",
                 self.head_dim
             ));
         }
@@ -160,8 +190,9 @@ pub struct HostLayer {
     pub mlp_norm: Vec<f32>,
     pub wgu: Vec<f32>,
     pub wdown: Vec<f32>,
-    /// `[head_dim]`, when the shape has `qk_norm`.
+    /// `[head_dim]` each, when the shape has `qk_norm`.
     pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
 }
 
 /// A whole model's weights on the host: `embed` and `lm_head` `[vocab][hidden]`.
@@ -173,6 +204,42 @@ pub struct HostWeights {
     pub lm_head: Vec<f32>,
 }
 
+impl HostWeights {
+    /// A loaded model's f32 weights in the step's fused layout (q/k/v rows stacked, gate/up
+    /// rows stacked, a tied LM head copied from the embedding). Biased q/k/v projections
+    /// (Qwen2) are not in the step and are refused.
+    pub fn of_model(model: &Model) -> Result<Self, GpuError> {
+        let w = &model.weights;
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for (i, l) in w.layers.iter().enumerate() {
+            if l.bq.is_some() || l.bk.is_some() || l.bv.is_some() {
+                return Err(GpuError::Shape(format!(
+                    "layer {i}: q/k/v biases (Qwen2) are not supported by the GPU step"
+                )));
+            }
+            let cat = |ms: &[&crate::model::weights::Matrix]| -> Vec<f32> {
+                ms.iter().flat_map(|m| m.data.iter().copied()).collect()
+            };
+            layers.push(HostLayer {
+                attn_norm: l.attn_norm.clone(),
+                wqkv: cat(&[&l.wq, &l.wk, &l.wv]),
+                wo: l.wo.data.clone(),
+                mlp_norm: l.ffn_norm.clone(),
+                wgu: cat(&[&l.w_gate, &l.w_up]),
+                wdown: l.w_down.data.clone(),
+                q_norm: l.q_norm.clone(),
+                k_norm: l.k_norm.clone(),
+            });
+        }
+        Ok(HostWeights {
+            embed: w.embed.data.clone(),
+            layers,
+            final_norm: w.final_norm.clone(),
+            lm_head: w.lm_head.as_ref().unwrap_or(&w.embed).data.clone(),
+        })
+    }
+}
+
 struct LayerWeights {
     attn_norm: CudaSlice<Bf16>,
     wqkv: CudaSlice<Bf16>,
@@ -181,6 +248,7 @@ struct LayerWeights {
     wgu: CudaSlice<Bf16>,
     wdown: CudaSlice<Bf16>,
     q_norm: Option<CudaSlice<Bf16>>,
+    k_norm: Option<CudaSlice<Bf16>>,
 }
 
 /// bf16 weights on the device.
@@ -245,6 +313,11 @@ impl DeviceWeights {
                 } else {
                     None
                 },
+                k_norm: if shape.qk_norm {
+                    Some(make(shape.head_dim, 1.0, 0.1)?)
+                } else {
+                    None
+                },
             });
         }
         Ok(DeviceWeights {
@@ -279,12 +352,15 @@ impl DeviceWeights {
         }
         let mut layers = Vec::with_capacity(shape.layers);
         for l in &w.layers {
-            let q_norm = match (&l.q_norm, shape.qk_norm) {
-                (Some(q), true) => Some(up("q_norm", q, shape.head_dim)?),
-                (None, false) => None,
+            let (q_norm, k_norm) = match (&l.q_norm, &l.k_norm, shape.qk_norm) {
+                (Some(q), Some(k), true) => (
+                    Some(up("q_norm", q, shape.head_dim)?),
+                    Some(up("k_norm", k, shape.head_dim)?),
+                ),
+                (None, None, false) => (None, None),
                 _ => {
                     return Err(GpuError::Shape(
-                        "q_norm weights present iff the shape has qk_norm".into(),
+                        "q_norm and k_norm weights present iff the shape has qk_norm".into(),
                     ))
                 }
             };
@@ -296,6 +372,7 @@ impl DeviceWeights {
                 wgu: up("wgu", &l.wgu, 2 * i * h)?,
                 wdown: up("wdown", &l.wdown, h * i)?,
                 q_norm,
+                k_norm,
             });
         }
         Ok(DeviceWeights {
@@ -315,20 +392,34 @@ impl DeviceWeights {
 pub enum KvCaches {
     PerLayer(Vec<DeviceCache>),
     Shared(Box<DeviceCache>),
+    /// One pool of every layer's slabs (`DeviceCache::allocate_layers`) read through one set
+    /// of block tables: the layout of a real model, whose layers hold the same tokens.
+    Stacked {
+        cache: Box<DeviceCache>,
+        layers: usize,
+    },
 }
 
 impl KvCaches {
-    pub fn layer(&self, l: usize) -> Result<&DeviceCache, GpuError> {
+    /// Layer `l`'s cache and the byte offset of its pool inside `cache.pool`.
+    pub fn layer(&self, l: usize) -> Result<(&DeviceCache, usize), GpuError> {
         match self {
-            KvCaches::Shared(c) => Ok(c),
+            KvCaches::Shared(c) => Ok((c, 0)),
             KvCaches::PerLayer(v) => v
                 .get(l)
+                .map(|c| (c, 0))
                 .ok_or_else(|| GpuError::Shape(format!("no KV cache for layer {l}"))),
+            KvCaches::Stacked { cache, layers } if l < *layers => {
+                Ok((cache, l * cache.layout.pool_bytes()))
+            }
+            KvCaches::Stacked { layers, .. } => Err(GpuError::Shape(format!(
+                "layer {l} of a {layers}-layer cache"
+            ))),
         }
     }
 
     pub fn first(&self) -> Result<&DeviceCache, GpuError> {
-        self.layer(0)
+        self.layer(0).map(|(c, _)| c)
     }
 }
 
@@ -359,8 +450,14 @@ pub struct DecodeStep {
     gemm: Gemm,
     attention: DecodeAttention,
     f_embed: CudaFunction,
+    /// RMSNorm of the f32 residual into the bf16 GEMM input.
+    f_norm: CudaFunction,
     f_q_rope: CudaFunction,
-    f_to_bf16: CudaFunction,
+    f_attn_out: CudaFunction,
+    f_kv_append: CudaFunction,
+    /// Pool slot and token index inside its 16-bit block of each sequence's new token, when
+    /// the step appends its K/V (`set_append`).
+    append: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
     f_swiglu: CudaFunction,
     sampler: GpuSampler,
     inv_freq: CudaSlice<f32>,
@@ -369,12 +466,14 @@ pub struct DecodeStep {
     pub ids: CudaSlice<i32>,
     /// Greedy next token of each sequence after a step.
     pub next_ids: CudaSlice<i32>,
-    x: CudaSlice<Bf16>,
+    /// The residual stream, f32.
+    x: CudaSlice<f32>,
     h: CudaSlice<Bf16>,
     qkv: CudaSlice<Bf16>,
     q16: CudaSlice<u16>,
     attn: CudaSlice<Bf16>,
-    o: CudaSlice<Bf16>,
+    /// O and down projections, f32 (added to the residual).
+    o: CudaSlice<f32>,
     gu: CudaSlice<Bf16>,
     m: CudaSlice<Bf16>,
     /// `[batch][vocab]` f32 after a step.
@@ -410,9 +509,12 @@ impl DecodeStep {
             ops: LayerOps::load(gpu)?,
             gemm: Gemm::new(gpu)?,
             attention: DecodeAttention::load(gpu, v_group)?,
-            f_embed: f("tkv_embed_bf16")?,
+            f_embed: f("tkv_embed_f32")?,
+            f_norm: f("tkv_rmsnorm_f32_bf16")?,
             f_q_rope: f("tkv_q_rope_f16")?,
-            f_to_bf16: f("tkv_f32_to_bf16")?,
+            f_attn_out: f("tkv_attn_out_bf16")?,
+            f_kv_append: f("tkv_kv_append_f16")?,
+            append: None,
             f_swiglu: f("tkv_swiglu_fused_bf16")?,
             sampler: GpuSampler::load(gpu)?,
             inv_freq: gpu.upload(&shape.inv_freq())?,
@@ -422,7 +524,7 @@ impl DecodeStep {
             x: gpu.zeros(b * shape.hidden)?,
             h: gpu.zeros(b * shape.hidden)?,
             qkv: gpu.zeros(b * shape.qkv_dim())?,
-            q16: gpu.zeros(b * shape.q_dim())?,
+            q16: gpu.zeros(b * shape.q_heads * HEAD_DIM)?,
             attn: gpu.zeros(b * shape.q_dim())?,
             o: gpu.zeros(b * shape.hidden)?,
             gu: gpu.zeros(b * 2 * shape.intermediate)?,
@@ -454,6 +556,64 @@ impl DecodeStep {
         }
         self.ids = gpu.upload(ids)?;
         self.positions = gpu.upload(positions)?;
+        Ok(())
+    }
+
+    /// Make later steps write each sequence's new K/V into token `toks[b]` of the 16-bit
+    /// block in pool slot `slots[b]` before attention (so the token attends to itself, as in
+    /// a forward pass); `None` turns appending off (the benchmark's steps).
+    pub fn set_append(
+        &mut self,
+        gpu: &GpuContext,
+        target: Option<(&[i32], &[i32])>,
+    ) -> Result<(), GpuError> {
+        self.append = match target {
+            None => None,
+            Some((slots, toks)) => {
+                if slots.len() != self.batch || toks.len() != self.batch {
+                    return Err(GpuError::Shape(format!(
+                        "{} slots and {} token indices for a batch of {}",
+                        slots.len(),
+                        toks.len(),
+                        self.batch
+                    )));
+                }
+                Some((gpu.upload(slots)?, gpu.upload(toks)?))
+            }
+        };
+        Ok(())
+    }
+
+    /// `out = bf16(rmsnorm(x) * w)` for `rows` rows of `d`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_into(
+        f: &CudaFunction,
+        gpu: &GpuContext,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<Bf16>,
+        out: &mut CudaSlice<Bf16>,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        if x.len() < rows * d || out.len() < rows * d || w.len() < d {
+            return Err(GpuError::Shape(format!(
+                "rmsnorm of {rows} × {d}: x {}, w {}, out {}",
+                x.len(),
+                w.len(),
+                out.len()
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let d32 = d as i32;
+        let mut lb = gpu.stream().launch_builder(f);
+        lb.arg(x).arg(w).arg(out).arg(&d32).arg(&eps);
+        // SAFETY: sizes checked above; one CTA per row.
+        unsafe { lb.launch(cfg) }.during("launching tkv_rmsnorm_f32_bf16")?;
         Ok(())
     }
 
@@ -506,10 +666,19 @@ impl DecodeStep {
             unsafe { lb.launch(cfg) }.during("launching tkv_embed_bf16")?;
         }
         let qkv_row = s.qkv_dim() as i32;
+        let head_dim32 = s.head_dim as i32;
         let null_norm: u64 = 0;
         for (li, lw) in w.layers.iter().enumerate() {
-            self.ops
-                .rmsnorm(gpu, &self.x, &lw.attn_norm, &mut self.h, b, s.rms_eps)?;
+            Self::rmsnorm_into(
+                &self.f_norm,
+                gpu,
+                &self.x,
+                &lw.attn_norm,
+                &mut self.h,
+                b,
+                hd,
+                s.rms_eps,
+            )?;
             self.gemm
                 .linear(gpu, &self.h, &lw.wqkv, &mut self.qkv, b, hd, s.qkv_dim())?;
             {
@@ -519,7 +688,7 @@ impl DecodeStep {
                     shared_mem_bytes: 0,
                 };
                 let mut lb = stream.launch_builder(&self.f_q_rope);
-                lb.arg(&self.qkv).arg(&qkv_row);
+                lb.arg(&self.qkv).arg(&qkv_row).arg(&head_dim32);
                 match &lw.q_norm {
                     Some(qn) => lb.arg(qn),
                     None => lb.arg(&null_norm),
@@ -528,35 +697,80 @@ impl DecodeStep {
                     .arg(&self.inv_freq)
                     .arg(&self.positions)
                     .arg(&mut self.q16);
-                // SAFETY: qkv is `b × qkv_dim`, q16 `b × q_heads × 128`, 64 inv_freq values,
-                // `b` positions; a null q-norm pointer means no norm.
+                // SAFETY: qkv is `b × qkv_dim`, q16 `b × q_heads × 128`, head_dim / 2
+                // inv_freq values, `b` positions; a null q-norm pointer means no norm.
                 unsafe { lb.launch(cfg) }.during("launching tkv_q_rope_f16")?;
             }
+            let (cache, pool_offset) = kv.layer(li)?;
+            if let Some((slots, toks)) = &self.append {
+                let g16 = cache.layout.geom(KvClass::F16);
+                let cfg = LaunchConfig {
+                    grid_dim: (b as u32, s.kv_heads as u32, 1),
+                    block_dim: (64, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let q_dim32 = s.q_dim() as i32;
+                let slab = cache.layout.slab_bytes as i64;
+                let v_off = g16.v_offset() as i32;
+                let pool = cache.pool.device_ptr(&stream).0 + pool_offset as u64;
+                let mut lb = stream.launch_builder(&self.f_kv_append);
+                lb.arg(&self.qkv)
+                    .arg(&qkv_row)
+                    .arg(&q_dim32)
+                    .arg(&head_dim32);
+                match &lw.k_norm {
+                    Some(kn) => lb.arg(kn),
+                    None => lb.arg(&null_norm),
+                };
+                lb.arg(&s.rms_eps)
+                    .arg(&self.inv_freq)
+                    .arg(&self.positions)
+                    .arg(&pool)
+                    .arg(&slab)
+                    .arg(&v_off)
+                    .arg(slots)
+                    .arg(toks);
+                // SAFETY: the caller's slots lie in this layer's pool (`GpuForward` checks them
+                // against the layout); the kernel writes one token of one 16-bit slab per
+                // (sequence, KV head), on the stream every later read of the pool is ordered on.
+                unsafe { lb.launch(cfg) }.during("launching tkv_kv_append_f16")?;
+            }
             if opts.attention {
-                let cache = kv.layer(li)?;
                 let ev = &self.attn_events[li];
                 if opts.time_attention {
                     ev.0.record(&stream).during("recording an event")?;
                 }
                 self.attention
-                    .launch(gpu, cache, plan, &self.q16, sm_scale)?;
+                    .launch_at(gpu, cache, pool_offset, plan, &self.q16, sm_scale)?;
                 if opts.time_attention {
                     ev.1.record(&stream).during("recording an event")?;
                 }
             }
             {
                 let n = (b * s.q_dim()) as i64;
-                let mut lb = stream.launch_builder(&self.f_to_bf16);
-                lb.arg(&plan.out).arg(&mut self.attn).arg(&n);
-                // SAFETY: plan.out holds `b × q_heads × 128` f32, attn as many bf16.
+                let mut lb = stream.launch_builder(&self.f_attn_out);
+                lb.arg(&plan.out)
+                    .arg(&mut self.attn)
+                    .arg(&head_dim32)
+                    .arg(&n);
+                // SAFETY: plan.out holds `b × q_heads × 128` f32, attn `b × q_heads × head_dim`
+                // bf16 (head_dim <= 128).
                 unsafe { lb.launch(grid_stride(gpu, n as usize)) }
-                    .during("launching tkv_f32_to_bf16")?;
+                    .during("launching tkv_attn_out_bf16")?;
             }
             self.gemm
                 .linear(gpu, &self.attn, &lw.wo, &mut self.o, b, s.q_dim(), hd)?;
             self.ops.add(gpu, &mut self.x, &self.o)?;
-            self.ops
-                .rmsnorm(gpu, &self.x, &lw.mlp_norm, &mut self.h, b, s.rms_eps)?;
+            Self::rmsnorm_into(
+                &self.f_norm,
+                gpu,
+                &self.x,
+                &lw.mlp_norm,
+                &mut self.h,
+                b,
+                hd,
+                s.rms_eps,
+            )?;
             self.gemm.linear(
                 gpu,
                 &self.h,
@@ -579,8 +793,16 @@ impl DecodeStep {
                 .linear(gpu, &self.m, &lw.wdown, &mut self.o, b, s.intermediate, hd)?;
             self.ops.add(gpu, &mut self.x, &self.o)?;
         }
-        self.ops
-            .rmsnorm(gpu, &self.x, &w.final_norm, &mut self.h, b, s.rms_eps)?;
+        Self::rmsnorm_into(
+            &self.f_norm,
+            gpu,
+            &self.x,
+            &w.final_norm,
+            &mut self.h,
+            b,
+            hd,
+            s.rms_eps,
+        )?;
         self.gemm
             .linear(gpu, &self.h, &w.lm_head, &mut self.logits, b, hd, s.vocab)?;
         self.sampler

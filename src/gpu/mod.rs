@@ -5,6 +5,7 @@ pub mod attention_bench;
 pub mod context;
 pub mod decode_attention;
 pub mod decode_step;
+pub mod forward;
 pub mod gemm;
 pub mod layer_ops;
 pub mod membench;
@@ -14,6 +15,7 @@ pub mod sampling;
 
 pub use context::{driver_available, GpuContext};
 pub use decode_attention::{DecodeAttention, DecodePlan, DeviceCache, HostCache, PagedLayout};
+pub use forward::GpuForward;
 pub use layer_ops::{Bf16, LayerOps};
 pub use nvrtc::{KernelSource, DECODE_ATTENTION, LAYER_OPS, MEMBENCH, QUANTIZE_APPEND};
 pub use quantize_append::{QuantizeAppend, QuantizeJob};

@@ -240,11 +240,16 @@ impl Rope {
 
 /// RoPE inverse frequencies, with Llama-3 scaling when configured.
 pub fn inv_freq(c: &ModelConfig) -> Vec<f32> {
-    let d = c.head_dim;
+    inv_freq_of(c.rope_theta, c.head_dim, c.rope_scaling)
+}
+
+/// [`inv_freq`] from its three inputs (the GPU forward's shape carries no whole config).
+pub fn inv_freq_of(theta: f32, head_dim: usize, scaling: RopeScaling) -> Vec<f32> {
+    let d = head_dim;
     let base: Vec<f32> = (0..d / 2)
-        .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / d as f32))
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
         .collect();
-    match c.rope_scaling {
+    match scaling {
         RopeScaling::None => base,
         RopeScaling::Llama3 {
             factor,
