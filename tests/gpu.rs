@@ -300,7 +300,7 @@ fn compiled_kernels_report_no_spills() {
 #[test]
 fn nvrtc_compiles_the_kernels_for_sm90() {
     use triaxkv::gpu::nvrtc::{compile_cached, nvrtc_available, ptxas_registers};
-    use triaxkv::gpu::{DECODE_ATTENTION, LAYER_OPS, MEMBENCH, QUANTIZE_APPEND};
+    use triaxkv::gpu::{DECODE_ATTENTION, LAYER_OPS, MEMBENCH, PREFILL_ATTENTION, QUANTIZE_APPEND};
     if !nvrtc_available() {
         skip(
             "nvrtc_compiles_the_kernels_for_sm90",
@@ -308,7 +308,13 @@ fn nvrtc_compiles_the_kernels_for_sm90() {
         );
         return;
     }
-    for src in [DECODE_ATTENTION, MEMBENCH, QUANTIZE_APPEND, LAYER_OPS] {
+    for src in [
+        DECODE_ATTENTION,
+        MEMBENCH,
+        QUANTIZE_APPEND,
+        LAYER_OPS,
+        PREFILL_ATTENTION,
+    ] {
         let c = compile_cached(&src, "sm_90", &[], None).unwrap();
         assert!(
             c.cubin.starts_with(b"\x7fELF"),
@@ -317,7 +323,10 @@ fn nvrtc_compiles_the_kernels_for_sm90() {
         );
         for (kernel, regs, spill) in ptxas_registers(&c.log) {
             eprintln!("{kernel}: {regs} registers, {spill} B spill stores");
-            if kernel.starts_with("tkv_decode_") || kernel == "tkv_quantize_append" {
+            if kernel.starts_with("tkv_decode_")
+                || kernel == "tkv_quantize_append"
+                || kernel == "tkv_prefill_attention"
+            {
                 assert_eq!(spill, 0, "{kernel} spills");
             }
         }
@@ -981,8 +990,8 @@ fn top_p_sampling_matches_the_cpu_sampler() {
 }
 
 /// A tiny random model (weights already bf16-representable, so only the GPU's bf16
-/// activations differ from the CPU's f32 math) run token by token through `GpuForward` —
-/// K/V appended to 16-bit blocks across block boundaries, head dim 64 zero-padded into the
+/// activations differ from the CPU's f32 math) run through `GpuForward` — two prefill chunks,
+/// then decode steps; K/V appended to 16-bit blocks across block boundaries, head dim 64 zero-padded into the
 /// 128 kernel, and head dim 128 with Qwen3's q/k norm — against the CPU `Model::forward`
 /// over the same tokens: logits within 3e-2 × max |logit| at every position, top-1 equal
 /// wherever the CPU's top-2 gap exceeds twice the largest logit difference.
@@ -1083,12 +1092,20 @@ fn gpu_forward_matches_cpu_model_forward() {
         let tags = vec![tag; n];
         let mut cache = model.new_cache();
         let want = model.forward(&ids, &tags, &mut cache as &mut dyn KvCache, Logits::All);
-        let mut fwd = GpuForward::new(&gpu, "tiny", &model, 48).unwrap();
+        let mut fwd = GpuForward::new(&gpu, "tiny", &model, 48, 24).unwrap();
         let v = c.vocab_size;
         let max_ref = want.iter().fold(0f32, |m, &x| m.max(x.abs()));
         let mut max_d = 0f32;
-        let mut got_all = Vec::new();
-        for &id in &ids {
+        // Prefill chunks of 20 and 9 tokens (across block boundaries, the second after 16-bit
+        // history), then decode steps.
+        let mut got_all = fwd.prefill(&gpu, &ids[..20]).unwrap();
+        got_all.extend(fwd.prefill(&gpu, &ids[20..29]).unwrap());
+        assert!(
+            fwd.prefill(&gpu, &ids[..25]).is_err(),
+            "a chunk over max_chunk"
+        );
+        assert_eq!(got_all.len(), 29 * v);
+        for &id in &ids[29..] {
             let got = fwd.step(&gpu, id).unwrap();
             assert_eq!(got.len(), v);
             got_all.extend(got);
@@ -1120,4 +1137,120 @@ fn gpu_forward_matches_cpu_model_forward() {
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(d0 < 3e-2 * max_ref, "after reset: {d0:.3e}");
     }
+}
+
+/// Prefill attention over a random paged cache of every class (made by the real packer): a
+/// chunk of query rows whose own tokens are the last 16-bit tokens of the sequence, against an
+/// f64 reference that lets row `r` see every quantized token and the first `f16_base + r + 1`
+/// 16-bit tokens in table order; GQA 3/4/8, value groups 32/64/128, odd chunk lengths, and a
+/// second sequence in the cache that must not be read.
+#[test]
+fn prefill_attention_matches_cpu_reference() {
+    use triaxkv::gpu::prefill_attention::PrefillCall;
+    use triaxkv::gpu::{DeviceCache, PrefillAttention};
+    let Some(gpu) = gpu_or_skip("prefill_attention_matches_cpu_reference") else {
+        return;
+    };
+    let kernel = PrefillAttention::load(&gpu).unwrap();
+    // (q heads, kv heads, value group, tokens per class of the chunk's sequence, chunk rows)
+    let cases: Vec<(usize, usize, usize, [usize; 4], usize)> = vec![
+        (12, 4, 64, [70, 130, 300, 40], 37),
+        (8, 2, 32, [9, 0, 0, 0], 9),
+        (32, 4, 128, [200, 64, 129, 0], 150),
+        (6, 2, 64, [33, 0, 257, 65], 1),
+    ];
+    let mut rng = StdRng::seed_from_u64(0x9e11);
+    let mut failures = Vec::new();
+    for (qh, kvh, vg, toks, rows) in cases {
+        let other = [17usize, 64, 0, 0];
+        let case = make_case(qh, kvh, vg, &[other, toks], &mut rng);
+        let seq = 1;
+        let f16_base = toks[0] - rows;
+        let gqa = qh / kvh;
+        let q: Vec<f32> = (0..rows * qh * HEAD_DIM)
+            .map(|_| half::f16::from_f32(rng.random_range(-2.0..2.0)).to_f32())
+            .collect();
+        let sm_scale = 1.0 / (HEAD_DIM as f32).sqrt();
+        // Reference.
+        let mut want = vec![0f32; rows * qh * HEAD_DIM];
+        for h in 0..kvh {
+            let (mut keys, mut vals, mut f16_ord) = (Vec::new(), Vec::new(), Vec::new());
+            let mut ord = 0usize;
+            for b in &case.blocks[seq][h] {
+                let (k, v) = b.dequantize();
+                for t in 0..b.len {
+                    keys.push(k[t * HEAD_DIM..(t + 1) * HEAD_DIM].to_vec());
+                    vals.push(v[t * HEAD_DIM..(t + 1) * HEAD_DIM].to_vec());
+                    if b.geom.class == KvClass::F16 {
+                        f16_ord.push(Some(ord));
+                        ord += 1;
+                    } else {
+                        f16_ord.push(None);
+                    }
+                }
+            }
+            for r in 0..rows {
+                for g in 0..gqa {
+                    let at = (r * qh + h * gqa + g) * HEAD_DIM;
+                    let qv = &q[at..at + HEAD_DIM];
+                    let vis: Vec<usize> = (0..keys.len())
+                        .filter(|&t| f16_ord[t].is_none_or(|o| o < f16_base + r + 1))
+                        .collect();
+                    let sc: Vec<f64> = vis
+                        .iter()
+                        .map(|&t| {
+                            qv.iter()
+                                .zip(&keys[t])
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum::<f64>()
+                                * sm_scale as f64
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
+                    let z: f64 = w.iter().sum();
+                    for d in 0..HEAD_DIM {
+                        let o: f64 = vis
+                            .iter()
+                            .zip(&w)
+                            .map(|(&t, wt)| wt * vals[t][d] as f64)
+                            .sum();
+                        want[at + d] = (o / z) as f32;
+                    }
+                }
+            }
+        }
+        let cache = DeviceCache::upload(&gpu, &case.host).unwrap();
+        let dq = gpu
+            .upload(&triaxkv::gpu::decode_attention::to_f16_bits(&q))
+            .unwrap();
+        let mut out = gpu.upload(&vec![f32::NAN; rows * qh * HEAD_DIM]).unwrap();
+        let call = PrefillCall {
+            seq,
+            f16_base,
+            rows,
+            sm_scale,
+        };
+        kernel.launch(&gpu, &cache, 0, call, &dq, &mut out).unwrap();
+        gpu.synchronize().unwrap();
+        let got = gpu.download(&out).unwrap();
+        let e = rel_err(&got, &want);
+        eprintln!("prefill q {qh} kv {kvh} vg {vg} toks {toks:?} rows {rows}: rel_err {e:.2e}");
+        if e >= TOL {
+            failures.push(format!("{toks:?} rows {rows}: {e:.2e}"));
+        }
+        // A chunk longer than the sequence's 16-bit tokens is refused.
+        let too_many = PrefillCall {
+            seq,
+            f16_base,
+            rows: rows + 1,
+            sm_scale,
+        };
+        let mut big = gpu.zeros::<f32>((rows + 1) * qh * HEAD_DIM).unwrap();
+        let dq2 = gpu.zeros::<u16>((rows + 1) * qh * HEAD_DIM).unwrap();
+        assert!(kernel
+            .launch(&gpu, &cache, 0, too_many, &dq2, &mut big)
+            .is_err());
+    }
+    assert!(failures.is_empty(), "over tolerance {TOL}: {failures:?}");
 }

@@ -67,6 +67,12 @@ pub struct GpuForwardArgs {
     max_tokens: usize,
     #[arg(short = 'o', long = "out", value_name = "DIR")]
     out: PathBuf,
+    /// Tokens per GPU prefill step.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    chunk: usize,
+    /// The last N tokens of each trajectory run by GPU decode steps (the rest by prefill).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    decode_tail: usize,
     /// Exit non-zero when the total top-1 agreement is below this.
     #[arg(long, default_value_t = 0.995)]
     min_agreement: f64,
@@ -223,8 +229,8 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
 fn run_gpu_forward(args: GpuForwardArgs) -> Result<()> {
     use triaxkv::eval::gpu_forward;
     threads(args.threads)?;
-    if args.max_tokens == 0 {
-        bail!("--max-tokens must be at least 1");
+    if args.max_tokens == 0 || args.chunk == 0 {
+        bail!("--max-tokens and --chunk must be at least 1");
     }
     if !(0.0..=1.0).contains(&args.min_agreement) {
         bail!("--min-agreement must be within 0..=1");
@@ -254,7 +260,13 @@ fn run_gpu_forward(args: GpuForwardArgs) -> Result<()> {
         )
         .context("progress bar template")?,
     );
-    let r = gpu_forward::compare(&gpu, &model, &plans, |done, _| pb.set_position(done as u64))?;
+    let opts = gpu_forward::GpuForwardOptions {
+        chunk: args.chunk,
+        decode_tail: args.decode_tail,
+    };
+    let r = gpu_forward::compare(&gpu, &model, &plans, opts, |done, _| {
+        pb.set_position(done as u64)
+    })?;
     pb.finish_and_clear();
     let md = gpu_forward::markdown(&r);
     let json = serde_json::to_string_pretty(&r).context("serialising the report")?;

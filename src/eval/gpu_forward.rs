@@ -1,8 +1,10 @@
 //! `triaxkv eval gpu-forward`: does the GPU forward pass (bf16 weights, 16-bit paged cache,
 //! `gpu::GpuForward`) compute what the CPU reference forward (f32) computes? Every position of
-//! each trajectory (up to a token limit) is run through both; reported per trajectory and in
-//! total: top-1 agreement, KL(CPU ‖ GPU) of the next-token distributions, the largest logit
-//! difference, and how close to a tie the disagreements were on the CPU side.
+//! each trajectory (up to a token limit) is run through both — on the GPU the leading tokens by
+//! chunked prefill, the last `decode_tail` by decode steps — and reported per trajectory and
+//! in total (and per GPU path): top-1 agreement, KL(CPU ‖ GPU) of the next-token
+//! distributions, the largest logit difference, and how close to a tie the disagreements were
+//! on the CPU side.
 
 use super::metrics::{argmax, kl, log_softmax};
 use super::replay::ReplayPlan;
@@ -100,41 +102,73 @@ pub struct TrajectoryAgreement {
     pub gpu_s: f64,
 }
 
+#[derive(Debug, Clone, Copy)]
+pub struct GpuForwardOptions {
+    /// Prefill chunk (tokens per GPU prefill step).
+    pub chunk: usize,
+    /// Last tokens of each trajectory run by decode steps (one token each).
+    pub decode_tail: usize,
+}
+
+impl Default for GpuForwardOptions {
+    fn default() -> Self {
+        GpuForwardOptions {
+            chunk: 256,
+            decode_tail: 64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct GpuForwardReport {
     pub model: String,
     pub device: String,
     pub what: &'static str,
+    pub chunk: usize,
+    pub decode_tail: usize,
     pub gap_buckets: [f32; 4],
     pub trajectories: Vec<TrajectoryAgreement>,
     pub total: ForwardAgreement,
-    /// GPU milliseconds per token (one decode step each, logits copied back).
-    pub gpu_ms_per_token: f64,
+    /// The positions run by GPU prefill chunks, and by GPU decode steps.
+    pub prefill: ForwardAgreement,
+    pub decode: ForwardAgreement,
+    /// GPU prefill tokens per second (chunks, logits of every row copied back).
+    pub gpu_prefill_tokens_per_s: f64,
+    /// GPU milliseconds per decode step (logits copied back).
+    pub gpu_ms_per_decode_step: f64,
 }
 
 pub const WHAT: &str = "CPU: f32 weights (dequantized), f32 KV cache, chunked prefill; GPU: the \
-     same weights rounded to bf16, bf16 activations, 16-bit paged KV cache, one decode step per \
-     token (cuBLAS GEMMs, the fused decode-attention kernel)";
+     same weights rounded to bf16, bf16 GEMM inputs, f32 residual, 16-bit paged KV cache; chunked \
+     prefill (prefill-attention kernel) then decode steps (decode-attention kernel), cuBLAS GEMMs";
 
 /// Run every plan's tokens through both forwards. `progress(done, total)` after each token.
 pub fn compare(
     gpu: &GpuContext,
     model: &LoadedModel,
     plans: &[ReplayPlan],
+    opts: GpuForwardOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<GpuForwardReport, EvalError> {
     let capacity = plans.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     if capacity == 0 {
         return Err(EvalError::NoTrajectories);
     }
+    if opts.chunk == 0 {
+        return Err(EvalError::Option(
+            "the prefill chunk must be at least 1".into(),
+        ));
+    }
     let gerr = |e: crate::gpu::GpuError| EvalError::Option(format!("GPU: {e}"));
-    let mut fwd = GpuForward::new(gpu, &model.name, &model.model, capacity).map_err(gerr)?;
+    let mut fwd =
+        GpuForward::new(gpu, &model.name, &model.model, capacity, opts.chunk).map_err(gerr)?;
+    let (mut prefill, mut decode) = (ForwardAgreement::default(), ForwardAgreement::default());
+    let (mut prefill_s, mut decode_s) = (0.0, 0.0);
     let vocab = model.model.config.vocab_size;
     let total_tokens: usize = plans.iter().map(|p| p.ids.len()).sum();
     let mut done = 0;
     let mut rows = Vec::new();
     let mut total = ForwardAgreement::default();
-    let mut gpu_s = 0.0;
     for plan in plans {
         let t0 = Instant::now();
         let mut cache = model.model.new_cache();
@@ -149,15 +183,43 @@ pub fn compare(
         let cpu_s = t0.elapsed().as_secs_f64();
         fwd.reset(gpu).map_err(gerr)?;
         let mut agree = ForwardAgreement::default();
+        let (mut pre, mut dec) = (ForwardAgreement::default(), ForwardAgreement::default());
         let t1 = Instant::now();
-        for (p, &id) in plan.ids.iter().enumerate() {
+        let n = plan.ids.len();
+        let split = n.saturating_sub(opts.decode_tail);
+        let mut p = 0;
+        while p < split {
+            let end = (p + opts.chunk).min(split);
+            let t = Instant::now();
+            let got = fwd.prefill(gpu, &plan.ids[p..end]).map_err(gerr)?;
+            prefill_s += t.elapsed().as_secs_f64();
+            for (r, row) in got.chunks(vocab).enumerate() {
+                let c = &cpu[(p + r) * vocab..(p + r + 1) * vocab];
+                agree.add(c, row);
+                pre.add(c, row);
+            }
+            done += end - p;
+            progress(done, total_tokens);
+            p = end;
+        }
+        for (p, &id) in plan.ids.iter().enumerate().skip(split) {
+            let t = Instant::now();
             let got = fwd.step(gpu, id).map_err(gerr)?;
-            agree.add(&cpu[p * vocab..(p + 1) * vocab], &got);
+            decode_s += t.elapsed().as_secs_f64();
+            let c = &cpu[p * vocab..(p + 1) * vocab];
+            agree.add(c, &got);
+            dec.add(c, &got);
             done += 1;
             progress(done, total_tokens);
         }
+        for (a, sum) in [(&mut pre, &mut prefill), (&mut dec, &mut decode)] {
+            if a.positions > 0 {
+                a.mean_kl /= a.positions as f64;
+            }
+            a.finish();
+            sum.merge(a);
+        }
         let g = t1.elapsed().as_secs_f64();
-        gpu_s += g;
         if agree.positions > 0 {
             agree.mean_kl /= agree.positions as f64;
         }
@@ -172,14 +234,21 @@ pub fn compare(
         });
     }
     total.finish();
+    prefill.finish();
+    decode.finish();
     Ok(GpuForwardReport {
         model: model.name.clone(),
         device: gpu.name.clone(),
         what: WHAT,
+        chunk: opts.chunk,
+        decode_tail: opts.decode_tail,
         gap_buckets: GAP_BUCKETS,
         trajectories: rows,
-        gpu_ms_per_token: 1e3 * gpu_s / total.positions.max(1) as f64,
+        gpu_prefill_tokens_per_s: prefill.positions as f64 / prefill_s.max(1e-9),
+        gpu_ms_per_decode_step: 1e3 * decode_s / decode.positions.max(1) as f64,
         total,
+        prefill,
+        decode,
     })
 }
 
@@ -205,10 +274,19 @@ pub fn markdown(r: &GpuForwardReport) -> String {
         s += &row(&t.id, &t.agreement);
     }
     s += &row("**all**", &r.total);
+    s += &row(
+        &format!("GPU prefill ({}-token chunks)", r.chunk),
+        &r.prefill,
+    );
+    s += &row(
+        &format!("GPU decode steps (last {} per trajectory)", r.decode_tail),
+        &r.decode,
+    );
     let d = &r.total.disagree_gap_below;
     s += &format!(
         "\nDisagreements by the CPU's logit gap between its top-1 and the GPU's pick: {}; all {}.\n\
-         GPU: {:.2} ms per token (a decode step per token, logits copied back).\n",
+         GPU: prefill {:.0} tokens/s, decode {:.2} ms per step (logits copied back each time; \
+         one sequence).\n",
         GAP_BUCKETS
             .iter()
             .zip(d)
@@ -216,7 +294,8 @@ pub fn markdown(r: &GpuForwardReport) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         d.last().copied().unwrap_or(0),
-        r.gpu_ms_per_token
+        r.gpu_prefill_tokens_per_s,
+        r.gpu_ms_per_decode_step
     );
     s
 }

@@ -188,6 +188,18 @@ impl GpuContext {
             .during("copying from the device")
     }
 
+    /// The first `n` values of `src` (all of them when it is shorter).
+    pub fn download_prefix<T: DeviceRepr>(
+        &self,
+        src: &CudaSlice<T>,
+        n: usize,
+    ) -> Result<Vec<T>, GpuError> {
+        let view = src.slice(0..n.min(src.len()));
+        self.stream
+            .clone_dtoh(&view)
+            .during("copying from the device")
+    }
+
     pub fn synchronize(&self) -> Result<(), GpuError> {
         self.stream.synchronize().during("waiting for the stream")
     }

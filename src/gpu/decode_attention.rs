@@ -372,6 +372,12 @@ impl DeviceCache {
         Self::with_pool(gpu, layout, pool)
     }
 
+    /// The device copies of class `c`'s table: slot ids and valid token counts, in the order
+    /// of `layout.tables[c]` (sorted by sequence).
+    pub fn device_table(&self, c: usize) -> Option<(&CudaSlice<i32>, &CudaSlice<i32>)> {
+        Some((self.slot.get(c)?, self.ntok.get(c)?))
+    }
+
     /// Replace the block tables (the pool stays): `layout` must have this cache's shape and
     /// slots.
     pub fn set_tables(&mut self, gpu: &GpuContext, layout: &PagedLayout) -> Result<(), GpuError> {

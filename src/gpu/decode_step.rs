@@ -17,6 +17,7 @@ use super::gemm::Gemm;
 use super::layer_ops::{Bf16, LayerOps};
 use super::membench::{fill_random, median, EventTimer, L2Flush};
 use super::nvrtc::KernelSource;
+use super::prefill_attention::{PrefillAttention, PrefillCall};
 use super::sampling::GpuSampler;
 use super::{DriverResult, GpuError};
 use crate::model::config::{ModelConfig, RopeScaling};
@@ -455,6 +456,10 @@ pub struct DecodeStep {
     f_q_rope: CudaFunction,
     f_attn_out: CudaFunction,
     f_kv_append: CudaFunction,
+    /// Rows of the next step (`set_inputs`): at most `batch`.
+    rows: usize,
+    /// The prefill kernel and its output `[batch][q_heads][128]`, loaded by the first prefill.
+    prefill: Option<(PrefillAttention, CudaSlice<f32>)>,
     /// Pool slot and token index inside its 16-bit block of each sequence's new token, when
     /// the step appends its K/V (`set_append`).
     append: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
@@ -515,6 +520,8 @@ impl DecodeStep {
             f_attn_out: f("tkv_attn_out_bf16")?,
             f_kv_append: f("tkv_kv_append_f16")?,
             append: None,
+            rows: batch,
+            prefill: None,
             f_swiglu: f("tkv_swiglu_fused_bf16")?,
             sampler: GpuSampler::load(gpu)?,
             inv_freq: gpu.upload(&shape.inv_freq())?,
@@ -546,14 +553,15 @@ impl DecodeStep {
         ids: &[i32],
         positions: &[i32],
     ) -> Result<(), GpuError> {
-        if ids.len() != self.batch || positions.len() != self.batch {
+        if ids.is_empty() || ids.len() > self.batch || positions.len() != ids.len() {
             return Err(GpuError::Shape(format!(
-                "{} ids and {} positions for a batch of {}",
+                "{} ids and {} positions for a batch of at most {}",
                 ids.len(),
                 positions.len(),
                 self.batch
             )));
         }
+        self.rows = ids.len();
         self.ids = gpu.upload(ids)?;
         self.positions = gpu.upload(positions)?;
         Ok(())
@@ -570,12 +578,12 @@ impl DecodeStep {
         self.append = match target {
             None => None,
             Some((slots, toks)) => {
-                if slots.len() != self.batch || toks.len() != self.batch {
+                if slots.len() != self.rows || toks.len() != self.rows {
                     return Err(GpuError::Shape(format!(
-                        "{} slots and {} token indices for a batch of {}",
+                        "{} slots and {} token indices for {} rows",
                         slots.len(),
                         toks.len(),
-                        self.batch
+                        self.rows
                     )));
                 }
                 Some((gpu.upload(slots)?, gpu.upload(toks)?))
@@ -632,6 +640,50 @@ impl DecodeStep {
         plan: &mut DecodePlan,
         opts: StepOptions,
     ) -> Result<(), GpuError> {
+        let seqs = kv.first()?.layout.seqs;
+        if seqs != self.rows {
+            return Err(GpuError::Shape(format!(
+                "a decode step of {} rows over a cache of {seqs} sequences",
+                self.rows
+            )));
+        }
+        self.run_inner(gpu, w, kv, Attention::Decode(plan), opts)
+    }
+
+    /// Queue a prefill step on `gpu.stream()`: the rows set by `set_inputs` are consecutive
+    /// tokens of sequence `call.seq` (their K/V appended by `set_append` into its 16-bit
+    /// blocks, after `call.f16_base` 16-bit tokens); each row attends causally over the
+    /// sequence's packed cache (`PrefillAttention`). Logits and `next_ids` of every row.
+    pub fn run_prefill(
+        &mut self,
+        gpu: &GpuContext,
+        w: &DeviceWeights,
+        kv: &KvCaches,
+        call: PrefillCall,
+    ) -> Result<(), GpuError> {
+        if self.append.is_none() || call.rows != self.rows {
+            return Err(GpuError::Shape(format!(
+                "a prefill of {} rows needs the {} rows' K/V appended (set_append)",
+                call.rows, self.rows
+            )));
+        }
+        if self.prefill.is_none() {
+            self.prefill = Some((
+                PrefillAttention::load(gpu)?,
+                gpu.zeros(self.batch * self.shape.q_heads * HEAD_DIM)?,
+            ));
+        }
+        self.run_inner(gpu, w, kv, Attention::Prefill(call), StepOptions::default())
+    }
+
+    fn run_inner(
+        &mut self,
+        gpu: &GpuContext,
+        w: &DeviceWeights,
+        kv: &KvCaches,
+        mut attention: Attention<'_>,
+        opts: StepOptions,
+    ) -> Result<(), GpuError> {
         let s = &self.shape;
         if w.shape != *s {
             return Err(GpuError::Shape(format!(
@@ -639,9 +691,9 @@ impl DecodeStep {
                 w.shape.name, s.name
             )));
         }
-        let (b, hd) = (self.batch, s.hidden);
+        let (b, hd) = (self.rows, s.hidden);
         let l0 = &kv.first()?.layout;
-        if l0.seqs != b || l0.q_heads != s.q_heads || l0.kv_heads != s.kv_heads {
+        if l0.q_heads != s.q_heads || l0.kv_heads != s.kv_heads {
             return Err(GpuError::Shape(format!(
                 "cache of {} sequences × {} / {} heads for a batch of {b} × {} / {} heads",
                 l0.seqs, l0.q_heads, l0.kv_heads, s.q_heads, s.kv_heads
@@ -740,19 +792,38 @@ impl DecodeStep {
                 if opts.time_attention {
                     ev.0.record(&stream).during("recording an event")?;
                 }
-                self.attention
-                    .launch_at(gpu, cache, pool_offset, plan, &self.q16, sm_scale)?;
+                match &mut attention {
+                    Attention::Decode(plan) => self.attention.launch_at(
+                        gpu,
+                        cache,
+                        pool_offset,
+                        plan,
+                        &self.q16,
+                        sm_scale,
+                    )?,
+                    Attention::Prefill(call) => {
+                        let Some((kernel, out)) = &mut self.prefill else {
+                            return Err(GpuError::Shape("prefill kernel not loaded".into()));
+                        };
+                        call.sm_scale = sm_scale;
+                        kernel.launch(gpu, cache, pool_offset, *call, &self.q16, out)?;
+                    }
+                }
                 if opts.time_attention {
                     ev.1.record(&stream).during("recording an event")?;
                 }
             }
             {
                 let n = (b * s.q_dim()) as i64;
+                let att_out = match (&attention, &self.prefill) {
+                    (Attention::Decode(plan), _) => &plan.out,
+                    (Attention::Prefill(_), Some((_, out))) => out,
+                    (Attention::Prefill(_), None) => {
+                        return Err(GpuError::Shape("prefill output not allocated".into()))
+                    }
+                };
                 let mut lb = stream.launch_builder(&self.f_attn_out);
-                lb.arg(&plan.out)
-                    .arg(&mut self.attn)
-                    .arg(&head_dim32)
-                    .arg(&n);
+                lb.arg(att_out).arg(&mut self.attn).arg(&head_dim32).arg(&n);
                 // SAFETY: plan.out holds `b × q_heads × 128` f32, attn `b × q_heads × head_dim`
                 // bf16 (head_dim <= 128).
                 unsafe { lb.launch(grid_stride(gpu, n as usize)) }
@@ -818,6 +889,13 @@ impl DecodeStep {
         }
         Ok(total)
     }
+}
+
+/// The attention of a step: decode (one token per sequence, a plan over the cache) or prefill
+/// (consecutive tokens of one sequence).
+enum Attention<'a> {
+    Decode(&'a mut DecodePlan),
+    Prefill(PrefillCall),
 }
 
 /// How the layers' KV caches are allocated.

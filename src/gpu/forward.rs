@@ -1,14 +1,15 @@
-//! A loaded model's forward pass on the GPU, one token at a time over a 16-bit paged cache:
-//! bf16 weights (the model's f32 weights rounded), each step appends the token's K/V to its
-//! sequence's 16-bit block and attends over everything before it and itself, through the same
-//! decode step and decode-attention kernel as `bench decode-step`. What `eval gpu-forward`
-//! checks against the CPU forward. Prefill is a decode step per prompt token: correct, not
-//! fast (chunked prefill attention over packed history is not built).
+//! A loaded model's forward pass on the GPU over a 16-bit paged cache: bf16 weights (the
+//! model's f32 weights rounded), f32 residual. `prefill` runs a chunk of tokens at once (GEMMs
+//! over the chunk's rows, its K/V appended to the sequence's 16-bit blocks, causal attention
+//! over the paged cache by `PrefillAttention`); `step` runs one token through the same decode
+//! step and decode-attention kernel as `bench decode-step`. What `eval gpu-forward` checks
+//! against the CPU forward.
 
 use super::decode_attention::{BlockRef, DecodePlan, DeviceCache, PagedLayout};
 use super::decode_step::{
     DecodeStep, DeviceWeights, HostWeights, KvCaches, ModelShape, StepOptions,
 };
+use super::prefill_attention::PrefillCall;
 use super::{Bf16, GpuContext, GpuError};
 use crate::model::llama::Model;
 use crate::quant::KvClass;
@@ -30,12 +31,14 @@ pub struct GpuForward {
 }
 
 impl GpuForward {
-    /// Upload `model` (weights rounded to bf16) and a 16-bit cache for `capacity` tokens.
+    /// Upload `model` (weights rounded to bf16) and a 16-bit cache for `capacity` tokens;
+    /// prefill chunks of up to `max_chunk` tokens.
     pub fn new(
         gpu: &GpuContext,
         name: &str,
         model: &Model,
         capacity: usize,
+        max_chunk: usize,
     ) -> Result<Self, GpuError> {
         let shape = ModelShape::of_config(name, &model.config);
         shape.validate()?;
@@ -45,7 +48,7 @@ impl GpuForward {
         let host = HostWeights::of_model(model)?;
         let weights = DeviceWeights::upload(gpu, &shape, &host)?;
         drop(host);
-        let step = DecodeStep::new(gpu, &shape, 1, V_GROUP)?;
+        let step = DecodeStep::new(gpu, &shape, max_chunk.max(1), V_GROUP)?;
         let ctas_per_sm = step.attention_kernels().ctas_per_sm()?;
         // The decode kernel's head dim (128) whatever the model's: smaller heads are zero-padded.
         let mut layout = PagedLayout::new(shape.q_heads, shape.kv_heads, 1, V_GROUP)?;
@@ -96,31 +99,77 @@ impl GpuForward {
         Ok(())
     }
 
-    /// Run token `id` at the next position: returns its next-token logits (f32, the vocab).
-    pub fn step(&mut self, gpu: &GpuContext, id: u32) -> Result<Vec<f32>, GpuError> {
-        if self.len >= self.capacity {
+    /// Check `ids` fit and add them to the 16-bit block table: their (slot, token) targets.
+    fn reserve(&mut self, ids: &[u32]) -> Result<(Vec<i32>, Vec<i32>), GpuError> {
+        if ids.is_empty() || self.len + ids.len() > self.capacity {
             return Err(GpuError::Shape(format!(
-                "the GPU cache holds {} tokens and is full",
+                "{} tokens after {} in a GPU cache of {}",
+                ids.len(),
+                self.len,
                 self.capacity
             )));
         }
-        if id as usize >= self.shape.vocab {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.shape.vocab) {
             return Err(GpuError::Shape(format!(
                 "token id {id} outside the vocabulary of {}",
                 self.shape.vocab
             )));
         }
         let per_block = self.layout.geom(KvClass::F16).tokens;
-        let (slot, tok) = (self.len / per_block, self.len % per_block);
-        let table = &mut self.layout.tables[0];
-        match table.last_mut() {
-            Some(last) if tok > 0 => last.tokens += 1,
-            _ => table.push(BlockRef {
-                seq: 0,
-                slot,
-                tokens: 1,
-            }),
+        let (mut slots, mut toks) = (Vec::new(), Vec::new());
+        for p in self.len..self.len + ids.len() {
+            let (slot, tok) = (p / per_block, p % per_block);
+            let table = &mut self.layout.tables[0];
+            match table.last_mut() {
+                Some(last) if tok > 0 => last.tokens += 1,
+                _ => table.push(BlockRef {
+                    seq: 0,
+                    slot,
+                    tokens: 1,
+                }),
+            }
+            slots.push(slot as i32);
+            toks.push(tok as i32);
         }
+        Ok((slots, toks))
+    }
+
+    /// Run `ids` (at most `max_chunk`) at the next positions in one prefill step: returns the
+    /// next-token logits of every one, `[ids.len()][vocab]`.
+    pub fn prefill(&mut self, gpu: &GpuContext, ids: &[u32]) -> Result<Vec<f32>, GpuError> {
+        if ids.len() > self.step.batch {
+            return Err(GpuError::Shape(format!(
+                "a chunk of {} tokens: at most {}",
+                ids.len(),
+                self.step.batch
+            )));
+        }
+        let f16_base = self.len;
+        let (slots, toks) = self.reserve(ids)?;
+        let KvCaches::Stacked { cache, .. } = &mut self.kv else {
+            return Err(GpuError::Shape("the forward's cache is not stacked".into()));
+        };
+        cache.set_tables(gpu, &self.layout)?;
+        let ids32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let pos: Vec<i32> = (f16_base..f16_base + ids.len()).map(|p| p as i32).collect();
+        self.step.set_inputs(gpu, &ids32, &pos)?;
+        self.step.set_append(gpu, Some((&slots, &toks)))?;
+        let call = PrefillCall {
+            seq: 0,
+            f16_base,
+            rows: ids.len(),
+            sm_scale: 0.0,
+        };
+        self.step.run_prefill(gpu, &self.weights, &self.kv, call)?;
+        let logits = gpu.download_prefix(&self.step.logits, ids.len() * self.shape.vocab)?;
+        self.len += ids.len();
+        Ok(logits)
+    }
+
+    /// Run token `id` at the next position: returns its next-token logits (f32, the vocab).
+    pub fn step(&mut self, gpu: &GpuContext, id: u32) -> Result<Vec<f32>, GpuError> {
+        let (slots, toks) = self.reserve(&[id])?;
+        let (slot, tok) = (slots[0], toks[0]);
         let KvCaches::Stacked { cache, .. } = &mut self.kv else {
             return Err(GpuError::Shape("the forward's cache is not stacked".into()));
         };
@@ -133,8 +182,7 @@ impl GpuForward {
         let mut plan = DecodePlan::new(gpu, cache, bpw)?;
         let pos = self.len as i32;
         self.step.set_inputs(gpu, &[id as i32], &[pos])?;
-        self.step
-            .set_append(gpu, Some((&[slot as i32], &[tok as i32])))?;
+        self.step.set_append(gpu, Some((&[slot], &[tok])))?;
         self.step.run(
             gpu,
             &self.weights,
@@ -142,7 +190,7 @@ impl GpuForward {
             &mut plan,
             StepOptions::default(),
         )?;
-        let logits = gpu.download(&self.step.logits)?;
+        let logits = gpu.download_prefix(&self.step.logits, self.shape.vocab)?;
         self.len += 1;
         Ok(logits)
     }

@@ -10,6 +10,7 @@ pub mod gemm;
 pub mod layer_ops;
 pub mod membench;
 pub mod nvrtc;
+pub mod prefill_attention;
 pub mod quantize_append;
 pub mod sampling;
 
@@ -17,7 +18,10 @@ pub use context::{driver_available, GpuContext};
 pub use decode_attention::{DecodeAttention, DecodePlan, DeviceCache, HostCache, PagedLayout};
 pub use forward::GpuForward;
 pub use layer_ops::{Bf16, LayerOps};
-pub use nvrtc::{KernelSource, DECODE_ATTENTION, LAYER_OPS, MEMBENCH, QUANTIZE_APPEND};
+pub use nvrtc::{
+    KernelSource, DECODE_ATTENTION, LAYER_OPS, MEMBENCH, PREFILL_ATTENTION, QUANTIZE_APPEND,
+};
+pub use prefill_attention::PrefillAttention;
 pub use quantize_append::{QuantizeAppend, QuantizeJob};
 pub use sampling::GpuSampler;
 

@@ -35,6 +35,12 @@ pub const LAYER_OPS: KernelSource = KernelSource {
     options: &[],
 };
 
+pub const PREFILL_ATTENTION: KernelSource = KernelSource {
+    name: "prefill_attention.cu",
+    source: include_str!("../../kernels/prefill_attention.cu"),
+    options: &[],
+};
+
 /// No multiply-add contraction: its arithmetic must round exactly as the CPU quantizer's.
 pub const QUANTIZE_APPEND: KernelSource = KernelSource {
     name: "quantize_append.cu",
