@@ -14,7 +14,7 @@ use triaxkv::gpu::GpuContext;
 
 #[derive(Debug, clap::Args)]
 pub struct DecodeStepArgs {
-    /// Model shape with random bf16 weights (speed only): llama3-8b or qwen3-8b.
+    /// Model shape with random bf16 weights (speed only): llama3-8b, qwen3-8b or qwen3-32b.
     #[arg(long)]
     random_weights: String,
     /// Sequences per step, comma-separated.
@@ -70,7 +70,7 @@ fn parse_cache(name: &str, mixed_int4: f64) -> Result<CacheKind> {
 pub fn run(args: DecodeStepArgs) -> Result<()> {
     let Some(shape) = ModelShape::by_name(&args.random_weights) else {
         bail!(
-            "--random-weights {:?}: known shapes are llama3-8b, qwen3-8b",
+            "--random-weights {:?}: known shapes are llama3-8b, qwen3-8b, qwen3-32b",
             args.random_weights
         );
     };

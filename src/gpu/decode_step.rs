@@ -97,6 +97,25 @@ impl ModelShape {
         }
     }
 
+    /// Qwen3-32B: 64 layers, hidden 5120, 64 query / 8 KV heads of 128, MLP 25600, vocab
+    /// 151936, RoPE theta 1e6, q/k norm (GQA 8: the decode kernel's largest group).
+    pub fn qwen3_32b() -> Self {
+        ModelShape {
+            name: "qwen3-32b".into(),
+            layers: 64,
+            hidden: 5120,
+            q_heads: 64,
+            kv_heads: 8,
+            head_dim: 128,
+            intermediate: 25600,
+            vocab: 151936,
+            rope_theta: 1_000_000.0,
+            rope_scaling: RopeScaling::None,
+            rms_eps: 1e-6,
+            qk_norm: true,
+        }
+    }
+
     /// The shape of a loaded model (`name` labels it in reports).
     pub fn of_config(name: &str, c: &ModelConfig) -> Self {
         ModelShape {
@@ -119,6 +138,7 @@ impl ModelShape {
         match name.trim().to_ascii_lowercase().as_str() {
             "llama3-8b" | "llama-3-8b" | "llama3_8b" => Some(Self::llama3_8b()),
             "qwen3-8b" | "qwen3_8b" => Some(Self::qwen3_8b()),
+            "qwen3-32b" | "qwen3_32b" => Some(Self::qwen3_32b()),
             _ => None,
         }
     }
@@ -1198,5 +1218,8 @@ mod tests {
         let l = bench_layout(CacheKind::F16, 32, 32768, 32, 8, 64).unwrap();
         assert_eq!(l.pool_bytes(), 32 * 32768 * 8 * 128 * 2 * 2);
         assert!((ModelShape::qwen3_8b().params() as f64 / 1e9 - 8.19).abs() < 0.01);
+        // Qwen3-32B: 32.8 B parameters with its untied head (config.json of Qwen/Qwen3-32B).
+        let p = ModelShape::qwen3_32b().params() as f64 / 1e9;
+        assert!((p - 32.76).abs() < 0.05, "{p}");
     }
 }
