@@ -8,6 +8,7 @@ pub mod load;
 pub mod safetensors;
 pub mod sampling;
 pub mod tokenizer;
+pub mod vision;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig, RopeScaling};

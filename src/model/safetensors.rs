@@ -349,13 +349,13 @@ fn parse_rope(raw: &RawConfig, path: &Path) -> Result<(f32, RopeScaling)> {
 }
 
 /// Memory-mapped safetensors files of one model and which file holds each tensor.
-struct TensorStore {
+pub(crate) struct TensorStore {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     location: HashMap<String, usize>,
 }
 
 impl TensorStore {
-    fn open(dir: &Path) -> Result<Self> {
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
         let single = dir.join(SINGLE_FILE);
         let index = dir.join(INDEX_FILE);
         let paths = if single.is_file() {
@@ -400,7 +400,7 @@ impl TensorStore {
     }
 
     /// Tensor `name` as f32, checked against `shape`.
-    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    pub(crate) fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let &i = self
             .location
             .get(name)
@@ -428,7 +428,7 @@ impl TensorStore {
         })
     }
 
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+    pub(crate) fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         Ok(Matrix {
             rows,
             cols,
