@@ -200,3 +200,145 @@ fn bicubic_resize_is_bit_exact_with_pillow() {
         "the fixture holds Pillow resizes of the resized images"
     );
 }
+
+/// The language model with an image: the tokens of `reference.json`'s prompt (text, vision
+/// start, image pads, vision end, text) with image 1's features (from our preprocessing and
+/// tower) in the pad rows, at multimodal RoPE positions; positions equal the reference's
+/// `get_rope_index`, logits within 1e-3 of the reference model's.
+#[test]
+fn language_model_with_an_image_matches_the_reference_logits() {
+    use triaxkv::kvcache::KvCache;
+    use triaxkv::model::llama::{Logits, Model};
+    use triaxkv::model::safetensors::load_dir;
+    use triaxkv::tags::{Modality, Role, TokenTag};
+    let r = Reference::load();
+    let (config, weights) = load_dir(&dir()).unwrap();
+    assert!(matches!(
+        config.rope_scaling,
+        triaxkv::model::config::RopeScaling::MRope {
+            sections: [2, 3, 3]
+        }
+    ));
+    let model = Model { config, weights };
+    let tower = vision::load_tower(&dir()).unwrap().unwrap();
+    let prompt = &r.json["prompt"];
+    let ids: Vec<u32> = prompt["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let img = &r.json["images"][prompt["image"].as_u64().unwrap() as usize];
+    let decoded =
+        vision::decode(&std::fs::read(dir().join(img["file"].as_str().unwrap())).unwrap()).unwrap();
+    let patches = preprocess(&decoded, &r.config()).unwrap();
+    let feats = tower.forward(&patches).unwrap();
+    let image_token = 300;
+    let pos = vision::mrope_positions(&ids, image_token, &[patches.grid], 2).unwrap();
+    // Reference positions: int64 [3][n].
+    let st = SafeTensors::deserialize(&r.bytes).unwrap();
+    let t = st.tensor("prompt.position_ids").unwrap();
+    let want_pos: Vec<i64> = t
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let n = ids.len();
+    for (i, p) in pos.iter().enumerate() {
+        for a in 0..3 {
+            assert_eq!(p[a] as i64, want_pos[a * n + i], "position {i} axis {a}");
+        }
+    }
+    let h = model.config.hidden_size;
+    let mut x = Vec::with_capacity(n * h);
+    let mut rows = feats.chunks(h);
+    for &id in &ids {
+        if id == image_token {
+            x.extend_from_slice(rows.next().unwrap());
+        } else {
+            let e = &model.weights.embed.data;
+            x.extend_from_slice(&e[id as usize * h..(id as usize + 1) * h]);
+        }
+    }
+    assert!(rows.next().is_none(), "every feature row is used");
+    let tag = |m| TokenTag {
+        role: Role::User,
+        modality: m,
+        turn: 1,
+        step: 0,
+    };
+    let tags: Vec<TokenTag> = ids
+        .iter()
+        .map(|&id| {
+            tag(if id == image_token {
+                Modality::Image
+            } else {
+                Modality::Text
+            })
+        })
+        .collect();
+    let mut cache = model.new_cache();
+    let got = model.forward_embedded(
+        x,
+        Some(&pos),
+        &tags,
+        &mut cache as &mut dyn KvCache,
+        Logits::All,
+    );
+    let (shape, want) = r.tensor("prompt.logits");
+    assert_eq!(shape, vec![n, model.config.vocab_size]);
+    let d = max_abs_diff(&got, &want);
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    eprintln!("prompt with an image: max |Δ logit| {d:.2e} (max |logit| {scale:.3})");
+    assert!(d < 1e-3, "{d}");
+    // Text-only positions are plain RoPE: the M-RoPE model's `forward` on text equals
+    // `forward_embedded` at positions (p, p, p).
+    let text = [5u32, 17, 42, 7];
+    let ttags = vec![tag(Modality::Text); text.len()];
+    let mut c1 = model.new_cache();
+    let a = model.forward(&text, &ttags, &mut c1 as &mut dyn KvCache, Logits::All);
+    let xs: Vec<f32> = text
+        .iter()
+        .flat_map(|&id| model.weights.embed.data[id as usize * h..(id as usize + 1) * h].to_vec())
+        .collect();
+    let p3: Vec<[u32; 3]> = (0..text.len() as u32).map(|p| [p; 3]).collect();
+    let mut c2 = model.new_cache();
+    let b = model.forward_embedded(
+        xs,
+        Some(&p3),
+        &ttags,
+        &mut c2 as &mut dyn KvCache,
+        Logits::All,
+    );
+    assert_eq!(a, b);
+}
+
+#[test]
+fn mrope_positions_check_image_runs() {
+    let ids = [1u32, 9, 9, 9, 9, 2, 3];
+    let p = vision::mrope_positions(&ids, 9, &[[1, 4, 4]], 2).unwrap();
+    assert_eq!(
+        p,
+        vec![
+            [0, 0, 0],
+            [1, 1, 1],
+            [1, 1, 2],
+            [1, 2, 1],
+            [1, 2, 2],
+            [3, 3, 3],
+            [4, 4, 4]
+        ]
+    );
+    assert!(
+        vision::mrope_positions(&ids, 9, &[[1, 4, 6]], 2).is_err(),
+        "6 tokens needed"
+    );
+    assert!(
+        vision::mrope_positions(&ids, 9, &[], 2).is_err(),
+        "no grid for the run"
+    );
+    assert!(
+        vision::mrope_positions(&[1, 2], 9, &[[1, 2, 2]], 2).is_err(),
+        "unused grid"
+    );
+}

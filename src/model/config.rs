@@ -20,6 +20,12 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_max_position_embeddings: usize,
     },
+    /// Qwen2-VL's multimodal RoPE: the first `sections[0]` frequencies turn with the temporal
+    /// position, the next `sections[1]` with the row, the last `sections[2]` with the column
+    /// (plain RoPE for text, whose three positions are equal).
+    MRope {
+        sections: [usize; 3],
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

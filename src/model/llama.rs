@@ -83,9 +83,7 @@ impl Model {
         if n == 0 {
             return Vec::new();
         }
-        let (dim, q_dim, kv_dim, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
-        let rope = Rope::new(c, cache.len(0), n);
-
+        let dim = c.hidden_size;
         // Token embeddings.
         let mut x = vec![0.0f32; n * dim];
         for (row, &t) in x.chunks_mut(dim).zip(tokens) {
@@ -96,6 +94,38 @@ impl Model {
             );
             row.copy_from_slice(&w.embed.data[t * dim..(t + 1) * dim]);
         }
+        self.forward_embedded(x, None, tags, cache, logits)
+    }
+
+    /// [`Model::forward`] from input embeddings `x` (`[n][hidden]`: token embeddings, or a
+    /// vision tower's features in an image's rows) at explicit multimodal RoPE positions
+    /// (`(t, h, w)` per row; `None`: positions `cache.len(0)..` as in `forward`).
+    ///
+    /// Panics if `x`, `tags` and `positions` disagree on the row count (caller bugs).
+    pub fn forward_embedded(
+        &self,
+        mut x: Vec<f32>,
+        positions: Option<&[[u32; 3]]>,
+        tags: &[TokenTag],
+        cache: &mut dyn KvCache,
+        logits: Logits,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let w = &self.weights;
+        let (dim, q_dim, kv_dim, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let n = x.len() / dim;
+        assert_eq!(x.len(), n * dim, "forward_embedded: rows of hidden_size");
+        assert_eq!(tags.len(), n, "forward_embedded: one tag per row");
+        if n == 0 {
+            return Vec::new();
+        }
+        let rope = match positions {
+            None => Rope::new(c, cache.len(0), n),
+            Some(p) => {
+                assert_eq!(p.len(), n, "forward_embedded: one position per row");
+                Rope::multimodal(c, p)
+            }
+        };
 
         let mut xb = vec![0.0f32; n * dim];
         let mut q = vec![0.0f32; n * q_dim];
@@ -219,6 +249,38 @@ impl Rope {
         Rope { half, cos, sin }
     }
 
+    /// Multimodal RoPE (Qwen2-VL): frequency `j` turns with the temporal, row or column
+    /// position by the config's `mrope_section`; plain RoPE of the temporal position when the
+    /// config has no sections.
+    fn multimodal(c: &ModelConfig, positions: &[[u32; 3]]) -> Rope {
+        let half = c.head_dim / 2;
+        let inv_freq = inv_freq(c);
+        let axis: Vec<usize> = match c.rope_scaling {
+            RopeScaling::MRope { sections } => (0..half)
+                .map(|j| {
+                    if j < sections[0] {
+                        0
+                    } else if j < sections[0] + sections[1] {
+                        1
+                    } else {
+                        2
+                    }
+                })
+                .collect(),
+            _ => vec![0; half],
+        };
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
+            for (j, &f) in inv_freq.iter().enumerate() {
+                let angle = (p[axis[j]] as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Rope { half, cos, sin }
+    }
+
     /// Rotate every head of `x` (`[n, heads, head_dim]`) in place.
     fn apply(&self, x: &mut [f32], head_dim: usize) {
         let half = self.half;
@@ -250,7 +312,7 @@ pub fn inv_freq_of(theta: f32, head_dim: usize, scaling: RopeScaling) -> Vec<f32
         .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
         .collect();
     match scaling {
-        RopeScaling::None => base,
+        RopeScaling::None | RopeScaling::MRope { .. } => base,
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,

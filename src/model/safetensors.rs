@@ -118,11 +118,27 @@ pub fn load_config(path: &Path) -> Result<ModelConfig> {
 
 /// Parse the text of a `config.json`; `path` only labels errors.
 pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig> {
-    let raw: RawConfig =
-        serde_json::from_str(text).map_err(|source| SafetensorsError::ConfigJson {
+    let json_err = |source| SafetensorsError::ConfigJson {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut value: Value = serde_json::from_str(text).map_err(json_err)?;
+    // A vision-language config (transformers 5) nests the language model's fields in
+    // `text_config`: read them as if they were at the top.
+    if let Some(Value::Object(text_config)) = value.get("text_config").cloned() {
+        if let Value::Object(top) = &mut value {
+            for (k, v) in text_config {
+                top.insert(k, v);
+            }
+        }
+    }
+    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        SafetensorsError::InvalidField {
             path: path.to_path_buf(),
-            source,
-        })?;
+            field: e.path().to_string(),
+            reason: e.inner().to_string(),
+        }
+    })?;
     let missing = |field: &str| SafetensorsError::MissingField {
         path: path.to_path_buf(),
         field: field.to_string(),
@@ -218,6 +234,17 @@ pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig> {
     }
 
     let (rope_theta, rope_scaling) = parse_rope(&raw, path)?;
+    if let RopeScaling::MRope { sections } = rope_scaling {
+        if sections.iter().sum::<usize>() != head_dim / 2 {
+            return Err(invalid(
+                "mrope_section",
+                format!(
+                    "{sections:?} does not sum to head_dim / 2 = {}",
+                    head_dim / 2
+                ),
+            ));
+        }
+    }
 
     // Qwen2 always has q/k/v biases and its config has no switch for them.
     let attention_bias = match arch {
@@ -251,13 +278,15 @@ fn detect_arch(raw: &RawConfig, path: &Path) -> Result<Arch> {
                 "LlamaForCausalLM" => return Ok(Arch::Llama),
                 "Qwen2ForCausalLM" => return Ok(Arch::Qwen2),
                 "Qwen3ForCausalLM" => return Ok(Arch::Qwen3),
+                // The language model of Qwen2-VL is Qwen2 with multimodal RoPE.
+                "Qwen2VLForConditionalGeneration" => return Ok(Arch::Qwen2),
                 _ => {}
             }
         }
     }
     match raw.model_type.as_deref() {
         Some("llama") => Ok(Arch::Llama),
-        Some("qwen2") => Ok(Arch::Qwen2),
+        Some("qwen2") | Some("qwen2_vl") => Ok(Arch::Qwen2),
         Some("qwen3") => Ok(Arch::Qwen3),
         other => {
             if raw.architectures.is_none() && other.is_none() {
@@ -316,6 +345,30 @@ fn parse_rope(raw: &RawConfig, path: &Path) -> Result<(f32, RopeScaling)> {
     let Some(s) = scaling else {
         return Ok((theta, RopeScaling::None));
     };
+    if let Some(sec) = s.get("mrope_section") {
+        let v: Vec<usize> = sec
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|x| x as usize)
+                    .collect()
+            })
+            .unwrap_or_default();
+        return match v.as_slice() {
+            &[t, h, w] => Ok((
+                theta,
+                RopeScaling::MRope {
+                    sections: [t, h, w],
+                },
+            )),
+            _ => Err(SafetensorsError::InvalidField {
+                path: path.to_path_buf(),
+                field: format!("{field}.mrope_section"),
+                reason: "expected three integers".into(),
+            }),
+        };
+    }
     // Older configs spell the key `type`.
     let kind = s
         .get("rope_type")

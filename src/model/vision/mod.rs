@@ -32,3 +32,63 @@ pub fn load_tower(dir: &Path) -> Result<Option<VisionTower>, SafetensorsError> {
         }
     }
 }
+
+/// Qwen2-VL's multimodal RoPE positions `(t, h, w)` of a token sequence whose images appear
+/// as runs of `image_token` (one run per entry of `grids`, each `t · h · w / merge²` tokens,
+/// in order): text advances all three together; an image's tokens take their merged-grid
+/// coordinates after the preceding text, and the text after it resumes past their largest.
+pub fn mrope_positions(
+    ids: &[u32],
+    image_token: u32,
+    grids: &[[usize; 3]],
+    merge: usize,
+) -> Result<Vec<[u32; 3]>, String> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut next = 0u32; // the position the next text token takes
+    let mut i = 0;
+    let mut images = grids.iter();
+    while i < ids.len() {
+        if ids[i] != image_token {
+            out.push([next; 3]);
+            next += 1;
+            i += 1;
+            continue;
+        }
+        let Some(&[t, h, w]) = images.next() else {
+            return Err(format!(
+                "more image runs than the {} images given",
+                grids.len()
+            ));
+        };
+        if merge == 0 || h % merge != 0 || w % merge != 0 {
+            return Err(format!("grid {:?} does not merge by {merge}", [t, h, w]));
+        }
+        let (lh, lw) = (h / merge, w / merge);
+        let n = t * lh * lw;
+        if ids.len() < i + n || ids[i..i + n].iter().any(|&x| x != image_token) {
+            return Err(format!(
+                "an image of grid {:?} needs {n} consecutive image tokens at {i}",
+                [t, h, w]
+            ));
+        }
+        let mut top = next;
+        for ti in 0..t {
+            for hi in 0..lh {
+                for wi in 0..lw {
+                    let p = [next + ti as u32, next + hi as u32, next + wi as u32];
+                    top = top.max(p[0]).max(p[1]).max(p[2]);
+                    out.push(p);
+                }
+            }
+        }
+        next = top + 1;
+        i += n;
+    }
+    if images.next().is_some() {
+        return Err(format!(
+            "{} images given, fewer image runs in the tokens",
+            grids.len()
+        ));
+    }
+    Ok(out)
+}
