@@ -51,6 +51,11 @@ fn tiny_tokenizer() -> Tokenizer {
         tokens.push(t.to_string());
         token_types.push(1);
     }
+    // Qwen2-VL's vision tokens, after every other id (the other tests' ids stay put).
+    for t in ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"] {
+        tokens.push(t.to_string());
+        token_types.push(3);
+    }
     Tokenizer::from_vocab(BpeVocab {
         tokens,
         token_types,
@@ -212,6 +217,7 @@ fn check_chatml(tok: &Tokenizer) {
         upto_step: Some(1),
         add_generation_prompt: true,
         max_tokens: None,
+        images: None,
     };
     let cut = render(&traj, &tpl, tok, &opts).unwrap();
     assert!(cut
@@ -437,4 +443,65 @@ fn missing_special_tokens_are_an_error() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("<|begin_of_text|>"), "{err}");
+}
+
+/// With a vision-language layout an image part is `<|vision_start|>`, one `<|image_pad|>` per
+/// merged patch of the resized image (512×384 → 392×504 → 14×18 = 252), `<|vision_end|>`,
+/// all tagged modality image with the carrying message's role; without it, the alt text.
+/// An image the processor cannot take is an error naming the message and part.
+#[test]
+fn image_parts_render_as_vision_tokens_for_a_vision_model() {
+    use triaxkv::trace::template::ImageTokens;
+    let tok = tiny_tokenizer();
+    let traj: Trajectory = serde_json::from_value(json!({
+        "id": "img", "messages": [
+            {"role": "user", "content": "Open the page."},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "name": "screenshot", "arguments": {}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": [
+                {"type": "text", "text": "Here:"},
+                {"type": "image", "path": "x.png", "width": 512, "height": 384,
+                 "alt": "a page"}]},
+        ]
+    }))
+    .unwrap();
+    let tpl = ChatTemplate::ChatMl {
+        default_system: None,
+    };
+    let opts = RenderOptions {
+        images: Some(ImageTokens::qwen2_vl()),
+        ..RenderOptions::default()
+    };
+    let r = render(&traj, &tpl, &tok, &opts).unwrap();
+    let pad = tok.token_to_id("<|image_pad|>").unwrap();
+    let image: Vec<usize> = (0..r.ids.len())
+        .filter(|&i| r.tags[i].modality == Modality::Image)
+        .collect();
+    assert_eq!(image.len(), 252 + 2);
+    assert_eq!(r.ids.iter().filter(|&&id| id == pad).count(), 252);
+    assert_eq!(
+        r.ids[image[0]],
+        tok.token_to_id("<|vision_start|>").unwrap()
+    );
+    assert_eq!(
+        r.ids[*image.last().unwrap()],
+        tok.token_to_id("<|vision_end|>").unwrap()
+    );
+    assert!(
+        image.windows(2).all(|w| w[1] == w[0] + 1),
+        "one contiguous run"
+    );
+    assert!(image.iter().all(|&i| r.tags[i].role == Role::Observation));
+    assert!(!r.text.contains("a page"));
+
+    let plain = render(&traj, &tpl, &tok, &RenderOptions::default()).unwrap();
+    assert!(plain.text.contains("a page"));
+    assert!(plain.tags.iter().all(|t| t.modality == Modality::Text));
+
+    let mut tiny = traj.clone();
+    if let triaxkv::trace::schema::Part::Image { width, .. } = &mut tiny.messages[2].content[1] {
+        *width = 10;
+    }
+    let e = render(&tiny, &tpl, &tok, &opts).unwrap_err().to_string();
+    assert!(e.contains("message 2, part 1"), "{e}");
 }

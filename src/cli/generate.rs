@@ -74,6 +74,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         upto_step: args.trace.as_ref().and(args.upto_step),
         add_generation_prompt: true,
         max_tokens: None,
+        images: None,
     };
     let rendered = render(&traj, &template, tok, &opts)?;
     model

@@ -132,13 +132,12 @@ pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig> {
             }
         }
     }
-    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-        SafetensorsError::InvalidField {
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(value).map_err(|e| SafetensorsError::InvalidField {
             path: path.to_path_buf(),
             field: e.path().to_string(),
             reason: e.inner().to_string(),
-        }
-    })?;
+        })?;
     let missing = |field: &str| SafetensorsError::MissingField {
         path: path.to_path_buf(),
         field: field.to_string(),

@@ -48,6 +48,8 @@ impl Prompter {
             upto_step: None,
             add_generation_prompt: true,
             max_tokens: None,
+            // The server's models are text-only: images render as their alt text.
+            images: None,
         };
         let r = render(conv, &self.template, &self.tokenizer, &opts)?;
         // Generated tokens belong to the assistant message the header opens (as `generate`).

@@ -4,8 +4,11 @@
 
 use crate::model::tokenizer::{Tokenizer, TokenizerError};
 use crate::tags::TokenTag;
+use crate::trace::schema::Part;
 use crate::trace::schema::{MessageRole, Trajectory};
-use crate::trace::template::{ChatTemplate, SegmentPart};
+use crate::trace::template::{
+    ChatTemplate, ImageTokens, SegmentPart, IMAGE_PAD, VISION_END, VISION_START,
+};
 use std::ops::Range;
 
 #[derive(Debug, Clone, Default)]
@@ -16,6 +19,9 @@ pub struct RenderOptions {
     pub add_generation_prompt: bool,
     /// Keep at most this many tokens (a prefix); `Rendered::truncated` says when it cut.
     pub max_tokens: Option<usize>,
+    /// Render image parts as vision tokens with this layout (a vision-language model); `None`
+    /// renders their alt text.
+    pub images: Option<ImageTokens>,
 }
 
 /// The tokens of one trajectory message.
@@ -81,6 +87,13 @@ pub enum RenderError {
     },
     #[error("trajectory {id}: {err}")]
     Tokenizer { id: String, err: TokenizerError },
+    #[error("trajectory {id}: message {message}, part {part}: image: {msg}")]
+    Image {
+        id: String,
+        message: usize,
+        part: usize,
+        msg: String,
+    },
     #[error("trajectory {id}: token {index} has byte offset {offset} outside the {len}-byte text")]
     BadOffset {
         id: String,
@@ -125,7 +138,36 @@ pub fn render(
             }
         }
     };
-    let segments = template.segments(&traj.tools, messages, opts.add_generation_prompt);
+    if let Some(layout) = &opts.images {
+        for token in [VISION_START, IMAGE_PAD, VISION_END] {
+            if tok.token_to_id(token).is_none_or(|id| !tok.is_special(id)) {
+                return Err(RenderError::MissingSpecial {
+                    template: "qwen2-vl image",
+                    token,
+                });
+            }
+        }
+        for (mi, m) in messages.iter().enumerate() {
+            for (pi, part) in m.content.iter().enumerate() {
+                if let Part::Image { width, height, .. } = part {
+                    layout
+                        .count(*width as usize, *height as usize)
+                        .map_err(|msg| RenderError::Image {
+                            id: traj.id.clone(),
+                            message: mi,
+                            part: pi,
+                            msg,
+                        })?;
+                }
+            }
+        }
+    }
+    let segments = template.segments_with_images(
+        &traj.tools,
+        messages,
+        opts.add_generation_prompt,
+        opts.images,
+    );
 
     let mut text = String::new();
     let mut starts = Vec::with_capacity(segments.len());

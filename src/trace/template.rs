@@ -138,7 +138,22 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Vec<Segment> {
-        let mut e = Emitter::default();
+        self.segments_with_images(tools, messages, add_generation_prompt, None)
+    }
+
+    /// [`segments`](Self::segments) where image parts become vision tokens (`images`: a
+    /// vision-language model's layout) rather than their alt text.
+    pub fn segments_with_images(
+        &self,
+        tools: &[Value],
+        messages: &[Message],
+        add_generation_prompt: bool,
+        images: Option<ImageTokens>,
+    ) -> Vec<Segment> {
+        let mut e = Emitter {
+            images,
+            ..Emitter::default()
+        };
         match self {
             ChatTemplate::ChatMl { default_system } => {
                 chatml(&mut e, default_system.as_deref(), tools, messages)
@@ -189,6 +204,8 @@ struct Emitter {
     step: u32,
     message: Option<usize>,
     part: SegmentPart,
+    /// Images render as vision tokens (a vision-language model) instead of their alt text.
+    images: Option<ImageTokens>,
 }
 
 impl Default for Emitter {
@@ -199,6 +216,7 @@ impl Default for Emitter {
             step: 0,
             message: None,
             part: SegmentPart::Header,
+            images: None,
         }
     }
 }
@@ -236,19 +254,79 @@ impl Emitter {
     }
 }
 
-/// A message's content as (text, role) pieces: text parts carry `role`, image parts their
-/// alt text as an observation; parts are joined by a template newline.
-fn content_pieces(msg: &Message, role: Role) -> Vec<(String, Role)> {
+/// How a vision-language model writes an image: `<|vision_start|>`, one `<|image_pad|>`
+/// per merged patch of the resized image, `<|vision_end|>` (Qwen2-VL).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageTokens {
+    pub patch_size: usize,
+    pub merge_size: usize,
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+}
+
+pub const VISION_START: &str = "<|vision_start|>";
+pub const IMAGE_PAD: &str = "<|image_pad|>";
+pub const VISION_END: &str = "<|vision_end|>";
+
+impl ImageTokens {
+    pub fn qwen2_vl() -> Self {
+        let p = crate::model::vision::PreprocessConfig::default();
+        ImageTokens {
+            patch_size: p.patch_size,
+            merge_size: p.merge_size,
+            min_pixels: p.min_pixels,
+            max_pixels: p.max_pixels,
+        }
+    }
+
+    /// Image tokens of a `width × height` image (after the processor's resize).
+    pub fn count(&self, width: usize, height: usize) -> Result<usize, String> {
+        let f = self.patch_size * self.merge_size;
+        let (h, w) = crate::model::vision::preprocess::smart_resize(
+            height,
+            width,
+            f,
+            self.min_pixels,
+            self.max_pixels,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok((h / f) * (w / f))
+    }
+}
+
+/// A piece of a message's content: text, its role and modality.
+type Piece = (String, Role, Modality);
+
+/// A message's content as pieces: text parts carry `role`; image parts are vision tokens
+/// tagged `role` and modality image when `images` is given, else their alt text as an
+/// observation; parts are joined by a template newline.
+fn content_pieces(msg: &Message, role: Role, images: Option<&ImageTokens>) -> Vec<Piece> {
     let mut out = Vec::new();
     for (i, part) in msg.content.iter().enumerate() {
         if i > 0 {
-            out.push(("\n".to_string(), Role::Template));
+            out.push(("\n".to_string(), Role::Template, Modality::Text));
         }
         match part {
-            Part::Text { text } => out.push((text.clone(), role)),
-            Part::Image { alt, .. } => {
-                let alt = alt.as_deref().filter(|a| !a.trim().is_empty());
-                out.push((alt.unwrap_or("[image]").to_string(), Role::Observation));
+            Part::Text { text } => out.push((text.clone(), role, Modality::Text)),
+            Part::Image {
+                width, height, alt, ..
+            } => {
+                let n = images.and_then(|t| t.count(*width as usize, *height as usize).ok());
+                match n {
+                    Some(n) => {
+                        out.push((VISION_START.to_string(), role, Modality::Image));
+                        out.push((IMAGE_PAD.repeat(n), role, Modality::Image));
+                        out.push((VISION_END.to_string(), role, Modality::Image));
+                    }
+                    None => {
+                        let alt = alt.as_deref().filter(|a| !a.trim().is_empty());
+                        out.push((
+                            alt.unwrap_or("[image]").to_string(),
+                            Role::Observation,
+                            Modality::Text,
+                        ));
+                    }
+                }
             }
         }
     }
@@ -256,7 +334,7 @@ fn content_pieces(msg: &Message, role: Role) -> Vec<(String, Role)> {
 }
 
 /// Jinja's `| trim` applied to the concatenation of pieces.
-fn trim_pieces(mut pieces: Vec<(String, Role)>) -> Vec<(String, Role)> {
+fn trim_pieces(mut pieces: Vec<Piece>) -> Vec<Piece> {
     while let Some(first) = pieces.first_mut() {
         let t = first.0.trim_start().to_string();
         if t.is_empty() {
@@ -278,20 +356,20 @@ fn trim_pieces(mut pieces: Vec<(String, Role)>) -> Vec<(String, Role)> {
     pieces
 }
 
-fn emit_pieces(e: &mut Emitter, pieces: Vec<(String, Role)>) {
-    for (text, role) in pieces {
-        e.push(text, role);
+fn emit_pieces(e: &mut Emitter, pieces: Vec<Piece>) {
+    for (text, role, modality) in pieces {
+        e.push_modal(text, role, modality);
     }
 }
 
 /// Reasoning and answer of an assistant message: the `reasoning` field, or a leading
 /// `<think>…</think>` inside the first text part.
-fn split_reasoning(msg: &Message) -> (Option<String>, Vec<(String, Role)>) {
-    let mut pieces = content_pieces(msg, Role::Assistant);
+fn split_reasoning(msg: &Message) -> (Option<String>, Vec<Piece>) {
+    let mut pieces = content_pieces(msg, Role::Assistant, None);
     if let Some(r) = &msg.reasoning {
         return (Some(r.clone()), pieces);
     }
-    if let Some((first, Role::Assistant)) = pieces.first() {
+    if let Some((first, Role::Assistant, _)) = pieces.first() {
         let body = first.trim_start();
         if let Some(after_open) = body.strip_prefix("<think>") {
             if let Some(close) = after_open.find("</think>") {
@@ -321,7 +399,7 @@ fn emit_reasoning_and_content(e: &mut Emitter, msg: &Message, trim: bool) -> boo
     if trim {
         pieces = trim_pieces(pieces);
     }
-    let has_content = pieces.iter().any(|(t, _)| !t.is_empty());
+    let has_content = pieces.iter().any(|(t, _, _)| !t.is_empty());
     emit_pieces(e, pieces);
     has_content
 }
@@ -339,8 +417,8 @@ fn chatml(e: &mut Emitter, default_system: Option<&str>, tools: &[Value], messag
         e.part = SegmentPart::Body;
         let mut has_text = false;
         if first_is_system {
-            let pieces = content_pieces(&messages[0], Role::System);
-            has_text = pieces.iter().any(|(t, _)| !t.is_empty());
+            let pieces = content_pieces(&messages[0], Role::System, e.images.as_ref());
+            has_text = pieces.iter().any(|(t, _, _)| !t.is_empty());
             emit_pieces(e, pieces);
         } else if let Some(d) = default_system {
             e.push(d, Role::System);
@@ -376,7 +454,8 @@ fn chatml(e: &mut Emitter, default_system: Option<&str>, tools: &[Value], messag
                     Role::Template,
                 );
                 e.part = SegmentPart::Body;
-                emit_pieces(e, content_pieces(msg, role));
+                let pieces = content_pieces(msg, role, e.images.as_ref());
+                emit_pieces(e, pieces);
                 e.push("<|im_end|>", Role::Template);
                 e.part = SegmentPart::Trailer;
                 e.push("\n", Role::Template);
@@ -409,7 +488,8 @@ fn chatml(e: &mut Emitter, default_system: Option<&str>, tools: &[Value], messag
                 }
                 e.part = SegmentPart::Body;
                 e.push("\n<tool_response>\n", Role::Template);
-                emit_pieces(e, content_pieces(msg, Role::Observation));
+                let pieces = content_pieces(msg, Role::Observation, e.images.as_ref());
+                emit_pieces(e, pieces);
                 e.push("\n</tool_response>", Role::Template);
                 if !next_is_tool {
                     e.push("<|im_end|>", Role::Template);
@@ -446,7 +526,8 @@ fn llama3(e: &mut Emitter, tools: &[Value], messages: &[Message]) {
         }
     }
     if first_is_system {
-        emit_pieces(e, trim_pieces(content_pieces(&messages[0], Role::System)));
+        let pieces = content_pieces(&messages[0], Role::System, e.images.as_ref());
+        emit_pieces(e, trim_pieces(pieces));
     }
     e.push("<|eot_id|>", Role::Template);
 
@@ -463,8 +544,14 @@ fn llama3(e: &mut Emitter, tools: &[Value], messages: &[Message]) {
         );
         e.part = SegmentPart::Body;
         match msg.role {
-            MessageRole::System => emit_pieces(e, trim_pieces(content_pieces(msg, Role::System))),
-            MessageRole::User => emit_pieces(e, trim_pieces(content_pieces(msg, Role::User))),
+            MessageRole::System => {
+                let pieces = content_pieces(msg, Role::System, e.images.as_ref());
+                emit_pieces(e, trim_pieces(pieces))
+            }
+            MessageRole::User => {
+                let pieces = content_pieces(msg, Role::User, e.images.as_ref());
+                emit_pieces(e, trim_pieces(pieces))
+            }
             MessageRole::Assistant => {
                 // Llama 3.1's template drops text next to a call and allows one call per
                 // message; an agent's context holds both, so text comes first and several
@@ -478,7 +565,10 @@ fn llama3(e: &mut Emitter, tools: &[Value], messages: &[Message]) {
                     wrote = true;
                 }
             }
-            MessageRole::Tool => emit_pieces(e, content_pieces(msg, Role::Observation)),
+            MessageRole::Tool => {
+                let pieces = content_pieces(msg, Role::Observation, e.images.as_ref());
+                emit_pieces(e, pieces)
+            }
         }
         e.push("<|eot_id|>", Role::Template);
     }
@@ -630,6 +720,9 @@ mod tests {
         .unwrap();
         let (r, pieces) = split_reasoning(&msg);
         assert_eq!(r.as_deref(), Some("plan"));
-        assert_eq!(pieces, vec![("\n\nanswer".to_string(), Role::Assistant)]);
+        assert_eq!(
+            pieces,
+            vec![("\n\nanswer".to_string(), Role::Assistant, Modality::Text)]
+        );
     }
 }
