@@ -47,6 +47,29 @@ impl Reference {
     }
 }
 
+/// An image's `grid_thw` from reference.json.
+fn grid_of(img: &serde_json::Value) -> Vec<usize> {
+    img["grid_thw"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// 8-bit pixel values stored as f32.
+fn bytes_of(t: &safetensors::tensor::TensorView<'_>) -> Vec<u8> {
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u8)
+        .collect()
+}
+
+fn count_differ(a: &[u8], b: &[u8]) -> usize {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).filter(|(x, y)| x != y).count()
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -71,12 +94,7 @@ fn preprocessing_matches_the_reference_processor() {
         let file = dir().join(img["file"].as_str().unwrap());
         let decoded = vision::decode(&std::fs::read(&file).unwrap()).unwrap();
         let p = preprocess(&decoded, &cfg).unwrap();
-        let grid: Vec<usize> = img["grid_thw"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let grid = grid_of(img);
         assert_eq!(p.grid.to_vec(), grid, "{}", file.display());
         let (shape, want) = r.tensor(&format!("pixel_values.{i}"));
         assert_eq!(shape, vec![p.rows(), p.row_len]);
@@ -97,12 +115,7 @@ fn vision_tower_matches_the_reference_features() {
         .unwrap()
         .expect("a vision_config");
     for (i, img) in r.json["images"].as_array().unwrap().iter().enumerate() {
-        let grid: Vec<usize> = img["grid_thw"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let grid = grid_of(img);
         let (shape, pixels) = r.tensor(&format!("pixel_values.{i}"));
         let patches = vision::Patches {
             grid: [grid[0], grid[1], grid[2]],
@@ -151,46 +164,20 @@ fn bicubic_resize_is_bit_exact_with_pillow() {
         if (w as u32, h as u32) == decoded.dimensions() {
             continue;
         }
-        let want: Vec<u8> = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u8)
-            .collect();
+        let pil = bytes_of(&t);
         let got = vision::preprocess::resize_bicubic(&decoded, w, h);
-        let differ = got
-            .as_raw()
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a != b)
-            .count();
+        let differ = count_differ(got.as_raw(), &pil);
         eprintln!(
-            "{}: {w}x{h}, {differ} of {} values differ from Pillow",
+            "{}: {w}x{h}, {differ} of {} differ from Pillow",
             file.display(),
-            want.len()
+            pil.len()
         );
         assert_eq!(differ, 0, "{}", file.display());
         if let Ok(tv) = st.tensor(&format!("tv_resized.{i}")) {
-            let want: Vec<u8> = tv
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u8)
-                .collect();
-            let got = vision::preprocess::resize_bicubic_with(
-                &decoded,
-                w,
-                h,
-                vision::preprocess::ResizeArithmetic::Torch,
-            );
-            let differ = got
-                .as_raw()
-                .iter()
-                .zip(&want)
-                .filter(|(a, b)| a != b)
-                .count();
-            eprintln!(
-                "   torch arithmetic: {differ} of {} values differ from torchvision",
-                want.len()
-            );
+            let torch = vision::preprocess::ResizeArithmetic::Torch;
+            let got = vision::preprocess::resize_bicubic_with(&decoded, w, h, torch);
+            let differ = count_differ(got.as_raw(), &bytes_of(&tv));
+            eprintln!("   torch arithmetic: {differ} differ from torchvision");
             assert_eq!(differ, 0, "{} (torchvision)", file.display());
         }
         checked += 1;
@@ -341,4 +328,30 @@ fn mrope_positions_check_image_runs() {
         vision::mrope_positions(&[1, 2], 9, &[[1, 2, 2]], 2).is_err(),
         "unused grid"
     );
+}
+
+/// `trace inspect` counts a trajectory's screenshots per step and the tokens they take in
+/// Qwen2-VL's layout (512×384 → 14×18 merged patches + start/end = 254), also when the model
+/// renders them as alt text. Needs the bundled SmolLM2's tokenizer (scripts/setup.sh).
+#[test]
+fn trace_inspect_reports_image_tokens_per_step() {
+    if !triaxkv::model::load::default_model_path().exists() {
+        eprintln!("SKIPPED trace_inspect_reports_image_tokens_per_step: no default model");
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_triaxkv"))
+        .args(["trace", "inspect", "--show", "0"])
+        .arg(root.join("traces/test/webvoyager.jsonl"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("images per step"), "{text}");
+    assert_eq!(text.matches("1 image(s), 254 tokens").count(), 3, "{text}");
 }

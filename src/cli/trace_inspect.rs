@@ -10,8 +10,33 @@ use triaxkv::model::load::{default_model_path, ModelError};
 use triaxkv::model::tokenizer::Tokenizer;
 use triaxkv::tags::{Modality, Recency, RecencyUnit, Role, TokenTag};
 use triaxkv::trace::render::{render, RenderOptions, Rendered};
-use triaxkv::trace::template::ChatTemplate;
-use triaxkv::trace::{read_glob, MessageRole};
+use triaxkv::trace::schema::Part;
+use triaxkv::trace::template::{ChatTemplate, ImageTokens};
+use triaxkv::trace::{read_glob, MessageRole, Trajectory};
+
+/// Images of a trajectory per agent step (assistant messages so far, as tags count them) and
+/// the tokens they take in Qwen2-VL's layout (`<|vision_start|>`, the merged patches of the
+/// resized image, `<|vision_end|>`). Sizes the processor refuses count 0 tokens.
+fn image_tokens_by_step(traj: &Trajectory, layout: &ImageTokens) -> BTreeMap<u32, (usize, usize)> {
+    let mut by_step = BTreeMap::new();
+    let mut step = 0u32;
+    for m in &traj.messages {
+        if m.role == MessageRole::Assistant {
+            step += 1;
+        }
+        for part in &m.content {
+            if let Part::Image { width, height, .. } = part {
+                let n = layout
+                    .count(*width as usize, *height as usize)
+                    .map_or(0, |n| n + 2);
+                let e = by_step.entry(step).or_insert((0, 0));
+                e.0 += 1;
+                e.1 += n;
+            }
+        }
+    }
+    by_step
+}
 
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
@@ -138,7 +163,17 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let template = ChatTemplate::for_tokenizer(&tok)
         .with_context(|| format!("chat template of {}", model_path.display()))?;
     let files = read_glob(&args.files)?;
-    let opts = RenderOptions::default();
+    // A vision-language model directory renders images as its vision tokens.
+    let vlm = args
+        .model
+        .as_deref()
+        .is_some_and(|p| p.is_dir() && triaxkv::model::vision::has_vision_config(p));
+    let layout = ImageTokens::qwen2_vl();
+    let opts = RenderOptions {
+        images: vlm.then_some(layout),
+        ..RenderOptions::default()
+    };
+    let mut image_totals: Vec<(usize, usize)> = Vec::new();
 
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -159,7 +194,12 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let mut shown = false;
     for file in &files {
         let mut counts = Counts::default();
+        let mut images = (0usize, 0usize);
         for traj in &file.trajectories {
+            for (n, t) in image_tokens_by_step(traj, &layout).values() {
+                images.0 += n;
+                images.1 += t;
+            }
             let r = render(traj, &template, &tok, &opts)
                 .with_context(|| format!("rendering {}", file.path.display()))?;
             counts.add(&r.tags);
@@ -171,11 +211,27 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             }
             if args.show == Some(index) {
                 show(&mut out, &tok, &traj.id, &file.path, &r)?;
+                let by_step = image_tokens_by_step(traj, &layout);
+                if !by_step.is_empty() {
+                    writeln!(
+                        out,
+                        "\nimages per step ({}):",
+                        if vlm {
+                            "rendered as Qwen2-VL vision tokens"
+                        } else {
+                            "rendered as alt text here; tokens a Qwen2-VL model would take"
+                        }
+                    )?;
+                    for (step, (n, t)) in &by_step {
+                        writeln!(out, "  step {step:>3}: {n} image(s), {t} tokens")?;
+                    }
+                }
                 shown = true;
             }
             index += 1;
         }
         total.merge(&counts);
+        image_totals.push(images);
         summaries.push((file.path.clone(), file.trajectories.len(), counts));
     }
     if let Some(n) = args.show {
@@ -248,9 +304,31 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     writeln!(
         out,
         "\nrecency: turns (user message to user message) or steps (assistant message to \
-         assistant message) back from each trajectory's last.\nimages: rendered as alt text \
-         (text-only model), so the image modality is not exercised."
+         assistant message) back from each trajectory's last."
     )?;
+    let (n_img, t_img) = image_totals
+        .iter()
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    if vlm {
+        writeln!(
+            out,
+            "images: {n_img}, rendered as Qwen2-VL vision tokens ({t_img} tokens, modality image)."
+        )?;
+    } else if n_img > 0 {
+        writeln!(
+            out,
+            "images: {n_img}, rendered as alt text (text-only model: the image modality is not \
+             exercised); a Qwen2-VL model would give them {t_img} tokens{}.",
+            summaries
+                .iter()
+                .zip(&image_totals)
+                .filter(|(_, (n, _))| *n > 0)
+                .map(|((p, _, _), (n, t))| format!("; {}: {n} images, {t} tokens", p.display()))
+                .collect::<String>()
+        )?;
+    } else {
+        writeln!(out, "images: none.")?;
+    }
     Ok(out.flush()?)
 }
 

@@ -11,6 +11,15 @@ pub use qwen2vl::{VisionConfig, VisionTower};
 use crate::model::safetensors::SafetensorsError;
 use std::path::Path;
 
+/// Whether `dir/config.json` has a `vision_config` (a vision-language model); false when it
+/// cannot be read (the loader reports that).
+pub fn has_vision_config(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("vision_config").is_some())
+}
+
 /// The vision tower of a Qwen2-VL model directory, or `None` when its config has no
 /// `vision_config` (a text-only model).
 pub fn load_tower(dir: &Path) -> Result<Option<VisionTower>, SafetensorsError> {
