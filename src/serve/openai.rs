@@ -405,10 +405,11 @@ fn content_parts(content: Option<Value>, param: &str) -> Result<Vec<Part>, ApiEr
                         }),
                         None => Err(field(&pp, "a text part needs a string `text`")),
                     },
-                    Some(kind @ ("image_url" | "input_audio" | "file")) => Err(field(
+                    Some("image_url") => image_part(&part, &pp),
+                    Some(kind @ ("input_audio" | "file")) => Err(field(
                         &pp,
                         format!(
-                            "`{kind}` parts are not supported: the served model reads text only"
+                            "`{kind}` parts are not supported: the server reads text and images"
                         ),
                     )),
                     _ => Err(field(
@@ -423,6 +424,43 @@ fn content_parts(content: Option<Value>, param: &str) -> Result<Vec<Part>, ApiEr
             "`content` must be a string, null or a list of parts",
         )),
     }
+}
+
+/// An `image_url` part: a `data:` URI of a PNG, JPEG or WebP image, decoded here so a bad
+/// image is a 400 naming the part. Remote URLs are refused (the server fetches nothing). The
+/// served models are text-only, so the image reaches the prompt as a placeholder observation
+/// (`[image]`); the part keeps the bytes and size for a vision model.
+fn image_part(part: &Value, pp: &str) -> Result<Part, ApiError> {
+    use base64::Engine;
+    let url = part
+        .get("image_url")
+        .and_then(|u| u.get("url").or(Some(u)))
+        .and_then(Value::as_str)
+        .ok_or_else(|| field(pp, "an image_url part needs `image_url.url`"))?;
+    let p = format!("{pp}.image_url.url");
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(field(
+            &p,
+            "only `data:` URIs are accepted: the server fetches no remote images",
+        ));
+    };
+    let Some((meta, payload)) = rest.split_once(',') else {
+        return Err(field(&p, "a data: URI needs a `,` before its payload"));
+    };
+    if !meta.ends_with(";base64") {
+        return Err(field(&p, "the image must be base64-encoded (`;base64,`)"));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map_err(|e| field(&p, format!("invalid base64: {e}")))?;
+    let img = crate::model::vision::decode(&bytes).map_err(|e| field(&p, e.to_string()))?;
+    Ok(Part::Image {
+        path: None,
+        data: Some(url.to_string()),
+        width: img.width(),
+        height: img.height(),
+        alt: None,
+    })
 }
 
 #[cfg(test)]
@@ -443,6 +481,9 @@ mod tests {
         let e = check(r#"{"messages":[{"role":"robot","content":"hi"}]}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].role"));
         let e = check(r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0]"));
+        let e = check(r#"{"messages":[{"role":"user","content":[{"type":"input_audio"}]}]}"#)
             .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].content[0]"));
         let e = check(r#"{"messages":[{"role":"user","content":"hi"}], "temperature": 3}"#)
@@ -479,5 +520,51 @@ mod tests {
         assert!(c.parse_tools);
         assert_eq!(c.sampling.temperature, 0.0);
         assert_eq!(c.sampling.seed, 3);
+    }
+
+    fn image_request(url: &str) -> String {
+        serde_json::json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": url}}]}]})
+        .to_string()
+    }
+
+    #[test]
+    fn image_url_parts_take_data_uris_only() {
+        use base64::Engine;
+        let mut png = Vec::new();
+        image::RgbImage::new(3, 2)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+        let ok = check(&image_request(&format!("data:image/png;base64,{b64}"))).unwrap();
+        let parts = &ok.conversation.messages[0].content;
+        assert!(
+            matches!(
+                parts[1],
+                Part::Image {
+                    width: 3,
+                    height: 2,
+                    ..
+                }
+            ),
+            "{parts:?}"
+        );
+        let at = Some("messages[0].content[1].image_url.url");
+        let e = check(&image_request("https://example.com/a.png")).unwrap_err();
+        assert_eq!(e.param.as_deref(), at);
+        assert!(e.message.contains("remote"), "{}", e.message);
+        let e = check(&image_request("data:image/png;base64,!!!")).unwrap_err();
+        assert_eq!(e.param.as_deref(), at);
+        let gif = base64::engine::general_purpose::STANDARD.encode(b"GIF89a\x01\x00\x01\x00");
+        let e = check(&image_request(&format!("data:image/gif;base64,{gif}"))).unwrap_err();
+        assert!(
+            e.message.contains("unsupported image format"),
+            "{}",
+            e.message
+        );
+        let cut = base64::engine::general_purpose::STANDARD.encode(&png[..png.len() / 2]);
+        let e = check(&image_request(&format!("data:image/png;base64,{cut}"))).unwrap_err();
+        assert!(e.message.contains("cannot decode"), "{}", e.message);
     }
 }
