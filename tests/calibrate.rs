@@ -218,6 +218,7 @@ fn replay_from_a_shared_prefix_equals_a_fresh_replay() {
         m,
         &b,
         &tags,
+        None,
         positions.clone(),
         chunk,
         Some(prefix),

@@ -339,6 +339,7 @@ fn generating_a_tool_call_leaves_the_replay_untouched() {
         tool_calls: Vec::new(),
         rendered_tokens: n,
         truncated: false,
+        media: None,
     };
     let cfg = ReplayConfig {
         chunk: 32,

@@ -355,3 +355,80 @@ fn trace_inspect_reports_image_tokens_per_step() {
     assert!(text.contains("images per step"), "{text}");
     assert_eq!(text.matches("1 image(s), 254 tokens").count(), 3, "{text}");
 }
+
+/// calibrate → allocate → eval end to end with images: the tiny random-weight Qwen2-VL on the
+/// WebVoyager test trajectory (three 512×384 screenshots, 254 tokens each). The table has
+/// observation/image rows; eval feeds the 762 image tokens through the vision tower and says so.
+#[test]
+fn calibrate_allocate_eval_run_with_images_on_the_tiny_vlm() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = dir();
+    let traces = root.join("traces/test/webvoyager.jsonl");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_triaxkv"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{:?}: {}",
+            args,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let calib = tmp.path().join("calib");
+    let profile = tmp.path().join("p.json");
+    let eval = tmp.path().join("eval");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    run(&[
+        &os("calibrate"),
+        &os("--model"),
+        model.as_os_str(),
+        &os("--traces"),
+        traces.as_os_str(),
+        &os("--value-group"),
+        &os("16"),
+        &os("-o"),
+        calib.as_os_str(),
+    ]);
+    let csv = std::fs::read_to_string(calib.join("sensitivity.csv")).unwrap();
+    let image_rows = csv
+        .lines()
+        .filter(|l| l.contains(",image,observation,"))
+        .count();
+    assert!(image_rows > 0, "no image rows:\n{csv}");
+    run(&[
+        &os("allocate"),
+        &os("--model"),
+        model.as_os_str(),
+        &os("--calib"),
+        calib.as_os_str(),
+        &os("--budget"),
+        &os("4"),
+        &os("-o"),
+        profile.as_os_str(),
+    ]);
+    run(&[
+        &os("eval"),
+        &os("--model"),
+        model.as_os_str(),
+        &os("--profile"),
+        profile.as_os_str(),
+        &os("--traces"),
+        traces.as_os_str(),
+        &os("--positions"),
+        &os("8"),
+        &os("--tool-calls"),
+        &os("1"),
+        &os("--gen-tokens"),
+        &os("4"),
+        &os("-o"),
+        eval.as_os_str(),
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(report["trajectories"][0]["image_tokens"], 762, "{report}");
+    let md = std::fs::read_to_string(eval.join("eval.md")).unwrap();
+    assert!(md.contains("762 image tokens fed"), "{md}");
+}

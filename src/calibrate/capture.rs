@@ -2,7 +2,7 @@
 //! token and the queries at the chosen decode positions, per layer.
 
 use crate::kvcache::{FullCache, KvCache, KvShape};
-use crate::model::llama::{Logits, Model};
+use crate::model::llama::{Logits, Media, Model};
 use crate::tags::TokenTag;
 use std::cell::RefCell;
 use std::ops::Range;
@@ -128,7 +128,7 @@ pub fn replay(
     chunk: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Capture {
-    replay_from(model, ids, tags, positions, chunk, None, progress)
+    replay_from(model, ids, tags, None, positions, chunk, None, progress)
 }
 
 /// [`replay`], continuing from `prefix` when given: a cache holding the K/V of exactly
@@ -140,6 +140,7 @@ pub fn replay_from(
     model: &Model,
     ids: &[u32],
     tags: &[TokenTag],
+    media: Option<&Media>,
     positions: Vec<usize>,
     chunk: usize,
     prefix: Option<FullCache>,
@@ -152,14 +153,27 @@ pub fn replay_from(
         "replay_from: the prefix must be whole chunks of this sequence"
     );
     let mut cache = RecordingCache::resume(full, positions);
-    model.prefill(
-        &ids[done..],
-        &tags[done..],
-        &mut cache,
-        Logits::None,
-        chunk,
-        &mut |d| progress(done + d),
-    );
+    match media {
+        // A vision-language model's images: feature rows and multimodal positions.
+        Some(m) => model.prefill_media(
+            &ids[done..],
+            &tags[done..],
+            m,
+            done,
+            &mut cache,
+            Logits::None,
+            chunk,
+            &mut |d| progress(done + d),
+        ),
+        None => model.prefill(
+            &ids[done..],
+            &tags[done..],
+            &mut cache,
+            Logits::None,
+            chunk,
+            &mut |d| progress(done + d),
+        ),
+    };
     cache.into_capture()
 }
 

@@ -1,7 +1,7 @@
 //! The calibration run: render and replay each trajectory, measure every (layer, K|V, tag,
 //! bits), cache per-trajectory results, then write the table, summary and heatmap.
 
-use super::capture::{pick_positions, replay, replay_from, reusable_prefix, Capture};
+use super::capture::{pick_positions, replay_from, reusable_prefix, Capture};
 use super::distortion::{
     column_counts, layer_distortion, quantize_layer, Protected, QuantizedLayer,
 };
@@ -13,7 +13,7 @@ use crate::model::load::LoadedModel;
 use crate::quant::Bits;
 use crate::tags::RecencyUnit;
 use crate::trace::read::TraceFile;
-use crate::trace::render::{render, RenderOptions};
+use crate::trace::render::render;
 use crate::trace::template::ChatTemplate;
 use crate::util::write_atomic;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -249,6 +249,10 @@ pub fn calibrate(
         let first = prep.positions.first().copied().unwrap_or(0);
         let prefix = prev.take().and_then(|(pi, mut cap)| {
             let p = &todo[pi].prep;
+            // Image tokens share ids whatever the image: no reuse across trajectories with media.
+            if p.media.is_some() || prep.media.is_some() {
+                return None;
+            }
             let pn = cap.full.len(0);
             let n = reusable_prefix(
                 (&ids[..upto], &tags[..upto]),
@@ -270,6 +274,7 @@ pub fn calibrate(
             &model.model,
             &ids[..upto],
             &tags[..upto],
+            prep.media.as_ref(),
             prep.positions.clone(),
             opts.chunk,
             prefix,
@@ -413,6 +418,8 @@ struct Todo<'a> {
 struct Prepared {
     ids: Vec<u32>,
     tags: Vec<crate::tags::TokenTag>,
+    /// A vision-language model's image inputs (feature rows, multimodal positions).
+    media: Option<crate::model::llama::Media>,
     positions: Vec<usize>,
     rendered_tokens: usize,
     truncated: bool,
@@ -436,8 +443,12 @@ fn prepare(
         file: file.to_path_buf(),
         msg,
     };
-    let rendered = render(traj, template, &model.tokenizer, &RenderOptions::default())
+    let rendered = render(traj, template, &model.tokenizer, &model.render_options())
         .map_err(|e| terr(e.to_string()))?;
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let media = model
+        .media(&traj.messages, dir, &rendered.ids)
+        .map_err(terr)?;
     let rendered_tokens = rendered.ids.len();
     let n = rendered_tokens.min(limit);
     let truncated = n < rendered_tokens;
@@ -474,6 +485,7 @@ fn prepare(
     Ok(Some(Prepared {
         ids: rendered.ids[..n].to_vec(),
         tags: rendered.tags[..n].to_vec(),
+        media,
         positions,
         rendered_tokens,
         truncated,
@@ -536,12 +548,14 @@ pub fn compare_quantizers(
         };
         let upto = p.positions.last().map_or(p.ids.len(), |&x| x + 1);
         tokens += upto;
-        let cap = replay(
+        let cap = replay_from(
             &model.model,
             &p.ids[..upto],
             &p.tags[..upto],
+            p.media.as_ref(),
             p.positions,
             opts.chunk,
+            None,
             &mut |_| {},
         );
         let tags = &p.tags[..upto];

@@ -374,6 +374,7 @@ pub fn proxy_check(
             positions: plan.positions.len(),
             assistant_positions: plan.assistant_positions,
             tool_call_steps: 0,
+            image_tokens: plan.image_tokens(r.fed),
         });
         for (vi, &(tag, _, kv)) in variants.iter().enumerate() {
             let mut policy = KvPolicy::uniform(shape.num_layers, PrecisionClass::FULL);
@@ -630,6 +631,7 @@ mod tests {
             tool_calls: Vec::new(),
             rendered_tokens: 40,
             truncated: false,
+            media: None,
         };
         let user = |recency| Tag {
             recency,

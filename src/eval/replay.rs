@@ -17,7 +17,7 @@
 use super::toolcall::ParsedCall;
 use crate::kvcache::quantized::CacheBytes;
 use crate::kvcache::{FullCache, KvCache, QuantCache};
-use crate::model::llama::{Logits, Model};
+use crate::model::llama::{Logits, Media, Model};
 use crate::model::sampling::argmax;
 use crate::quant::QuantError;
 use crate::tags::{Modality, Role, TokenTag};
@@ -53,6 +53,8 @@ pub struct ReplayPlan {
     /// Tokens of the whole rendering, before truncation.
     pub rendered_tokens: usize,
     pub truncated: bool,
+    /// A vision-language model's image inputs (over the whole rendering).
+    pub media: Option<Media>,
 }
 
 /// Up to `max` of `0..n` spread evenly, the last always included.
@@ -64,6 +66,14 @@ fn spread(n: usize, max: usize) -> Vec<usize> {
 }
 
 impl ReplayPlan {
+    /// Image tokens among the first `fed` tokens.
+    pub fn image_tokens(&self, fed: usize) -> usize {
+        self.tags[..fed.min(self.tags.len())]
+            .iter()
+            .filter(|t| t.modality == Modality::Image)
+            .count()
+    }
+
     /// Keep the first `limit` tokens of `rendered` (of `traj`); score up to `max_positions`
     /// assistant-predicting positions (all when `None`) and up to `max_tool_calls` tool-call
     /// steps, each spread over the trajectory.
@@ -121,6 +131,7 @@ impl ReplayPlan {
             tool_calls,
             rendered_tokens,
             truncated: n < rendered_tokens,
+            media: None,
         }
     }
 
@@ -306,12 +317,24 @@ pub fn replay(
         } else {
             Logits::None
         };
-        let logits = model.forward(
-            &plan.ids[r.clone()],
-            &plan.tags[r.clone()],
-            cache.kv(),
-            want,
-        );
+        let logits = match &plan.media {
+            Some(m) => model.prefill_media(
+                &plan.ids[r.clone()],
+                &plan.tags[r.clone()],
+                m,
+                r.start,
+                cache.kv(),
+                want,
+                r.len(),
+                &mut |_| {},
+            ),
+            None => model.forward(
+                &plan.ids[r.clone()],
+                &plan.tags[r.clone()],
+                cache.kv(),
+                want,
+            ),
+        };
         if scored {
             scored_row(next_row, &logits);
             next_row += 1;
@@ -372,7 +395,21 @@ fn generate(
         if ids.len() == cfg.gen_tokens {
             break;
         }
-        let l = model.forward(&[next], &[tag], fork.kv(), Logits::Last);
+        let l = match &plan.media {
+            // After images the positions are the multimodal ones: text continues from the
+            // position the replaced token had.
+            Some(m) => {
+                let base = m.positions.get(start).map_or_else(
+                    || m.positions.iter().flatten().max().map_or(0, |&p| p + 1),
+                    |p| p[0],
+                );
+                let p = base + ids.len() as u32 - 1;
+                let d = model.config.hidden_size;
+                let e = &model.weights.embed.data[next as usize * d..(next as usize + 1) * d];
+                model.forward_embedded(e.to_vec(), Some(&[[p; 3]]), &[tag], fork.kv(), Logits::Last)
+            }
+            None => model.forward(&[next], &[tag], fork.kv(), Logits::Last),
+        };
         next = argmax(&l);
     }
     Generated {
@@ -414,6 +451,7 @@ mod tests {
                 .collect(),
             rendered_tokens: 0,
             truncated: false,
+            media: None,
         }
     }
 

@@ -113,11 +113,19 @@ pub fn markdown(r: &EvalReport) -> String {
         }
         s.push('\n');
     }
-    let _ = writeln!(
-        s,
-        "\nThe image axis was not exercised: a text-only model reads image parts as their alt \
-         text (observation/text)."
-    );
+    let images: usize = r.trajectories.iter().map(|t| t.image_tokens).sum();
+    if images == 0 {
+        let _ = writeln!(
+            s,
+            "\nThe image axis was not exercised: a text-only model reads image parts as their \
+             alt text (observation/text), or no image was within the token limit."
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "\nImages: {images} image tokens fed to the vision-language model (modality image)."
+        );
+    }
     for p in &r.profiles {
         for e in &p.quant_errors {
             let _ = writeln!(s, "- {}: quantization error (kept at 16 bits): {e}", p.name);

@@ -12,7 +12,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::profile::{ModelIdentity, Profile};
 use crate::tags::RecencyUnit;
 use crate::trace::read::TraceFile;
-use crate::trace::render::{render, RenderOptions};
+use crate::trace::render::render;
 use crate::trace::template::ChatTemplate;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -99,10 +99,14 @@ pub fn render_plans(
                 file: f.path.clone(),
                 msg,
             };
-            let rendered = render(traj, &template, &model.tokenizer, &RenderOptions::default())
+            let rendered = render(traj, &template, &model.tokenizer, &model.render_options())
                 .map_err(|e| terr(e.to_string()))?;
             let file = f.path.display().to_string();
-            let plan = ReplayPlan::new(&file, traj, &rendered, limit, positions, tool_calls);
+            let mut plan = ReplayPlan::new(&file, traj, &rendered, limit, positions, tool_calls);
+            let dir = f.path.parent().unwrap_or(std::path::Path::new("."));
+            plan.media = model
+                .media(&traj.messages, dir, &rendered.ids)
+                .map_err(terr)?;
             model
                 .model
                 .check_tokens(&plan.ids)
@@ -186,6 +190,9 @@ pub struct TrajectoryInfo {
     pub positions: usize,
     pub assistant_positions: usize,
     pub tool_call_steps: usize,
+    /// Image tokens fed (a vision-language model's images; 0 for a text-only model).
+    #[serde(default)]
+    pub image_tokens: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -377,6 +384,7 @@ pub fn evaluate(
             positions: plan.positions.len(),
             assistant_positions: plan.assistant_positions,
             tool_call_steps: ref_gens.len(),
+            image_tokens: plan.image_tokens(r.fed),
         });
 
         for ((p, (policy, qcfg)), tot) in profiles.iter().zip(&policies).zip(&mut totals) {

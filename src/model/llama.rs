@@ -223,6 +223,70 @@ impl Model {
     }
 }
 
+/// Image inputs of a token sequence for a vision-language model: the rows that replace the
+/// image tokens' embeddings, and every token's multimodal RoPE position.
+#[derive(Debug, Clone, Default)]
+pub struct Media {
+    /// Per token of the sequence, the index of its feature row (`None`: a text token).
+    pub row_of: Vec<Option<usize>>,
+    /// Feature rows `[rows][hidden]`.
+    pub features: Vec<f32>,
+    /// `(t, h, w)` per token of the sequence.
+    pub positions: Vec<[u32; 3]>,
+}
+
+impl Model {
+    /// [`Model::prefill`] of `tokens` (which start at index `start` of `media`'s sequence):
+    /// image tokens take their feature rows, every token its multimodal position.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_media(
+        &self,
+        tokens: &[u32],
+        tags: &[TokenTag],
+        media: &Media,
+        start: usize,
+        cache: &mut dyn KvCache,
+        logits: Logits,
+        chunk: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Vec<f32> {
+        assert_eq!(tags.len(), tokens.len(), "prefill_media: one tag per token");
+        assert!(
+            media.positions.len() >= start + tokens.len()
+                && media.row_of.len() >= start + tokens.len(),
+            "prefill_media: media shorter than the sequence"
+        );
+        let dim = self.config.hidden_size;
+        let chunk = chunk.max(1);
+        let mut out = Vec::new();
+        let mut done = 0;
+        while done < tokens.len() {
+            let end = (done + chunk).min(tokens.len());
+            let want = match logits {
+                Logits::Last if end == tokens.len() => Logits::Last,
+                Logits::All => Logits::All,
+                _ => Logits::None,
+            };
+            let mut x = Vec::with_capacity((end - done) * dim);
+            for (i, &t) in tokens[done..end].iter().enumerate() {
+                match media.row_of[start + done + i] {
+                    Some(r) => x.extend_from_slice(&media.features[r * dim..(r + 1) * dim]),
+                    None => {
+                        let t = t as usize;
+                        x.extend_from_slice(&self.weights.embed.data[t * dim..(t + 1) * dim]);
+                    }
+                }
+            }
+            let pos = &media.positions[start + done..start + end];
+            let l = self.forward_embedded(x, Some(pos), &tags[done..end], cache, want);
+            out.extend_from_slice(&l);
+            done = end;
+            progress(done);
+        }
+        out
+    }
+}
+
 /// RoPE cos/sin for positions `start..start + n`, rotate-half convention (as Hugging Face):
 /// dimension `i < d/2` pairs with `i + d/2` at frequency `theta^(-2i/d)`.
 struct Rope {

@@ -56,6 +56,43 @@ pub struct LoadedModel {
     /// sha256 of the GGUF file, or of the directory's config.json and safetensors files.
     pub sha256: String,
     pub source: ModelSource,
+    /// A vision-language model's vision tower (Qwen2-VL safetensors directories).
+    pub vision: Option<super::vision::VisionTower>,
+}
+
+impl LoadedModel {
+    /// How trajectories render for this model: image parts as vision tokens when it has a
+    /// vision tower, else as their alt text.
+    pub fn render_options(&self) -> crate::trace::render::RenderOptions {
+        crate::trace::render::RenderOptions {
+            images: self
+                .vision
+                .as_ref()
+                .map(|_| crate::trace::template::ImageTokens::qwen2_vl()),
+            ..Default::default()
+        }
+    }
+
+    /// The image inputs of a rendered trajectory (`ids`, rendered with
+    /// [`render_options`](Self::render_options)) for a vision-language model; `None` for a
+    /// text-only model or a rendering without image tokens. Image paths are relative to
+    /// `trace_dir`; errors name the message and part.
+    pub fn media(
+        &self,
+        messages: &[crate::trace::schema::Message],
+        trace_dir: &Path,
+        ids: &[u32],
+    ) -> Result<Option<super::llama::Media>, String> {
+        let image_token = self
+            .tokenizer
+            .token_to_id(crate::trace::template::IMAGE_PAD);
+        match (&self.vision, image_token) {
+            (Some(tower), Some(t)) if ids.contains(&t) => {
+                super::vision::media_for(tower, messages, trace_dir, ids, t).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 /// `$TRIAXKV_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
@@ -109,6 +146,7 @@ pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
         name: stem(path),
         sha256,
         source: ModelSource::Gguf(path.to_path_buf()),
+        vision: None,
     };
     check_vocab(&loaded, path)?;
     Ok(loaded)
@@ -136,6 +174,7 @@ fn load_safetensors_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
         name: stem(dir),
         sha256: hash_dir(dir)?,
         source: ModelSource::SafetensorsDir(dir.to_path_buf()),
+        vision: super::vision::load_tower(dir)?,
     };
     check_vocab(&loaded, dir)?;
     Ok(loaded)

@@ -101,3 +101,69 @@ pub fn mrope_positions(
     }
     Ok(out)
 }
+
+/// The [`Media`](crate::model::llama::Media) of a rendered trajectory for a Qwen2-VL model:
+/// every image part of `messages` (in order; a `path` relative to `trace_dir`, or a base64
+/// `data` URI) is decoded, preprocessed and run through `tower`; its features fill the
+/// `<|image_pad|>` tokens (`image_token`) of `ids` in order, and the positions are the
+/// multimodal ones. Errors name the message and part.
+pub fn media_for(
+    tower: &VisionTower,
+    messages: &[crate::trace::schema::Message],
+    trace_dir: &Path,
+    ids: &[u32],
+    image_token: u32,
+) -> Result<crate::model::llama::Media, String> {
+    use crate::trace::schema::Part;
+    use base64::Engine;
+    let cfg = PreprocessConfig::default();
+    let mut grids = Vec::new();
+    let mut features = Vec::new();
+    for (mi, m) in messages.iter().enumerate() {
+        for (pi, part) in m.content.iter().enumerate() {
+            let Part::Image { path, data, .. } = part else {
+                continue;
+            };
+            let at = |e: String| format!("message {mi}, part {pi}: {e}");
+            let bytes = match (path, data) {
+                (Some(p), _) => {
+                    let f = trace_dir.join(p);
+                    std::fs::read(&f).map_err(|e| at(format!("{}: {e}", f.display())))?
+                }
+                (None, Some(d)) => {
+                    let payload = d.split_once(',').map_or(d.as_str(), |(_, b)| b);
+                    base64::engine::general_purpose::STANDARD
+                        .decode(payload.trim())
+                        .map_err(|e| at(format!("invalid base64: {e}")))?
+                }
+                (None, None) => return Err(at("an image part needs `path` or `data`".into())),
+            };
+            let img = decode(&bytes).map_err(|e| at(e.to_string()))?;
+            let patches = preprocess(&img, &cfg).map_err(|e| at(e.to_string()))?;
+            features.extend(tower.forward(&patches).map_err(|e| at(e.to_string()))?);
+            grids.push(patches.grid);
+        }
+    }
+    let positions = mrope_positions(ids, image_token, &grids, cfg.merge_size)?;
+    let mut row_of = Vec::with_capacity(ids.len());
+    let mut next = 0usize;
+    for &id in ids {
+        if id == image_token {
+            row_of.push(Some(next));
+            next += 1;
+        } else {
+            row_of.push(None);
+        }
+    }
+    let rows = features.len() / tower.config.hidden_size.max(1);
+    if next != rows {
+        return Err(format!(
+            "{next} image tokens in the rendering, {rows} feature rows from its images"
+        ));
+    }
+    Ok(crate::model::llama::Media {
+        row_of,
+        features,
+        positions,
+    })
+}
