@@ -40,7 +40,7 @@ config = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "hidden_act": "silu",
-    "max_position_embeddings": 4096,
+    "max_position_embeddings": 32768,
     "rms_norm_eps": 1e-6,
     "rope_theta": 1000000.0,
     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
