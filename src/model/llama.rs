@@ -204,22 +204,9 @@ impl Model {
         progress: &mut dyn FnMut(usize),
     ) -> Vec<f32> {
         assert_eq!(tags.len(), tokens.len(), "prefill: one tag per token");
-        let chunk = chunk.max(1);
-        let mut out = Vec::new();
-        let mut done = 0;
-        while done < tokens.len() {
-            let end = (done + chunk).min(tokens.len());
-            let want = match logits {
-                Logits::Last if end == tokens.len() => Logits::Last,
-                Logits::All => Logits::All,
-                _ => Logits::None,
-            };
-            let l = self.forward(&tokens[done..end], &tags[done..end], cache, want);
-            out.extend_from_slice(&l);
-            done = end;
-            progress(done);
-        }
-        out
+        chunked(tokens.len(), logits, chunk, progress, |r, want| {
+            self.forward(&tokens[r.clone()], &tags[r], cache, want)
+        })
     }
 }
 
@@ -257,34 +244,47 @@ impl Model {
             "prefill_media: media shorter than the sequence"
         );
         let dim = self.config.hidden_size;
-        let chunk = chunk.max(1);
-        let mut out = Vec::new();
-        let mut done = 0;
-        while done < tokens.len() {
-            let end = (done + chunk).min(tokens.len());
-            let want = match logits {
-                Logits::Last if end == tokens.len() => Logits::Last,
-                Logits::All => Logits::All,
-                _ => Logits::None,
-            };
-            let mut x = Vec::with_capacity((end - done) * dim);
-            for (i, &t) in tokens[done..end].iter().enumerate() {
-                match media.row_of[start + done + i] {
-                    Some(r) => x.extend_from_slice(&media.features[r * dim..(r + 1) * dim]),
+        chunked(tokens.len(), logits, chunk, progress, |r, want| {
+            let mut x = Vec::with_capacity(r.len() * dim);
+            for (i, &t) in tokens[r.clone()].iter().enumerate() {
+                match media.row_of[start + r.start + i] {
+                    Some(row) => x.extend_from_slice(&media.features[row * dim..(row + 1) * dim]),
                     None => {
                         let t = t as usize;
                         x.extend_from_slice(&self.weights.embed.data[t * dim..(t + 1) * dim]);
                     }
                 }
             }
-            let pos = &media.positions[start + done..start + end];
-            let l = self.forward_embedded(x, Some(pos), &tags[done..end], cache, want);
-            out.extend_from_slice(&l);
-            done = end;
-            progress(done);
-        }
-        out
+            let pos = &media.positions[start + r.start..start + r.end];
+            self.forward_embedded(x, Some(pos), &tags[r], cache, want)
+        })
     }
+}
+
+/// Run `n` tokens in chunks of `chunk` through `run(range, logits wanted)`: all logits, the
+/// last chunk's last row, or none, as `logits` asks; `progress(done)` after each chunk.
+fn chunked(
+    n: usize,
+    logits: Logits,
+    chunk: usize,
+    progress: &mut dyn FnMut(usize),
+    mut run: impl FnMut(std::ops::Range<usize>, Logits) -> Vec<f32>,
+) -> Vec<f32> {
+    let chunk = chunk.max(1);
+    let mut out = Vec::new();
+    let mut done = 0;
+    while done < n {
+        let end = (done + chunk).min(n);
+        let want = match logits {
+            Logits::Last if end == n => Logits::Last,
+            Logits::All => Logits::All,
+            _ => Logits::None,
+        };
+        out.extend_from_slice(&run(done..end, want));
+        done = end;
+        progress(done);
+    }
+    out
 }
 
 /// RoPE cos/sin for positions `start..start + n`, rotate-half convention (as Hugging Face):
