@@ -6,11 +6,15 @@
 // tokens of the 16-bit class in table order. Launched from src/gpu/prefill_attention.rs; CPU
 // reference: tests/gpu.rs (prefill_attention_matches_cpu_reference).
 //
-// One CTA = (8 query tokens, one KV head): its rows are the 8 tokens x the GQA group's query
-// heads (<= 64). A tile of up to 32 context tokens of one block is dequantized into shared
-// memory (keys f32, values f16), read once per CTA; each warp runs an online softmax for its
-// rows with one context token per lane for the scores. Head dim 128 (smaller heads arrive
-// zero-padded); head-dim-sized arithmetic on CUDA cores, not tensor cores: correct first.
+// Two launches per layer: tkv_gather_tokens decodes every token of the sequence once (any class,
+// to f32: quantized classes first, then the 16-bit tokens in table order), then one CTA =
+// (64 / GQA query tokens, one KV head): 64 rows = the tokens x the GQA group's query heads, 16
+// per warp. A tile of 64 decoded tokens goes to shared memory as fp16 (keys [token][dim],
+// values [dim][token]) and is read by every warp: S = Q K^T and O += P V on tensor cores
+// (mma.m16n8k16, fp32 accumulate), Q, S/P and O in registers (FlashAttention-2 style online
+// softmax). Decoding once per call, not once per CTA, keeps the packed classes as cheap as
+// 16-bit (the CTAs of a chunk would otherwise each decode the whole history). Head dim 128
+// (smaller heads arrive zero-padded).
 
 #include <cuda_fp16.h>
 
@@ -18,7 +22,7 @@
 
 namespace tkp {
 
-enum { D = 128, QT = 8, KT = 32, NWARPS = 8, MAX_GQA = 8, MAX_ROWS = QT * MAX_GQA };
+enum { D = 128, KT = 64, NWARPS = 4, ROWS = NWARPS * 16, MAX_GQA = 8 };
 enum { CLASS_F16 = 0, CLASS_INT4 = 1, CLASS_INT2 = 2, CLASS_FP8 = 3, NUM_CLASSES = 4 };
 
 struct ClassTable {
@@ -30,19 +34,19 @@ struct ClassTable {
 };
 
 struct PrefillParams {
-  const unsigned char* pool;
-  long long slab_bytes;
+  const float* k;  // f32 [n][kv_heads][128]: the sequence's tokens decoded by tkv_gather_tokens,
+  const float* v;  // every quantized token first, then the 16-bit tokens in table order
+  int n, n_quant;
   int kv_heads, q_heads, gqa, rows;  // rows: query tokens of the chunk
   int f16_base;                      // 16-bit tokens in the table before the chunk's first
-  int v_group;
+  int _pad0;
   const unsigned short* q;           // fp16 [rows][q_heads][128]
   float* out;                        // f32 [rows][q_heads][128]
   float scale_log2;                  // softmax scale * log2(e)
   int _pad;
-  ClassTable cls[NUM_CLASSES];
 };
 static_assert(sizeof(ClassTable) == 48, "ClassTable layout: update src/gpu/prefill_attention.rs");
-static_assert(sizeof(PrefillParams) == 256, "PrefillParams layout: update src/gpu/prefill_attention.rs");
+static_assert(sizeof(PrefillParams) == 72, "PrefillParams layout: update src/gpu/prefill_attention.rs");
 
 __device__ __forceinline__ int lane_word(int lane, int j, int nw) {
   const int r = nw < 4 ? nw : 4;
@@ -131,101 +135,223 @@ __device__ __forceinline__ float load_v(int cls, const unsigned char* slab, cons
 
 using namespace tkp;
 
+__device__ __forceinline__ void mma16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned pack_h2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+
 extern "C" __global__ void __launch_bounds__(NWARPS * 32)
     tkv_prefill_attention(const PrefillParams p) {
-  __shared__ float ks[KT][D + 1];
-  __shared__ __half vs[KT][D];
-  __shared__ __half qs[MAX_ROWS][D];
-  __shared__ int valid_limit[QT];
+  // Context tile: keys [token][dim], values transposed [dim][token], fp16, padded rows so the
+  // fragment loads hit 32 distinct banks.
+  __shared__ __align__(16) __half ks[KT][D + 8];
+  __shared__ __align__(16) __half vt[D][KT + 8];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int kvh = blockIdx.y, tok0 = blockIdx.x * QT;
-  const int qtoks = min(QT, p.rows - tok0);
+  const int g = lane >> 2, t4 = lane & 3;
+  const int kvh = blockIdx.y;
+  const int qt_per_cta = ROWS / p.gqa;
+  const int tok0 = blockIdx.x * qt_per_cta;
+  const int qtoks = min(qt_per_cta, p.rows - tok0);
   const int nrows = qtoks * p.gqa;
 
-  for (int i = tid; i < nrows * D; i += blockDim.x) {
-    const int r = i / D, d = i % D, qt = r / p.gqa, g = r % p.gqa;
-    const long long at = ((long long)(tok0 + qt) * p.q_heads + kvh * p.gqa + g) * D + d;
-    qs[r][d] = __ushort_as_half(p.q[at]);
-  }
-  if (tid < QT) valid_limit[tid] = p.f16_base + tok0 + tid + 1;
-
-  // Per row of this warp (rows warp, warp + 8, ...): running max, sum, 4 output dims per lane.
-  float m_run[MAX_ROWS / NWARPS], l_run[MAX_ROWS / NWARPS], acc[MAX_ROWS / NWARPS][4];
+  // This lane's two rows (g and g + 8 of the warp's 16) and their causal limits.
+  int row_q[2], limit[2];
+  bool row_ok[2];
 #pragma unroll
-  for (int i = 0; i < MAX_ROWS / NWARPS; i++) {
-    m_run[i] = -TKP_INF;
-    l_run[i] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 4; j++) acc[i][j] = 0.f;
+  for (int h = 0; h < 2; h++) {
+    const int r = warp * 16 + g + 8 * h;
+    row_ok[h] = r < nrows;
+    row_q[h] = row_ok[h] ? ((tok0 + r / p.gqa) * p.q_heads + kvh * p.gqa + r % p.gqa) : -1;
+    limit[h] = p.f16_base + tok0 + (row_ok[h] ? r / p.gqa : 0) + 1;
   }
+  // Q fragments (A operand, 16 rows x 128 dims = 8 k-steps), straight from global memory.
+  unsigned qa[8][4];
+#pragma unroll
+  for (int s = 0; s < 8; s++) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      unsigned lo = 0, hi = 0;
+      if (row_ok[h]) {
+        const unsigned* q = reinterpret_cast<const unsigned*>(p.q + (long long)row_q[h] * D);
+        lo = q[(16 * s + 2 * t4) / 2];
+        hi = q[(16 * s + 2 * t4 + 8) / 2];
+      }
+      qa[s][h] = lo;      // a0 (row g), a1 (row g + 8)
+      qa[s][2 + h] = hi;  // a2, a3
+    }
+  }
+  float o[16][4];
+#pragma unroll
+  for (int j = 0; j < 16; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m_run[2] = {-TKP_INF, -TKP_INF}, l_run[2] = {0.f, 0.f};
 
-  for (int cls = 0; cls < NUM_CLASSES; cls++) {
-    const ClassTable ct = p.cls[cls];
-    int ordinal = 0;  // tokens of this class before the current block (the causal rule)
-    for (int e = ct.begin; e < ct.end; e++) {
-      const int n = ct.ntok[e];
-      const unsigned char* slab = p.pool + ((long long)ct.slot[e] * p.kv_heads + kvh) * p.slab_bytes;
-      for (int t0 = 0; t0 < n; t0 += KT) {
-        const int nt = min(KT, n - t0);
-        __syncthreads();  // the previous tile (and q) are consumed / written
-        for (int i = tid; i < KT * D; i += blockDim.x) {
-          const int t = i / D, d = i % D;
-          float k = 0.f, v = 0.f;
-          if (t < nt) {
-            k = load_k(cls, slab, ct, t0 + t, d);
-            v = load_v(cls, slab, ct, p.v_group, t0 + t, d);
-          }
-          ks[t][d] = k;
-          vs[t][d] = __float2half_rn(v);
+  for (int base = 0; base < p.n; base += KT) {
+    {
+      const int n = min(KT, p.n - base);
+      __syncthreads();  // the previous tile is consumed
+      for (int i = tid; i < KT * D; i += blockDim.x) {
+        const int t = i / D, d = i % D;
+        float k = 0.f, v = 0.f;
+        if (t < n) {
+          const long long at = ((long long)(base + t) * p.kv_heads + kvh) * D + d;
+          k = p.k[at];
+          v = p.v[at];
         }
-        __syncthreads();
+        ks[t][d] = __float2half_rn(k);
+        vt[d][t] = __float2half_rn(v);
+      }
+      __syncthreads();
+      // S = Q K^T: 8 n-tiles of 8 tokens.
+      float sc[KT / 8][4];
 #pragma unroll
-        for (int i = 0; i < MAX_ROWS / NWARPS; i++) {
-          const int r = warp + i * NWARPS;
-          if (r < nrows) {
-            const int qt = r / p.gqa;
-            bool live = lane < nt;
-            if (cls == CLASS_F16) live = live && ordinal + t0 + lane < valid_limit[qt];
-            float s = 0.f;
-            if (live) {
-#pragma unroll 8
-              for (int d = 0; d < D; d++) s += __half2float(qs[r][d]) * ks[lane][d];
-            }
-            s = live ? s * p.scale_log2 : -TKP_INF;
-            float mx = s;
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            const float m_new = fmaxf(m_run[i], mx);
-            if (m_new != -TKP_INF) {
-              const float corr = exp2f(m_run[i] - m_new);
-              const float pr = live ? exp2f(s - m_new) : 0.f;
-              float ps = pr;
-              for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
-              l_run[i] = l_run[i] * corr + ps;
+      for (int j = 0; j < KT / 8; j++) {
+        sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+        const unsigned* krow = reinterpret_cast<const unsigned*>(&ks[8 * j + g][0]);
 #pragma unroll
-              for (int j = 0; j < 4; j++) acc[i][j] *= corr;
-              for (int t = 0; t < nt; t++) {
-                const float pt = __shfl_sync(0xffffffffu, pr, t);
+        for (int s = 0; s < 8; s++)
+          mma16816(sc[j], qa[s][0], qa[s][1], qa[s][2], qa[s][3], krow[8 * s + t4],
+                   krow[8 * s + t4 + 4]);
+      }
+      // Mask, scale, online softmax over this lane's rows (the quad t4 = 0..3 shares a row).
+      float mx[2] = {-TKP_INF, -TKP_INF};
 #pragma unroll
-                for (int j = 0; j < 4; j++) acc[i][j] += pt * __half2float(vs[t][lane * 4 + j]);
-              }
-              m_run[i] = m_new;
-            }
-          }
+      for (int j = 0; j < KT / 8; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int h = e >> 1, t = 8 * j + 2 * t4 + (e & 1);
+          const int i = base + t;
+          const bool live = t < n && (i < p.n_quant || i - p.n_quant < limit[h]);
+          const float x = live ? sc[j][e] * p.scale_log2 : -TKP_INF;
+          sc[j][e] = x;
+          mx[h] = fmaxf(mx[h], x);
         }
       }
-      ordinal += n;
+      float corr[2];
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        const float m_new = fmaxf(m_run[h], mx[h]);
+        const float base = m_new == -TKP_INF ? 0.f : m_new;
+        corr[h] = exp2f(m_run[h] - base);
+        m_run[h] = m_new;
+        mx[h] = base;  // the exponent base from here on
+      }
+      float ls[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < KT / 8; j++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int h = e >> 1;
+          const float pr = exp2f(sc[j][e] - mx[h]);
+          sc[j][e] = pr;
+          ls[h] += pr;
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        ls[h] += __shfl_xor_sync(0xffffffffu, ls[h], 1);
+        ls[h] += __shfl_xor_sync(0xffffffffu, ls[h], 2);
+        l_run[h] = l_run[h] * corr[h] + ls[h];
+      }
+#pragma unroll
+      for (int j = 0; j < 16; j++) {
+        o[j][0] *= corr[0];
+        o[j][1] *= corr[0];
+        o[j][2] *= corr[1];
+        o[j][3] *= corr[1];
+      }
+      // O += P V: P (16 rows x KT tokens) from the score registers, V^T from shared memory.
+#pragma unroll
+      for (int s = 0; s < KT / 16; s++) {
+        const unsigned a0 = pack_h2(sc[2 * s][0], sc[2 * s][1]);
+        const unsigned a1 = pack_h2(sc[2 * s][2], sc[2 * s][3]);
+        const unsigned a2 = pack_h2(sc[2 * s + 1][0], sc[2 * s + 1][1]);
+        const unsigned a3 = pack_h2(sc[2 * s + 1][2], sc[2 * s + 1][3]);
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+          const unsigned* vrow = reinterpret_cast<const unsigned*>(&vt[8 * j + g][0]);
+          mma16816(o[j], a0, a1, a2, a3, vrow[8 * s + t4], vrow[8 * s + t4 + 4]);
+        }
+      }
     }
   }
 #pragma unroll
-  for (int i = 0; i < MAX_ROWS / NWARPS; i++) {
-    const int r = warp + i * NWARPS;
-    if (r < nrows) {
-      const int qt = r / p.gqa, g = r % p.gqa;
-      const float inv = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
-      float* o = p.out + ((long long)(tok0 + qt) * p.q_heads + kvh * p.gqa + g) * D + lane * 4;
+  for (int h = 0; h < 2; h++) {
+    if (!row_ok[h]) continue;
+    const float inv = l_run[h] > 0.f ? 1.f / l_run[h] : 0.f;
+    float* out = p.out + (long long)row_q[h] * D;
 #pragma unroll
-      for (int j = 0; j < 4; j++) o[j] = acc[i][j] * inv;
+    for (int j = 0; j < 16; j++) {
+      float2 v2 = make_float2(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
+      *reinterpret_cast<float2*>(out + 8 * j + 2 * t4) = v2;
     }
   }
+}
+
+// ---- Token moves of the serving runtime's block pool (src/gpu/token_moves.rs) --------------
+// The pool is `layers` stacked layer pools of `layer_slots` slots (`DeviceCache::allocate_layers`);
+// slab (layer l, slot s, KV head h) at ((l * layer_slots + s) * kv_heads + h) * slab_bytes.
+
+namespace tkp {
+struct MoveParams {
+  unsigned char* pool;
+  long long slab_bytes;
+  long long layer_slots;
+  int kv_heads, n, v_group, _pad;
+  const int* slot;  // n blocks (pool slot within a layer)
+  const int* cls;   // their classes (gather) — unused by the 16-bit store
+  const int* tok;   // token index inside each block
+  float* k;         // f32 [layer][n][kv_heads][128]
+  float* v;
+  ClassTable ct[NUM_CLASSES];  // only the byte offsets are read
+};
+static_assert(sizeof(MoveParams) == 80 + NUM_CLASSES * sizeof(ClassTable),
+              "MoveParams layout: update src/gpu/token_moves.rs");
+}  // namespace tkp
+
+// Grid (n, kv_heads, layers) x 128 threads: token i's key and value of one head, decoded from
+// any class, to f32.
+extern "C" __global__ void __launch_bounds__(128) tkv_gather_tokens(const MoveParams p) {
+  const int i = blockIdx.x, h = blockIdx.y, l = blockIdx.z, d = threadIdx.x;
+  const int c = p.cls[i];
+  const unsigned char* slab =
+      p.pool + ((l * p.layer_slots + p.slot[i]) * p.kv_heads + h) * p.slab_bytes;
+  const long long o = (((long long)l * p.n + i) * p.kv_heads + h) * D + d;
+  p.k[o] = load_k(c, slab, p.ct[c], p.tok[i], d);
+  p.v[o] = load_v(c, slab, p.ct[c], p.v_group, p.tok[i], d);
+}
+
+// Grid (n, kv_heads, layers) x 128 threads: f32 k/v of token i -> fp16 into token tok[i] of the
+// 16-bit block in slot slot[i].
+extern "C" __global__ void __launch_bounds__(128) tkv_store_f16(const MoveParams p) {
+  const int i = blockIdx.x, h = blockIdx.y, l = blockIdx.z, d = threadIdx.x;
+  unsigned char* slab = p.pool + ((l * p.layer_slots + p.slot[i]) * p.kv_heads + h) * p.slab_bytes;
+  const long long o = (((long long)l * p.n + i) * p.kv_heads + h) * D + d;
+  int off, shift;
+  k_pos(CLASS_F16, p.tok[i], d, off, shift);
+  *reinterpret_cast<__half*>(slab + off) = __float2half_rn(p.k[o]);
+  v_pos(CLASS_F16, p.ct[CLASS_F16].v_off, p.tok[i], d, off, shift);
+  *reinterpret_cast<__half*>(slab + off) = __float2half_rn(p.v[o]);
+}
+
+// Grid (n, layers) x 256 threads: zero slot slots[i] of every layer (`slot_bytes` = kv_heads *
+// slab bytes, a multiple of 16).
+extern "C" __global__ void __launch_bounds__(256)
+    tkv_zero_slots(unsigned char* pool, long long layer_slots, long long slot_bytes,
+                   const int* slots) {
+  const int i = blockIdx.x, l = blockIdx.y;
+  uint4* p = reinterpret_cast<uint4*>(pool + (l * layer_slots + slots[i]) * slot_bytes);
+  const long long words = slot_bytes / 16;
+  for (long long w = threadIdx.x; w < words; w += blockDim.x) p[w] = make_uint4(0, 0, 0, 0);
 }

@@ -15,7 +15,9 @@
 # DECODE_STEP_ARGS2, when set, runs it a second time with those arguments). SDPA_BATCH and
 # SDPA_CONTEXT (comma-separated) set the SDPA baseline's grid (default 1,8,32 x 4k,32k,128k).
 # FORWARD=1 runs `eval gpu-forward` (GPU vs CPU forward of a real model; MODEL names the GGUF,
-# FORWARD_ARGS adds arguments, e.g. "--max-tokens 1024").
+# FORWARD_ARGS adds arguments, e.g. "--max-tokens 1024"). SERVE=1 runs `bench serve` on the
+# packed workload (serve-workload.json, rendered here by --pack from traces/calib and
+# traces/test; SERVE_ARGS adds arguments, e.g. "--kv-memory 4GiB --duration 60").
 set -uo pipefail
 
 if [ "${1:-}" = "--pack" ]; then
@@ -34,6 +36,11 @@ for l in sys.stdin:
   strip -o "$dir/triaxkv" "$target/debug/triaxkv"
   strip -o "$dir/gpu-tests" "$test_bin"
   cp scripts/gpu-check.sh scripts/gpu/sdpa_baseline.py "$dir/"
+  # bench serve's workload needs the tokenizer, which the GPU machine lacks: render it here.
+  "$target/debug/triaxkv" bench serve-workload --traces traces/calib traces/test \
+    -o "$dir/serve-workload.json"
+  mkdir -p "$dir/profiles"
+  cp profiles/*.json "$dir/profiles/"
   # xz shrinks the binaries ~5x: the carried tree, binaries and any model share 64 MiB.
   rm -f "$dir/triaxkv.xz" "$dir/gpu-tests.xz"
   xz -T2 -6 "$dir/triaxkv" "$dir/gpu-tests"
@@ -116,6 +123,15 @@ if [ "${FORWARD:-0}" = 1 ]; then
   # shellcheck disable=SC2086
   "$HERE/triaxkv" eval gpu-forward ${MODEL:+--model "$MODEL"} -o "$OUT/gpu-forward" \
     ${FORWARD_ARGS:-} 2>&1 | tee "$OUT/gpu_forward.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if [ "${SERVE:-0}" = 1 ]; then
+  echo "== bench serve (random weights, recorded agent sessions)"
+  # shellcheck disable=SC2086
+  (cd "$HERE" && ./triaxkv bench serve --workload serve-workload.json \
+    --json "$OUT/bench_serve.json" --markdown "$OUT/bench_serve.md" ${SERVE_ARGS:-}) \
+    2>&1 | tee "$OUT/serve.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 

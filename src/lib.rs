@@ -8,6 +8,7 @@ pub mod gpu;
 pub mod kvcache;
 pub mod linalg;
 pub mod model;
+pub mod paged;
 pub mod profile;
 pub mod quant;
 pub mod raster;

@@ -1151,7 +1151,7 @@ fn prefill_attention_matches_cpu_reference() {
     let Some(gpu) = gpu_or_skip("prefill_attention_matches_cpu_reference") else {
         return;
     };
-    let kernel = PrefillAttention::load(&gpu).unwrap();
+    let mut kernel = PrefillAttention::load(&gpu).unwrap();
     // (q heads, kv heads, value group, tokens per class of the chunk's sequence, chunk rows)
     let cases: Vec<(usize, usize, usize, [usize; 4], usize)> = vec![
         (12, 4, 64, [70, 130, 300, 40], 37),
@@ -1253,4 +1253,177 @@ fn prefill_attention_matches_cpu_reference() {
             .is_err());
     }
     assert!(failures.is_empty(), "over tolerance {TOL}: {failures:?}");
+}
+
+/// The serving pool's token moves (`gpu::token_moves`) on a stacked two-layer pool: tokens of
+/// every class moved into 16-bit blocks decode to the CPU's dequantized values (rounded to
+/// fp16), and blocks quantized from 16-bit staging are byte-identical to the CPU packer on
+/// the same 16-bit values; each layer reads and writes only its own pool.
+#[test]
+#[allow(clippy::needless_range_loop)] // layer, head and slot index several tables at once
+fn token_moves_match_cpu_blocks_in_every_layer() {
+    use triaxkv::gpu::token_moves::TokenMoves;
+    use triaxkv::paged::pool::{Move, Ops, Quantize};
+    let Some(gpu) = gpu_or_skip("token_moves_match_cpu_blocks_in_every_layer") else {
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(0x70);
+    let (kv_heads, d, layers, slots) = (2usize, 128usize, 2usize, 24usize);
+    let layout = PagedLayout::new(4 * kv_heads, kv_heads, 1, 64).unwrap();
+    // Per layer: slot 0 INT4 (64 tokens), 1 INT2 (128), 2 FP8 (32), 3 F16 (16).
+    let sources = [
+        (0u32, KvClass::Int4),
+        (1, KvClass::Int2),
+        (2, KvClass::Fp8),
+        (3, KvClass::F16),
+    ];
+    let mut pool_bytes = Vec::new();
+    // decoded[layer][slot][head] = (k, v) the CPU decodes.
+    let mut decoded = Vec::new();
+    for _ in 0..layers {
+        let mut host = HostCache::new(layout.clone(), slots);
+        let mut per_slot = Vec::new();
+        for &(slot, c) in &sources {
+            let g = *layout.geom(c);
+            let mut heads = Vec::new();
+            let mut dec = Vec::new();
+            for _ in 0..kv_heads {
+                let k: Vec<f32> = (0..g.tokens * d)
+                    .map(|_| rng.random_range(-3.0..3.0f32))
+                    .collect();
+                let v: Vec<f32> = (0..g.tokens * d)
+                    .map(|_| rng.random_range(-2.0..2.0f32))
+                    .collect();
+                let b = QuantizedBlock::quantize(g, &k, &v).unwrap();
+                dec.push(b.dequantize());
+                heads.push(b);
+            }
+            host.put(0, slot as usize, &heads).unwrap();
+            per_slot.push(dec);
+        }
+        pool_bytes.extend_from_slice(&host.pool);
+        decoded.push(per_slot);
+    }
+    let mut layout = layout;
+    layout.slots = slots;
+    let mut pool = gpu.upload(&pool_bytes).unwrap();
+    let mut moves = TokenMoves::new(&gpu, &layout, layers, 130).unwrap();
+
+    // Pass 1: the whole INT2 block into 16-bit slots 4..12 (a scratch of 130 tokens: two
+    // launches), then a few tokens of every class into slot 12.
+    let mut ops = Ops {
+        zero: (4..13).collect(),
+        ..Default::default()
+    };
+    for t in 0..128u32 {
+        ops.moves.push(Move {
+            src_slot: 1,
+            src_class: KvClass::Int2,
+            src_tok: t,
+            dst_slot: 4 + t / 16,
+            dst_tok: t % 16,
+        });
+    }
+    let picks = [
+        (0u32, KvClass::Int4, 5u32),
+        (0, KvClass::Int4, 63),
+        (2, KvClass::Fp8, 31),
+        (3, KvClass::F16, 15),
+        (1, KvClass::Int2, 77),
+    ];
+    for (i, &(s, c, t)) in picks.iter().enumerate() {
+        ops.moves.push(Move {
+            src_slot: s,
+            src_class: c,
+            src_tok: t,
+            dst_slot: 12,
+            dst_tok: i as u32,
+        });
+    }
+    moves.run(&gpu, &layout, &mut pool, &ops).unwrap();
+    // Pass 2: quantize from the 16-bit copies: INT4 from slots 4..8, INT2 from 4..12, FP8
+    // from 4..6.
+    let src = |blocks: std::ops::Range<u32>| -> Vec<(u32, u32)> {
+        blocks.flat_map(|b| (0..16).map(move |t| (b, t))).collect()
+    };
+    let ops2 = Ops {
+        quantize: vec![
+            Quantize {
+                class: KvClass::Int4,
+                dst_slot: 13,
+                src: src(4..8),
+            },
+            Quantize {
+                class: KvClass::Int2,
+                dst_slot: 14,
+                src: src(4..12),
+            },
+            Quantize {
+                class: KvClass::Fp8,
+                dst_slot: 15,
+                src: src(4..6),
+            },
+        ],
+        ..Default::default()
+    };
+    moves.run(&gpu, &layout, &mut pool, &ops2).unwrap();
+    let got = gpu.download(&pool).unwrap();
+    let f16 = |x: f32| half::f16::from_f32(x).to_f32();
+    let g16 = *layout.geom(KvClass::F16);
+    let mut worst = 0f32;
+    for l in 0..layers {
+        let base = l * layout.pool_bytes();
+        let read16 = |slot: usize, h: usize, len: usize| {
+            let at = base + layout.slab_offset(slot, h);
+            QuantizedBlock::unpack(g16, &got[at..at + g16.slab_bytes()], len)
+                .unwrap()
+                .dequantize()
+        };
+        for h in 0..kv_heads {
+            // The INT2 block's 128 tokens, 16-bit.
+            let (dk, dv) = &decoded[l][1][h];
+            let mut k16 = Vec::new();
+            let mut v16 = Vec::new();
+            for b in 0..8 {
+                let (k, v) = read16(4 + b, h, 16);
+                k16.extend_from_slice(&k);
+                v16.extend_from_slice(&v);
+            }
+            for (a, b) in k16.iter().zip(dk).chain(v16.iter().zip(dv)) {
+                worst = worst.max((a - f16(*b)).abs());
+            }
+            // The picked tokens.
+            let (k, v) = read16(12, h, picks.len());
+            for (i, &(s, _, t)) in picks.iter().enumerate() {
+                let (dk, dv) = &decoded[l][s as usize][h];
+                let t = t as usize;
+                for e in 0..d {
+                    worst = worst.max((k[i * d + e] - f16(dk[t * d + e])).abs());
+                    worst = worst.max((v[i * d + e] - f16(dv[t * d + e])).abs());
+                }
+            }
+            // Quantized from the 16-bit copies: byte-identical to the CPU packer.
+            for (slot, c, n) in [
+                (13usize, KvClass::Int4, 64usize),
+                (14, KvClass::Int2, 128),
+                (15, KvClass::Fp8, 32),
+            ] {
+                let g = *layout.geom(c);
+                let want = QuantizedBlock::quantize(g, &k16[..n * d], &v16[..n * d])
+                    .unwrap()
+                    .pack();
+                let at = base + layout.slab_offset(slot, h);
+                assert_eq!(
+                    &got[at..at + want.len()],
+                    &want[..],
+                    "layer {l} head {h}: {c:?} block from 16-bit staging differs from the CPU packer"
+                );
+            }
+        }
+    }
+    assert!(
+        worst < 1e-3,
+        "moved tokens differ from the CPU's decoded values by {worst}"
+    );
+    eprintln!("token moves: 2 layers × {kv_heads} heads, max |Δ| {worst:.2e}; 3 quantized blocks byte-identical");
 }

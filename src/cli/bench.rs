@@ -3,6 +3,8 @@
 //! `triaxkv bench attention`: the GPU decode-attention kernel per batch × context × cache
 //! (`bench_attention.rs`).
 //! `triaxkv bench decode-step`: a whole-model GPU decode step (`bench_decode_step.rs`).
+//! `triaxkv bench serve-workload` / `serve`: concurrent agent sessions on the GPU
+//! (`bench_serve.rs`).
 
 use anyhow::{bail, Context, Result};
 use std::cell::Cell;
@@ -24,6 +26,11 @@ pub enum BenchCommand {
     /// One whole-model GPU decode step (random bf16 weights of a named shape: speed only)
     /// over a paged KV cache per kind: step time, attention share, tokens/s, KV bytes.
     DecodeStep(super::bench_decode_step::DecodeStepArgs),
+    /// Render agent traces into a serving workload for `bench serve` (needs the tokenizer).
+    ServeWorkload(super::bench_serve::WorkloadArgs),
+    /// Concurrent multi-turn agent sessions served on the GPU from a fixed KV memory, per
+    /// cache: sessions held, decode tokens/s, time to first token, inter-token latency.
+    Serve(super::bench_serve::ServeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,6 +60,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Cpu(args) => cpu(args),
         BenchCommand::Attention(args) => super::bench_attention::run(args),
         BenchCommand::DecodeStep(args) => super::bench_decode_step::run(args),
+        BenchCommand::ServeWorkload(args) => super::bench_serve::workload(args),
+        BenchCommand::Serve(args) => super::bench_serve::run(args),
     }
 }
 

@@ -5,6 +5,7 @@ mod allocate;
 mod bench;
 mod bench_attention;
 mod bench_decode_step;
+mod bench_serve;
 mod calibrate;
 mod eval;
 mod generate;

@@ -71,7 +71,7 @@ pub struct ServeArgs {
 
 /// `512MiB`, `2GiB`, `1.5G`, `1000000`: binary units (KiB/MiB/GiB, K/M/G) and decimal
 /// ones (KB/MB/GB).
-fn parse_size(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

@@ -119,7 +119,7 @@ struct TrajectoryJson<'a> {
     messages: Vec<SpanJson>,
 }
 
-fn load_tokenizer(model: Option<&Path>) -> anyhow::Result<(Tokenizer, PathBuf)> {
+pub(crate) fn load_tokenizer(model: Option<&Path>) -> anyhow::Result<(Tokenizer, PathBuf)> {
     let path = match model {
         Some(p) => p.to_path_buf(),
         None => {

@@ -378,13 +378,12 @@ impl DeviceCache {
         Some((self.slot.get(c)?, self.ntok.get(c)?))
     }
 
-    /// Replace the block tables (the pool stays): `layout` must have this cache's shape and
-    /// slots.
+    /// Replace the block tables (the pool stays): `layout` must have this cache's heads,
+    /// slots and geometry (the number of sequences may change).
     pub fn set_tables(&mut self, gpu: &GpuContext, layout: &PagedLayout) -> Result<(), GpuError> {
         layout.validate()?;
         let same = layout.q_heads == self.layout.q_heads
             && layout.kv_heads == self.layout.kv_heads
-            && layout.seqs == self.layout.seqs
             && layout.slots == self.layout.slots
             && layout.slab_bytes == self.layout.slab_bytes
             && layout.geoms == self.layout.geoms;

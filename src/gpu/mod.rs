@@ -13,6 +13,8 @@ pub mod nvrtc;
 pub mod prefill_attention;
 pub mod quantize_append;
 pub mod sampling;
+pub mod serve_bench;
+pub mod token_moves;
 
 pub use context::{driver_available, GpuContext};
 pub use decode_attention::{DecodeAttention, DecodePlan, DeviceCache, HostCache, PagedLayout};

@@ -3,20 +3,22 @@
 //! (no 16-bit scratch copy of the history); the chunk's own K/V sit in the sequence's 16-bit
 //! blocks, masked causally (query row `r` sees the first `f16_base + r + 1` 16-bit tokens).
 
-use super::decode_attention::{class_index, DeviceCache, HEAD_DIM, MAX_GQA};
+use super::decode_attention::{class_index, DeviceCache, PagedLayout, HEAD_DIM, MAX_GQA};
 use super::nvrtc::PREFILL_ATTENTION;
+use super::token_moves::TokenMoves;
 use super::{DriverResult, GpuContext, GpuError};
 use crate::quant::KvClass;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-/// Query tokens per CTA and threads per CTA (`QT`, `NWARPS * 32` in the kernel).
-const QUERY_TOKENS: usize = 8;
-const THREADS: u32 = 256;
+/// Query rows (tokens × the GQA group) per CTA and threads per CTA (`ROWS`, `NWARPS * 32` in
+/// the kernel).
+const ROWS: usize = 64;
+const THREADS: u32 = 128;
 
 /// `#[repr(C)]` mirror of `tkp::ClassTable` (48 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
-struct ClassTable {
+pub(super) struct ClassTable {
     slot: u64,
     ntok: u64,
     begin: i32,
@@ -29,33 +31,50 @@ struct ClassTable {
     vz_off: i32,
 }
 
-/// `#[repr(C)]` mirror of `tkp::PrefillParams` (256 bytes).
+/// `#[repr(C)]` mirror of `tkp::PrefillParams` (72 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct PrefillParams {
-    pool: u64,
-    slab_bytes: i64,
+    k: u64,
+    v: u64,
+    n: i32,
+    n_quant: i32,
     kv_heads: i32,
     q_heads: i32,
     gqa: i32,
     rows: i32,
     f16_base: i32,
-    v_group: i32,
+    _pad0: i32,
     q: u64,
     out: u64,
     scale_log2: f32,
     _pad: i32,
-    cls: [ClassTable; 4],
 }
 
 const _: () = assert!(std::mem::size_of::<ClassTable>() == 48);
-const _: () = assert!(std::mem::size_of::<PrefillParams>() == 256);
+const _: () = assert!(std::mem::size_of::<PrefillParams>() == 72);
 
 // SAFETY: plain old data with the exact C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for PrefillParams {}
 
+/// A class's block capacity and byte offsets inside a slab (no table).
+pub(super) fn class_offsets(l: &PagedLayout, c: KvClass) -> ClassTable {
+    let g = l.geom(c);
+    let int = c == KvClass::Int4 || c == KvClass::Int2;
+    ClassTable {
+        tokens: g.tokens as i32,
+        v_off: g.v_offset() as i32,
+        ks_off: g.k_scale_offset() as i32,
+        kz_off: if int { g.k_zero_offset() as i32 } else { 0 },
+        vs_off: if int { g.v_scale_offset() as i32 } else { 0 },
+        vz_off: if int { g.v_zero_offset() as i32 } else { 0 },
+        ..Default::default()
+    }
+}
+
 pub struct PrefillAttention {
     f: CudaFunction,
+    moves: TokenMoves,
 }
 
 /// One prefill call: which sequence, how many of its 16-bit tokens precede the chunk, and the
@@ -72,6 +91,7 @@ impl PrefillAttention {
     pub fn load(gpu: &GpuContext) -> Result<Self, GpuError> {
         Ok(PrefillAttention {
             f: gpu.function(&PREFILL_ATTENTION, &[], "tkv_prefill_attention")?,
+            moves: TokenMoves::decoder(gpu)?,
         })
     }
 
@@ -79,7 +99,7 @@ impl PrefillAttention {
     /// the same shape. The pool is `cache.pool` from byte `pool_offset` on.
     #[allow(clippy::too_many_arguments)]
     pub fn launch(
-        &self,
+        &mut self,
         gpu: &GpuContext,
         cache: &DeviceCache,
         pool_offset: usize,
@@ -120,72 +140,50 @@ impl PrefillAttention {
             ));
         }
         let f16 = l.table(KvClass::F16);
-        let f16_seq = f16.iter().filter(|b| b.seq == call.seq).map(|b| b.tokens);
-        if f16_seq.sum::<usize>() < call.f16_base + call.rows {
+        let f16_seq_tokens: usize = f16
+            .iter()
+            .filter(|b| b.seq == call.seq)
+            .map(|b| b.tokens)
+            .sum();
+        if f16_seq_tokens < call.f16_base + call.rows {
             return bad(format!(
                 "the 16-bit blocks of sequence {} hold fewer than the {} + {} tokens the chunk \
                  needs (append the chunk first)",
                 call.seq, call.f16_base, call.rows
             ));
         }
+        // The sequence's tokens, quantized classes first, then 16-bit in table order.
+        let mut items: Vec<(i32, i32, i32)> = Vec::new();
+        for c in [KvClass::Int4, KvClass::Int2, KvClass::Fp8, KvClass::F16] {
+            for b in l.table(c).iter().filter(|b| b.seq == call.seq) {
+                for t in 0..b.tokens {
+                    items.push((b.slot as i32, class_index(c) as i32, t as i32));
+                }
+            }
+        }
+        let n_quant = items.len() - f16_seq_tokens;
+        let (k, v) = self
+            .moves
+            .decode(gpu, l, &cache.pool, pool_offset, &items)?;
         let stream = gpu.stream();
-        let mut p = PrefillParams {
-            pool: cache.pool.device_ptr(stream).0 + pool_offset as u64,
-            slab_bytes: l.slab_bytes as i64,
+        let p = PrefillParams {
+            k: k.device_ptr(stream).0,
+            v: v.device_ptr(stream).0,
+            n: items.len() as i32,
+            n_quant: n_quant as i32,
             kv_heads: l.kv_heads as i32,
             q_heads: l.q_heads as i32,
             gqa: l.gqa() as i32,
             rows: call.rows as i32,
             f16_base: call.f16_base as i32,
-            v_group: l.v_group() as i32,
             q: q.device_ptr(stream).0,
             out: out.device_ptr(stream).0,
             scale_log2: call.sm_scale * std::f32::consts::LOG2_E,
             ..Default::default()
         };
-        for c in KvClass::ALL {
-            let ci = class_index(c);
-            let table = l.table(c);
-            let begin = table.iter().position(|b| b.seq == call.seq);
-            let (begin, end) = match begin {
-                Some(b) => (
-                    b,
-                    b + table[b..].iter().take_while(|e| e.seq == call.seq).count(),
-                ),
-                None => (0, 0),
-            };
-            let g = l.geom(c);
-            let (slot, ntok) = cache
-                .device_table(ci)
-                .ok_or_else(|| GpuError::Shape("a class without device tables".into()))?;
-            p.cls[ci] = ClassTable {
-                slot: slot.device_ptr(stream).0,
-                ntok: ntok.device_ptr(stream).0,
-                begin: begin as i32,
-                end: end as i32,
-                tokens: g.tokens as i32,
-                v_off: g.v_offset() as i32,
-                ks_off: g.k_scale_offset() as i32,
-                kz_off: if c == KvClass::Int4 || c == KvClass::Int2 {
-                    g.k_zero_offset() as i32
-                } else {
-                    0
-                },
-                vs_off: if c == KvClass::Int4 || c == KvClass::Int2 {
-                    g.v_scale_offset() as i32
-                } else {
-                    0
-                },
-                vz_off: if c == KvClass::Int4 || c == KvClass::Int2 {
-                    g.v_zero_offset() as i32
-                } else {
-                    0
-                },
-            };
-        }
         let cfg = LaunchConfig {
             grid_dim: (
-                call.rows.div_ceil(QUERY_TOKENS) as u32,
+                call.rows.div_ceil(ROWS / l.gqa()) as u32,
                 l.kv_heads as u32,
                 1,
             ),
@@ -194,9 +192,8 @@ impl PrefillAttention {
         };
         let mut b = stream.launch_builder(&self.f);
         b.arg(&p);
-        // SAFETY: every pointer is a live buffer checked above (q and out hold `rows` rows, the
-        // tables are the cache's, validated with its layout); the kernel reads entries
-        // `begin..end` of each table and writes `rows × q_heads × 128` outputs.
+        // SAFETY: q and out hold `rows` rows (checked above), k and v the `n` decoded tokens of
+        // every KV head; the kernel writes `rows × q_heads × 128` outputs.
         unsafe { b.launch(cfg) }.during("launching tkv_prefill_attention")?;
         Ok(())
     }

@@ -1,0 +1,239 @@
+//! `triaxkv bench serve-workload`: render agent traces into a serving workload (here, with
+//! the tokenizer). `triaxkv bench serve`: replay it as concurrent multi-turn sessions on the
+//! GPU from a fixed KV memory, one row per cache (`gpu::serve_bench`).
+
+use anyhow::{bail, Context, Result};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use triaxkv::gpu::decode_step::ModelShape;
+use triaxkv::gpu::serve_bench::{self, BenchCache, ServeBenchConfig, ServeBenchRow};
+use triaxkv::gpu::GpuContext;
+use triaxkv::paged::pool::ClassMap;
+use triaxkv::paged::workload::Workload;
+use triaxkv::profile::Profile;
+use triaxkv::quant::KvClass;
+use triaxkv::trace::read_glob;
+use triaxkv::trace::template::ChatTemplate;
+
+#[derive(Debug, clap::Args)]
+pub struct WorkloadArgs {
+    /// Trace files or folders.
+    #[arg(long, num_args = 1.., required = true)]
+    traces: Vec<String>,
+    /// Model whose tokenizer and chat template render the traces (default: the bundled
+    /// SmolLM2).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Tokens per session at most (later turns are dropped).
+    #[arg(long, default_value_t = 16384)]
+    max_context: usize,
+    /// Reply tokens generated per turn at most (the rest of a longer reply is prefilled with
+    /// the next turn).
+    #[arg(long, default_value_t = 256)]
+    max_gen: usize,
+    #[arg(short = 'o', long = "out")]
+    out: PathBuf,
+}
+
+pub fn workload(args: WorkloadArgs) -> Result<()> {
+    if args.max_context < 2 || args.max_gen == 0 {
+        bail!("--max-context must be at least 2 and --max-gen at least 1");
+    }
+    let (tok, path) = super::trace_inspect::load_tokenizer(args.model.as_deref())?;
+    let template = ChatTemplate::for_tokenizer(&tok)
+        .with_context(|| format!("chat template of {}", path.display()))?;
+    let files = read_glob(&args.traces)?;
+    let w = Workload::build(
+        &files,
+        &template,
+        &tok,
+        &path.display().to_string(),
+        args.max_context,
+        args.max_gen,
+    )?;
+    w.write(&args.out)?;
+    let (tokens, gen) = w.totals();
+    let turns: usize = w.sessions.iter().map(|s| s.turns.len()).sum();
+    eprintln!(
+        "{}: {} sessions, {turns} turns, {tokens} tokens ({gen} generated)",
+        args.out.display(),
+        w.sessions.len()
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The workload (`triaxkv bench serve-workload`).
+    #[arg(long)]
+    workload: PathBuf,
+    /// Model shape with random bf16 weights (speed only): llama3-8b, qwen3-8b or qwen3-32b.
+    #[arg(long, default_value = "llama3-8b")]
+    random_weights: String,
+    /// KV memory of every cache (all layers), e.g. 16GiB.
+    #[arg(long, default_value = "16GiB", value_parser = super::serve::parse_size)]
+    kv_memory: usize,
+    /// Caches: bf16, fp8, int4, int2 (every token at that class once a block's worth has
+    /// left 16 bits; no sinks or window) and profile (--profile's per-tag classes).
+    #[arg(long, value_delimiter = ',', default_values_t = ["bf16".to_string(), "fp8".into(), "int4".into(), "profile".into()])]
+    caches: Vec<String>,
+    /// Profile for the `profile` cache.
+    #[arg(long, default_value = "profiles/triaxial-2.97.json")]
+    profile: PathBuf,
+    /// Concurrent clients (one session each at a time).
+    #[arg(long, default_value_t = 256)]
+    clients: usize,
+    /// Seconds per cache, and the first seconds left out of the statistics.
+    #[arg(long, default_value_t = 90.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 30.0)]
+    warmup: f64,
+    /// Prefill tokens per iteration (several sessions may share them; at most 512 per call).
+    #[arg(long, default_value_t = 2048)]
+    chunk: usize,
+    /// Most sequences per decode step.
+    #[arg(long, default_value_t = 256)]
+    max_batch: usize,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+fn cache(name: &str, profile: &std::path::Path) -> Result<BenchCache> {
+    let uniform = |c| ClassMap::uniform(c, 0, 0);
+    let map = match name.trim().to_ascii_lowercase().as_str() {
+        "bf16" | "f16" => uniform(KvClass::F16),
+        "fp8" => uniform(KvClass::Fp8),
+        "int4" => uniform(KvClass::Int4),
+        "int2" => uniform(KvClass::Int2),
+        "profile" => {
+            let p = Profile::read(profile)?;
+            let map = ClassMap::from_profile(&p);
+            let name = format!("profile {}", p.name);
+            return Ok(BenchCache { name, map });
+        }
+        other => bail!("--caches: unknown cache {other:?} (bf16, fp8, int4, int2, profile)"),
+    };
+    Ok(BenchCache {
+        name: name.trim().to_ascii_lowercase(),
+        map,
+    })
+}
+
+fn markdown(rows: &[ServeBenchRow], head: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{head}\n");
+    let _ = writeln!(
+        s,
+        "| cache | slots | bits/elem | peak sessions | mean sessions | mean decode batch | decode tok/s | prefill tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | preemptions | turns | leaked slots |"
+    );
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--|--|--:|--:|--:|");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {} | {} | {} |",
+            r.cache,
+            r.slots,
+            r.effective_bits,
+            r.peak_sessions,
+            r.mean_sessions,
+            r.mean_decode_batch,
+            r.decode_tokens_per_s,
+            r.prefill_tokens_per_s,
+            r.ttft_p50_ms,
+            r.ttft_p99_ms,
+            r.itl_p50_ms,
+            r.itl_p99_ms,
+            r.preemptions,
+            r.turns_completed,
+            r.leaked_slots
+        );
+    }
+    if let Some(base) = rows.first() {
+        let _ = writeln!(s);
+        for r in &rows[1..] {
+            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+            let _ = writeln!(
+                s,
+                "- {} vs {}: {:.2}x peak sessions, {:.2}x mean sessions, {:.2}x decode tokens/s",
+                r.cache,
+                base.cache,
+                ratio(r.peak_sessions as f64, base.peak_sessions as f64),
+                ratio(r.mean_sessions, base.mean_sessions),
+                ratio(r.decode_tokens_per_s, base.decode_tokens_per_s)
+            );
+        }
+    }
+    s
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let Some(shape) = ModelShape::by_name(&args.random_weights) else {
+        bail!(
+            "--random-weights {:?}: known shapes are llama3-8b, qwen3-8b, qwen3-32b",
+            args.random_weights
+        );
+    };
+    if args.clients == 0 || args.chunk == 0 || args.max_batch == 0 {
+        bail!("--clients, --chunk and --max-batch must be at least 1");
+    }
+    if !(args.duration > 0.0 && args.warmup >= 0.0 && args.warmup < args.duration) {
+        bail!("--warmup must be below --duration (seconds)");
+    }
+    let work = Workload::read(&args.workload)?;
+    let caches = args
+        .caches
+        .iter()
+        .map(|c| cache(c, &args.profile))
+        .collect::<Result<Vec<_>>>()?;
+    let cfg = ServeBenchConfig {
+        shape,
+        kv_memory: args.kv_memory,
+        caches,
+        clients: args.clients,
+        chunk: args.chunk,
+        max_batch: args.max_batch,
+        duration_s: args.duration,
+        warmup_s: args.warmup,
+        v_group: 64,
+        seed: 0x5eed,
+    };
+    let gpu = GpuContext::open(args.device).context("opening the GPU for bench serve")?;
+    let (tokens, gen) = work.totals();
+    let head = format!(
+        "bench serve on {} ({}): {} with random bf16 weights (speed only), {:.1} GiB KV per \
+         cache, {} clients over {} recorded sessions ({tokens} tokens, {gen} generated per \
+         pass), chunk {}, {:.0} s per cache, the first {:.0} s not counted",
+        gpu.name,
+        gpu.arch(),
+        cfg.shape.name,
+        cfg.kv_memory as f64 / (1u64 << 30) as f64,
+        cfg.clients,
+        work.sessions.len(),
+        cfg.chunk,
+        cfg.duration_s,
+        cfg.warmup_s
+    );
+    eprintln!("{head}");
+    let rows = serve_bench::run(&gpu, &cfg, &work, |m| eprintln!("{m}"))?;
+    let md = markdown(&rows, &head);
+    println!("{md}");
+    if let Some(p) = &args.json {
+        let json = serde_json::json!({"setup": head, "rows": rows});
+        triaxkv::util::write_atomic(p, |w| {
+            serde_json::to_writer_pretty(&mut *w, &json).map_err(std::io::Error::other)
+        })
+        .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &args.markdown {
+        triaxkv::util::write_atomic(p, |w| w.write_all(md.as_bytes()))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if rows.iter().any(|r| r.leaked_slots > 0) {
+        bail!("blocks leaked: the pool was not whole after every session ended");
+    }
+    Ok(())
+}

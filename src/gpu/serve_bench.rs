@@ -1,0 +1,735 @@
+//! `triaxkv bench serve`: recorded agent sessions served concurrently by a continuous-batching
+//! loop on the GPU, from a fixed amount of KV memory, for several caches in one run.
+//!
+//! The model is a real shape with random bf16 weights (speed and capacity only). Each client
+//! replays workload sessions turn by turn: the turn's new tokens (the recorded user and tool
+//! messages) are prefilled in chunks, then the recorded assistant reply is generated one
+//! decode step at a time (teacher-forced, so lengths and tags are the recorded ones). A
+//! session keeps its cache between turns. Every iteration admits waiting sessions whose
+//! blocks fit (by bytes: the slots its tags need in the cache's classes), runs one prefill
+//! chunk and one decode step over every generating session, then settles the block tables:
+//! tokens leaving the 16-bit window are quantized into their class's blocks, and at a new
+//! turn tokens whose recency bucket drops to a cheaper class are re-quantized. When the pool
+//! runs out, the most recently admitted session is preempted (its blocks freed; it
+//! recomputes later).
+
+use super::decode_attention::{DecodePlan, PagedLayout};
+use super::decode_step::{DecodeStep, DeviceWeights, KvCaches, ModelShape, StepOptions};
+use super::prefill_attention::PrefillCall;
+use super::token_moves::TokenMoves;
+use super::{DeviceCache, GpuContext, GpuError};
+use crate::paged::pool::{ClassMap, ClassTokens, Ops, PoolError, SeqBlocks, SlotPool, F16_TOKENS};
+use crate::paged::workload::Workload;
+use crate::quant::KvClass;
+use crate::tags::TokenTag;
+use std::time::Instant;
+
+/// Rows of one prefill call at most (a chunk budget above it runs several calls).
+const PREFILL_ROWS: usize = 512;
+
+/// One cache to serve from: a name and the class of every token.
+#[derive(Debug, Clone)]
+pub struct BenchCache {
+    pub name: String,
+    pub map: ClassMap,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeBenchConfig {
+    pub shape: ModelShape,
+    /// Bytes of the block pool (all layers).
+    pub kv_memory: usize,
+    pub caches: Vec<BenchCache>,
+    /// Concurrent clients (each one session at a time).
+    pub clients: usize,
+    /// Prefill tokens per iteration (over one or more sessions).
+    pub chunk: usize,
+    /// Most sequences in one decode step.
+    pub max_batch: usize,
+    /// Wall time per cache, seconds, and the part at the start left out of the statistics.
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub v_group: usize,
+    pub seed: u32,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ServeBenchRow {
+    pub cache: String,
+    pub slots: usize,
+    pub slot_bytes: usize,
+    pub kv_bytes: usize,
+    pub clients: usize,
+    pub measured_s: f64,
+    /// Most sessions with their cache resident at once, and the time-weighted mean.
+    pub peak_sessions: usize,
+    pub mean_sessions: f64,
+    pub mean_decode_batch: f64,
+    /// Tokens held at the peak and the stored bits per K/V element then (pool bytes in use,
+    /// 16-bit blocks and slab padding included, over the tokens' K/V elements).
+    pub peak_tokens: usize,
+    pub effective_bits: f64,
+    /// Share of held tokens per class at the end (F16, INT4, INT2, FP8).
+    pub class_share: [f64; 4],
+    pub generated_tokens: usize,
+    pub decode_tokens_per_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub turns_completed: usize,
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    pub itl_p50_ms: f64,
+    pub itl_p99_ms: f64,
+    pub preemptions: usize,
+    pub recomputed_tokens: usize,
+    pub iterations: usize,
+    pub moved_tokens: usize,
+    pub quantized_blocks: usize,
+    pub leaked_slots: usize,
+    /// Mean ms per measured iteration in each phase (each phase ends with a device sync):
+    /// scheduling and appends, prefill calls, the decode step, settling (ageing, moves,
+    /// quantization).
+    pub schedule_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub settle_ms: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No cache: waiting for admission.
+    Waiting,
+    /// Feeding the prompt of the current turn.
+    Prefill,
+    /// Generating: `done` tokens of the turn's reply produced.
+    Decode { done: usize },
+}
+
+struct Client {
+    session: usize,
+    turn: usize,
+    blocks: SeqBlocks,
+    phase: Phase,
+    /// When the current turn was sent, the last token's time, and when admitted (LIFO order).
+    sent: Instant,
+    last_token: Instant,
+    admitted: u64,
+    /// Tokens to recompute after a preemption (counted once fed).
+    recompute: usize,
+}
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Slots a session's cache would take holding `tags` at `now`: each class's blocks, the
+/// 16-bit window and one partial block per class.
+fn estimate_slots(
+    map: &ClassMap,
+    tokens: &ClassTokens,
+    tags: &[TokenTag],
+    now: (u32, u32),
+) -> usize {
+    let mut per = [0usize; 4];
+    for (p, t) in tags.iter().enumerate() {
+        let c = map.class(p, t, now);
+        per[KvClass::ALL.iter().position(|&x| x == c).unwrap_or(0)] += 1;
+    }
+    let mut slots = (map.window + F16_TOKENS).div_ceil(F16_TOKENS) + 4;
+    for (k, n) in per.iter().enumerate() {
+        slots += n.div_ceil(tokens.0[k]);
+    }
+    slots
+}
+
+/// This iteration's prefill chunk: its client, tokens already fed, 16-bit tokens before it
+/// in table order, and each token's (slot, index) in the 16-bit blocks.
+struct Chunk {
+    client: usize,
+    fed: usize,
+    f16_base: usize,
+    targets: Vec<(u32, u32)>,
+}
+
+struct Run<'a> {
+    gpu: &'a GpuContext,
+    cfg: &'a ServeBenchConfig,
+    work: &'a Workload,
+    map: &'a ClassMap,
+    tokens: ClassTokens,
+    layout: PagedLayout,
+    pool: SlotPool,
+    kv: KvCaches,
+    moves: TokenMoves,
+    clients: Vec<Client>,
+    next_session: usize,
+    admissions: u64,
+    row: ServeBenchRow,
+    ttft: Vec<f64>,
+    itl: Vec<f64>,
+    prefill_tokens: usize,
+    ctas_per_sm: [usize; 4],
+}
+
+impl Run<'_> {
+    fn session_tags(&self, c: usize, range: std::ops::Range<usize>) -> Vec<TokenTag> {
+        self.work.sessions[self.clients[c].session].tags(range)
+    }
+
+    fn turn(&self, c: usize) -> (usize, usize) {
+        let cl = &self.clients[c];
+        let t = self.work.sessions[cl.session].turns[cl.turn];
+        (t.start, t.gen)
+    }
+
+    fn now_of(&self, c: usize) -> (u32, u32) {
+        let (start, _) = self.turn(c);
+        let s = &self.work.sessions[self.clients[c].session];
+        (s.turn[start], s.step[start])
+    }
+
+    fn pool_op(&mut self, ops: &Ops) -> Result<(), GpuError> {
+        self.row.moved_tokens += ops.moves.len();
+        self.row.quantized_blocks += ops.quantize.len();
+        let KvCaches::Stacked { cache, .. } = &mut self.kv else {
+            return Err(GpuError::Shape("the serving cache is stacked".into()));
+        };
+        self.moves.run(self.gpu, &self.layout, &mut cache.pool, ops)
+    }
+
+    /// Free client `c`'s blocks now (nothing later in this iteration reads them) and send it
+    /// back to the queue to recompute.
+    fn preempt(&mut self, c: usize) {
+        let cl = &mut self.clients[c];
+        cl.recompute = cl.blocks.len();
+        cl.blocks.release(&mut self.pool);
+        self.pool.commit();
+        cl.phase = Phase::Waiting;
+        self.row.preemptions += 1;
+    }
+
+    /// The resident client admitted last, other than `except`.
+    fn victim(&self, except: Option<usize>) -> Option<usize> {
+        (0..self.clients.len())
+            .filter(|&i| Some(i) != except && self.clients[i].phase != Phase::Waiting)
+            .max_by_key(|&i| self.clients[i].admitted)
+    }
+
+    /// Append `tags` to client `c`, preempting others (or `c` itself, if it is the newest)
+    /// until they fit. `None`: `c` was preempted.
+    fn append(
+        &mut self,
+        c: usize,
+        tags: &[TokenTag],
+        ops: &mut Ops,
+    ) -> Result<Option<Vec<(u32, u32)>>, GpuError> {
+        loop {
+            match self.clients[c].blocks.append(&mut self.pool, tags, ops) {
+                Ok(t) => return Ok(Some(t)),
+                Err(PoolError::OutOfSlots { .. }) => match self.victim(None) {
+                    Some(v) if v != c => self.preempt(v),
+                    _ => {
+                        if self.resident() <= 1 {
+                            return Err(GpuError::Shape(format!(
+                                "{} slots cannot hold one session's {} tokens: raise \
+                                     --kv-memory or lower --chunk",
+                                self.pool.total(),
+                                self.clients[c].blocks.len() + tags.len()
+                            )));
+                        }
+                        self.preempt(c);
+                        return Ok(None);
+                    }
+                },
+            }
+        }
+    }
+
+    fn resident(&self) -> usize {
+        self.clients
+            .iter()
+            .filter(|c| c.phase != Phase::Waiting)
+            .count()
+    }
+
+    /// Admit waiting clients, oldest request first, while their estimated blocks fit next to a
+    /// reserve for the running sessions' growth.
+    fn admit(&mut self, now: Instant) {
+        let mut waiting: Vec<usize> = (0..self.clients.len())
+            .filter(|&i| self.clients[i].phase == Phase::Waiting)
+            .collect();
+        waiting.sort_by_key(|&i| self.clients[i].sent);
+        // Headroom for the resident sessions' next tokens and turns: one slot each, a
+        // prefill budget of 16-bit blocks, and a tenth of the pool (admitting to the brim
+        // makes the sessions' growth preempt, and recompute, one another).
+        let running = self.resident();
+        let mut reserve =
+            running + self.cfg.chunk.div_ceil(F16_TOKENS) + 8 + self.pool.total() / 10;
+        for c in waiting {
+            let (start, gen) = self.turn(c);
+            let tags = self.session_tags(c, 0..start + gen);
+            let need = estimate_slots(self.map, &self.tokens, &tags, self.now_of(c));
+            if self.pool.free() < need + reserve {
+                break;
+            }
+            reserve += need;
+            self.admissions += 1;
+            let cl = &mut self.clients[c];
+            cl.admitted = self.admissions;
+            cl.phase = Phase::Prefill;
+            cl.last_token = now;
+        }
+    }
+
+    fn next_turn(&mut self, c: usize, now: Instant) {
+        let turns = self.work.sessions[self.clients[c].session].turns.len();
+        let cl = &mut self.clients[c];
+        cl.sent = now;
+        if cl.turn + 1 < turns {
+            cl.turn += 1;
+            cl.phase = Phase::Prefill;
+        } else {
+            cl.blocks.release(&mut self.pool);
+            cl.session = self.next_session % self.work.sessions.len();
+            self.next_session += 1;
+            cl.turn = 0;
+            cl.recompute = 0;
+            cl.phase = Phase::Waiting;
+        }
+    }
+
+    fn tables(&self, seqs: &[usize]) -> PagedLayout {
+        let mut l = self.layout.clone();
+        l.seqs = seqs.len();
+        for (i, &c) in seqs.iter().enumerate() {
+            for (class, slot, n) in self.clients[c].blocks.table() {
+                l.push(class, i, slot as usize, n);
+            }
+        }
+        l.slots = self.layout.slots;
+        l
+    }
+
+    fn set_tables(&mut self, l: &PagedLayout) -> Result<(), GpuError> {
+        let KvCaches::Stacked { cache, .. } = &mut self.kv else {
+            return Err(GpuError::Shape("the serving cache is stacked".into()));
+        };
+        cache.set_tables(self.gpu, l)
+    }
+
+    /// One iteration: admit, prefill chunks, one decode step, settle.
+    fn iterate(
+        &mut self,
+        step: &mut DecodeStep,
+        w: &DeviceWeights,
+        measure: bool,
+    ) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let t0 = Instant::now();
+        self.admit(t0);
+        let mut ops = Ops::default();
+        // Prefill: the oldest requests still feeding their prompts, up to `chunk` tokens in
+        // all, at most a step's rows per call.
+        let mut waiting: Vec<usize> = (0..self.clients.len())
+            .filter(|&i| self.clients[i].phase == Phase::Prefill)
+            .collect();
+        waiting.sort_by_key(|&i| self.clients[i].sent);
+        let mut chunks: Vec<Chunk> = Vec::new();
+        let mut budget = self.cfg.chunk;
+        for c in waiting {
+            if budget == 0 {
+                break;
+            }
+            if self.clients[c].phase != Phase::Prefill {
+                continue; // preempted by an earlier append of this iteration
+            }
+            let (start, _) = self.turn(c);
+            let fed = self.clients[c].blocks.len();
+            let n = start.saturating_sub(fed).min(budget).min(step.batch);
+            if n == 0 {
+                return Err(GpuError::Shape(format!(
+                    "client {c}: a turn starting at token {start} with {fed} fed"
+                )));
+            }
+            let tags = self.session_tags(c, fed..fed + n);
+            let base = self.clients[c].blocks.f16_tokens();
+            if let Some(t) = self.append(c, &tags, &mut ops)? {
+                budget -= n;
+                chunks.push(Chunk {
+                    client: c,
+                    fed,
+                    f16_base: base,
+                    targets: t,
+                });
+            }
+        }
+        // The decode step: every generating client (the prefill client is not one).
+        let mut dec: Vec<(usize, usize, (u32, u32))> = Vec::new();
+        let gen: Vec<usize> = (0..self.clients.len())
+            .filter(|&i| matches!(self.clients[i].phase, Phase::Decode { .. }))
+            .take(self.cfg.max_batch)
+            .collect();
+        for c in gen {
+            if self.clients[c].phase == Phase::Waiting {
+                continue; // preempted by an earlier append of this iteration
+            }
+            let pos = self.clients[c].blocks.len();
+            let tags = self.session_tags(c, pos..pos + 1);
+            if let Some(t) = self.append(c, &tags, &mut ops)? {
+                dec.push((c, pos, t[0]));
+            }
+        }
+        // An append may have preempted a client appended earlier in this iteration.
+        dec.retain(|&(c, ..)| self.clients[c].phase != Phase::Waiting);
+        chunks.retain(|k| self.clients[k.client].phase != Phase::Waiting);
+        self.pool_op(&ops)?;
+        self.pool.commit();
+        gpu.synchronize()?;
+        let t_sched = Instant::now();
+
+        for Chunk {
+            client: c,
+            fed,
+            f16_base: base,
+            targets,
+        } in &chunks
+        {
+            let s = &self.work.sessions[self.clients[*c].session];
+            let n = targets.len();
+            let ids: Vec<i32> = s.ids[*fed..fed + n].iter().map(|&i| i as i32).collect();
+            let pos: Vec<i32> = (*fed..fed + n).map(|p| p as i32).collect();
+            let l = self.tables(&[*c]);
+            self.set_tables(&l)?;
+            step.set_inputs(gpu, &ids, &pos)?;
+            let slots: Vec<i32> = targets.iter().map(|t| t.0 as i32).collect();
+            let toks: Vec<i32> = targets.iter().map(|t| t.1 as i32).collect();
+            step.set_append(gpu, Some((&slots, &toks)))?;
+            let call = PrefillCall {
+                seq: 0,
+                f16_base: *base,
+                rows: n,
+                sm_scale: 0.0,
+            };
+            step.run_prefill(gpu, w, &self.kv, call)?;
+        }
+        gpu.synchronize()?;
+        let t_prefill = Instant::now();
+        if !dec.is_empty() {
+            let seqs: Vec<usize> = dec.iter().map(|d| d.0).collect();
+            let l = self.tables(&seqs);
+            self.set_tables(&l)?;
+            let KvCaches::Stacked { cache, .. } = &self.kv else {
+                return Err(GpuError::Shape("the serving cache is stacked".into()));
+            };
+            let bpw = DecodePlan::default_blocks_per_work(
+                &cache.layout,
+                gpu.multiprocessors,
+                self.ctas_per_sm,
+            );
+            let mut plan = DecodePlan::new(gpu, cache, bpw)?;
+            let ids: Vec<i32> = dec
+                .iter()
+                .map(|&(c, p, _)| self.work.sessions[self.clients[c].session].ids[p] as i32)
+                .collect();
+            let pos: Vec<i32> = dec.iter().map(|d| d.1 as i32).collect();
+            step.set_inputs(gpu, &ids, &pos)?;
+            let slots: Vec<i32> = dec.iter().map(|d| d.2 .0 as i32).collect();
+            let toks: Vec<i32> = dec.iter().map(|d| d.2 .1 as i32).collect();
+            step.set_append(gpu, Some((&slots, &toks)))?;
+            step.run(gpu, w, &self.kv, &mut plan, StepOptions::default())?;
+            // A server reads the sampled tokens back every step.
+            gpu.download_prefix(&step.next_ids, dec.len())?;
+        }
+        gpu.synchronize()?;
+        let t1 = Instant::now();
+
+        // Bookkeeping: first tokens, inter-token latencies, finished turns.
+        for Chunk {
+            client: c,
+            fed,
+            targets,
+            ..
+        } in chunks
+        {
+            let n = targets.len();
+            let cl = &mut self.clients[c];
+            if cl.recompute > 0 {
+                let r = cl.recompute.min(n);
+                cl.recompute -= r;
+                if measure {
+                    self.row.recomputed_tokens += r;
+                }
+            }
+            if measure {
+                self.prefill_tokens += n;
+            }
+            let (start, gen) = self.turn(c);
+            if fed + n == start {
+                if measure {
+                    self.ttft
+                        .push(t1.duration_since(self.clients[c].sent).as_secs_f64() * 1e3);
+                    self.row.generated_tokens += 1;
+                }
+                self.clients[c].last_token = t1;
+                if gen > 1 {
+                    self.clients[c].phase = Phase::Decode { done: 1 };
+                } else {
+                    if measure {
+                        self.row.turns_completed += 1;
+                    }
+                    self.next_turn(c, t1);
+                }
+            }
+        }
+        for &(c, _, _) in &dec {
+            let (_, gen) = self.turn(c);
+            if measure {
+                self.itl
+                    .push(t1.duration_since(self.clients[c].last_token).as_secs_f64() * 1e3);
+                self.row.generated_tokens += 1;
+            }
+            self.clients[c].last_token = t1;
+            if let Phase::Decode { done } = self.clients[c].phase {
+                if done + 1 >= gen {
+                    if measure {
+                        self.row.turns_completed += 1;
+                    }
+                    self.next_turn(c, t1);
+                } else {
+                    self.clients[c].phase = Phase::Decode { done: done + 1 };
+                }
+            }
+        }
+
+        // Settle: window → classes, full staging → packed blocks, ageing at a new turn.
+        let mut ops = Ops::default();
+        for c in 0..self.clients.len() {
+            if self.clients[c].phase == Phase::Waiting || self.clients[c].blocks.is_empty() {
+                continue;
+            }
+            let now = self.now_of(c);
+            let cl = &mut self.clients[c];
+            let r = cl
+                .blocks
+                .age(&mut self.pool, self.map, &self.tokens, now, &mut ops)
+                .and_then(|_| {
+                    cl.blocks
+                        .settle(&mut self.pool, self.map, &self.tokens, &mut ops)
+                });
+            if r.is_err() {
+                // Its released slots stay pending until this pass's work is queued.
+                cl.recompute = cl.blocks.len();
+                cl.blocks.release(&mut self.pool);
+                cl.phase = Phase::Waiting;
+                self.row.preemptions += 1;
+            }
+        }
+        self.pool_op(&ops)?;
+        self.pool.commit();
+        gpu.synchronize()?;
+        if measure {
+            let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
+            self.row.schedule_ms += ms(t0, t_sched);
+            self.row.prefill_ms += ms(t_sched, t_prefill);
+            self.row.decode_ms += ms(t_prefill, t1);
+            self.row.settle_ms += ms(t1, Instant::now());
+            self.row.iterations += 1;
+            let dt = Instant::now().duration_since(t0).as_secs_f64();
+            let resident = self.resident();
+            self.row.mean_sessions += resident as f64 * dt;
+            self.row.mean_decode_batch += dec.len() as f64 * dt;
+            if resident > self.row.peak_sessions {
+                self.row.peak_sessions = resident;
+            }
+            let held: usize = self.clients.iter().map(|c| c.blocks.len()).sum();
+            if held > self.row.peak_tokens {
+                self.row.peak_tokens = held;
+                let elements = held * self.cfg.shape.layers * self.cfg.shape.kv_heads * 128 * 2;
+                self.row.effective_bits =
+                    self.pool.used() as f64 * self.row.slot_bytes as f64 * 8.0 / elements as f64;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Run every cache of `cfg` on `work`; one row per cache.
+pub fn run(
+    gpu: &GpuContext,
+    cfg: &ServeBenchConfig,
+    work: &Workload,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<ServeBenchRow>, GpuError> {
+    let shape = &cfg.shape;
+    shape.validate()?;
+    if shape.head_dim != 128 {
+        return Err(GpuError::Shape(format!(
+            "bench serve takes head dim 128, not {}",
+            shape.head_dim
+        )));
+    }
+    progress(&format!("random {} weights", shape.name));
+    let w = DeviceWeights::random(gpu, shape, cfg.seed)?;
+    let rows = cfg.chunk.min(PREFILL_ROWS).max(cfg.max_batch);
+    let mut step = DecodeStep::new(gpu, shape, rows, cfg.v_group)?;
+    let ctas_per_sm = step.attention_kernels().ctas_per_sm()?;
+    let mut rows = Vec::new();
+    for bc in &cfg.caches {
+        let mut layout = PagedLayout::new(shape.q_heads, shape.kv_heads, 1, cfg.v_group)?;
+        // Slots as large as the biggest class the cache uses.
+        let mut used = vec![KvClass::F16, bc.map.default];
+        used.extend(bc.map.classes.values().copied());
+        layout.slab_bytes = used
+            .iter()
+            .map(|&c| layout.geom(c).slab_bytes())
+            .max()
+            .unwrap_or(layout.slab_bytes)
+            .next_multiple_of(16);
+        let slot_bytes = layout.kv_heads * layout.slab_bytes * shape.layers;
+        layout.slots = cfg.kv_memory / slot_bytes;
+        if layout.slots == 0 {
+            return Err(GpuError::Shape(format!(
+                "--kv-memory {} holds no slot of {slot_bytes} bytes",
+                cfg.kv_memory
+            )));
+        }
+        let cache = DeviceCache::allocate_layers(gpu, &layout, shape.layers)?;
+        let kv = KvCaches::Stacked {
+            cache: Box::new(cache),
+            layers: shape.layers,
+        };
+        let moves = TokenMoves::new(gpu, &layout, shape.layers, 1024)?;
+        let t = Instant::now();
+        let clients = (0..cfg.clients)
+            .map(|i| Client {
+                session: i % work.sessions.len(),
+                turn: 0,
+                blocks: SeqBlocks::new(),
+                phase: Phase::Waiting,
+                sent: t,
+                last_token: t,
+                admitted: 0,
+                recompute: 0,
+            })
+            .collect();
+        let tokens = ClassTokens([
+            layout.geom(KvClass::F16).tokens,
+            layout.geom(KvClass::Int4).tokens,
+            layout.geom(KvClass::Int2).tokens,
+            layout.geom(KvClass::Fp8).tokens,
+        ]);
+        let mut run = Run {
+            gpu,
+            cfg,
+            work,
+            map: &bc.map,
+            tokens,
+            pool: SlotPool::new(layout.slots),
+            layout,
+            kv,
+            moves,
+            clients,
+            next_session: cfg.clients,
+            admissions: 0,
+            row: ServeBenchRow {
+                cache: bc.name.clone(),
+                slot_bytes,
+                clients: cfg.clients,
+                ..Default::default()
+            },
+            ttft: Vec::new(),
+            itl: Vec::new(),
+            prefill_tokens: 0,
+            ctas_per_sm,
+        };
+        run.row.slots = run.layout.slots;
+        run.row.kv_bytes = run.layout.slots * slot_bytes;
+        progress(&format!(
+            "{}: {} slots of {:.2} MB ({:.2} GiB), {} clients, {:.0} s",
+            bc.name,
+            run.layout.slots,
+            slot_bytes as f64 / 1e6,
+            run.row.kv_bytes as f64 / (1u64 << 30) as f64,
+            cfg.clients,
+            cfg.duration_s
+        ));
+        let start = Instant::now();
+        let mut measured_from: Option<Instant> = None;
+        let mut last_report = start;
+        loop {
+            let el = start.elapsed().as_secs_f64();
+            if el >= cfg.duration_s {
+                break;
+            }
+            let measure = el >= cfg.warmup_s;
+            if measure && measured_from.is_none() {
+                measured_from = Some(Instant::now());
+            }
+            run.iterate(&mut step, &w, measure)?;
+            if last_report.elapsed().as_secs_f64() >= 10.0 {
+                last_report = Instant::now();
+                progress(&format!(
+                    "{}: {el:.0} s, {} resident, {} free slots of {}, {} tokens generated, {} preemptions",
+                    bc.name,
+                    run.resident(),
+                    run.pool.free(),
+                    run.pool.total(),
+                    run.row.generated_tokens,
+                    run.row.preemptions
+                ));
+            }
+        }
+        let measured = measured_from.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let mut row = std::mem::take(&mut run.row);
+        row.measured_s = measured;
+        if measured > 0.0 {
+            row.mean_sessions /= measured;
+            row.mean_decode_batch /= measured;
+            row.decode_tokens_per_s = row.generated_tokens as f64 / measured;
+            row.prefill_tokens_per_s = run.prefill_tokens as f64 / measured;
+        }
+        let mut counts = [0usize; 4];
+        for c in &run.clients {
+            let k = c.blocks.counts();
+            for (n, t) in counts.iter_mut().zip(k.tokens) {
+                *n += t;
+            }
+        }
+        let total: usize = counts.iter().sum::<usize>().max(1);
+        row.class_share = counts.map(|n| n as f64 / total as f64);
+        let iters = row.iterations.max(1) as f64;
+        row.schedule_ms /= iters;
+        row.prefill_ms /= iters;
+        row.decode_ms /= iters;
+        row.settle_ms /= iters;
+        row.ttft_p50_ms = percentile(&mut run.ttft, 0.5);
+        row.ttft_p99_ms = percentile(&mut run.ttft, 0.99);
+        row.itl_p50_ms = percentile(&mut run.itl, 0.5);
+        row.itl_p99_ms = percentile(&mut run.itl, 0.99);
+        // Every session ends: the pool must be whole again.
+        for c in &mut run.clients {
+            c.blocks.release(&mut run.pool);
+        }
+        run.pool.commit();
+        row.leaked_slots = run.pool.total() - run.pool.free();
+        progress(&format!(
+            "{}: {:.0} decode tok/s, peak {} sessions ({:.1} mean), TTFT p50 {:.0} ms, ITL p50 {:.1} ms; \
+             per iteration: schedule {:.1} ms, prefill {:.1} ms, decode {:.1} ms, settle {:.1} ms",
+            row.cache,
+            row.decode_tokens_per_s,
+            row.peak_sessions,
+            row.mean_sessions,
+            row.ttft_p50_ms,
+            row.itl_p50_ms,
+            row.schedule_ms,
+            row.prefill_ms,
+            row.decode_ms,
+            row.settle_ms
+        ));
+        rows.push(row);
+    }
+    Ok(rows)
+}

@@ -1,0 +1,792 @@
+//! The host side of the GPU block pool: free slots, each sequence's block tables per
+//! precision class, and the device work (zero, move, quantize) that keeps them true.
+//!
+//! A slot is one block in every layer (the stacked pool of `DeviceCache::allocate_layers`:
+//! every layer holds the same tokens, with one class per tag in all layers). A sequence's
+//! tokens live in exactly one block each:
+//! - **stream**: 16-bit blocks of the newest tokens, in order (the residual window);
+//! - **keep**: 16-bit blocks of tokens whose class is 16-bit (sinks, 16-bit tags);
+//! - **staging[c]**: 16-bit blocks of tokens waiting for a full block of class `c` (per-channel
+//!   key scales need the block's tokens at once);
+//! - **packed[c]**: quantized blocks of class `c`.
+//!
+//! A full stream block that has left the window goes to keep or staging whole (relabelled,
+//! no copy) when its tokens share one class, else token by token (`Move`s). A class whose
+//! staging holds a block's worth is quantized (`Quantize`) and its staging blocks freed.
+//! When the (turn, step) being generated moves, a block holding a token whose class changed
+//! is moved token by token (dequantized) to its tokens' new classes: recency aging.
+//! Slots freed during a pass are reusable only after the pass's device work is queued
+//! (`SlotPool::commit`), so no device write lands in a block still being read.
+
+use crate::quant::layout::KvClass;
+use crate::tags::{RecencyUnit, Tag, TokenTag};
+use std::collections::HashMap;
+
+/// Tokens of a 16-bit block (`BlockGeometry::default_for(F16)`).
+pub const F16_TOKENS: usize = 16;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PoolError {
+    #[error("the block pool is out of free slots ({total} in all)")]
+    OutOfSlots { total: usize },
+}
+
+fn ci(c: KvClass) -> usize {
+    match c {
+        KvClass::F16 => 0,
+        KvClass::Int4 => 1,
+        KvClass::Int2 => 2,
+        KvClass::Fp8 => 3,
+    }
+}
+
+/// Block capacity in tokens per class, in `KvClass::ALL` order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassTokens(pub [usize; 4]);
+
+impl Default for ClassTokens {
+    fn default() -> Self {
+        ClassTokens([F16_TOKENS, 64, 128, 32])
+    }
+}
+
+impl ClassTokens {
+    pub fn of(&self, c: KvClass) -> usize {
+        self.0[ci(c)]
+    }
+}
+
+/// Free slots of the pool.
+#[derive(Debug, Clone)]
+pub struct SlotPool {
+    total: usize,
+    free: Vec<u32>,
+    pending: Vec<u32>,
+}
+
+impl SlotPool {
+    pub fn new(total: usize) -> Self {
+        SlotPool {
+            total,
+            free: (0..total as u32).rev().collect(),
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Slots free now (not counting those freed in the current pass).
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Slots held by sequences.
+    pub fn used(&self) -> usize {
+        self.total - self.free.len() - self.pending.len()
+    }
+
+    fn alloc(&mut self) -> Result<u32, PoolError> {
+        self.free
+            .pop()
+            .ok_or(PoolError::OutOfSlots { total: self.total })
+    }
+
+    fn release(&mut self, slot: u32) {
+        self.pending.push(slot);
+    }
+
+    /// The pass's device work is queued: slots it freed may be handed out again.
+    pub fn commit(&mut self) {
+        self.free.append(&mut self.pending);
+    }
+}
+
+/// Which class a token is stored at: 16-bit for the first `sinks` tokens and the newest
+/// `window`; otherwise its tag's class, resolved against the (turn, step) being generated.
+#[derive(Debug, Clone)]
+pub struct ClassMap {
+    pub classes: HashMap<Tag, KvClass>,
+    pub default: KvClass,
+    pub sinks: usize,
+    pub window: usize,
+    pub unit: RecencyUnit,
+}
+
+impl ClassMap {
+    /// Every token at `class`, with `sinks` and `window` 16-bit.
+    pub fn uniform(class: KvClass, sinks: usize, window: usize) -> Self {
+        ClassMap {
+            classes: HashMap::new(),
+            default: class,
+            sinks,
+            window,
+            unit: RecencyUnit::Turn,
+        }
+    }
+
+    pub fn class(&self, pos: usize, tag: &TokenTag, now: (u32, u32)) -> KvClass {
+        if pos < self.sinks {
+            return KvClass::F16;
+        }
+        let t = tag.at(self.unit, now.0, now.1);
+        self.classes.get(&t).copied().unwrap_or(self.default)
+    }
+
+    /// One class per tag for every layer, K and V alike (the GPU block holds both), from a
+    /// profile's per-(layer, K|V, tag) bits: the class whose bits are nearest the tag's mean
+    /// over layers and K/V (ties to the wider); the profile's sinks, window and recency unit.
+    pub fn from_profile(p: &crate::profile::Profile) -> Self {
+        fn class_of(bits: f64) -> KvClass {
+            [KvClass::F16, KvClass::Fp8, KvClass::Int4, KvClass::Int2]
+                .into_iter()
+                .min_by(|a, b| {
+                    let da = (a.bits() as f64 - bits).abs();
+                    let db = (b.bits() as f64 - bits).abs();
+                    da.total_cmp(&db)
+                })
+                .unwrap_or(KvClass::F16)
+        }
+        let mut sums: HashMap<Tag, (f64, usize)> = HashMap::new();
+        for a in &p.assignments {
+            let e = sums.entry(a.tag()).or_default();
+            e.0 += a.bits as f64;
+            e.1 += 1;
+        }
+        let slots = 2 * p.model.layers.max(1);
+        let fill = (p.default_k_bits as f64 + p.default_v_bits as f64) / 2.0;
+        let classes = sums
+            .into_iter()
+            .map(|(t, (sum, n))| {
+                // Layers or K/V the profile leaves out take its default bits.
+                let mean = (sum + fill * slots.saturating_sub(n) as f64) / slots.max(n) as f64;
+                (t, class_of(mean))
+            })
+            .collect();
+        ClassMap {
+            classes,
+            default: class_of(fill),
+            sinks: p.cache.sinks,
+            window: p.cache.window,
+            unit: p.cache.recency_unit,
+        }
+    }
+
+    /// Whether any token can leave 16 bits.
+    pub fn quantizes(&self) -> bool {
+        self.default != KvClass::F16 || self.classes.values().any(|&c| c != KvClass::F16)
+    }
+}
+
+/// One token copied (and dequantized) from any block into a 16-bit block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub src_slot: u32,
+    pub src_class: KvClass,
+    pub src_tok: u32,
+    pub dst_slot: u32,
+    pub dst_tok: u32,
+}
+
+/// One packed block made from 16-bit tokens `src` (slot, token), in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quantize {
+    pub class: KvClass,
+    pub dst_slot: u32,
+    pub src: Vec<(u32, u32)>,
+}
+
+/// Device work of one pass, run in this order: zero new 16-bit slots, moves, quantizes.
+#[derive(Debug, Clone, Default)]
+pub struct Ops {
+    pub zero: Vec<u32>,
+    pub moves: Vec<Move>,
+    pub quantize: Vec<Quantize>,
+}
+
+impl Ops {
+    pub fn is_empty(&self) -> bool {
+        self.zero.is_empty() && self.moves.is_empty() && self.quantize.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    slot: u32,
+    /// Positions of the block's tokens, by token index in the block.
+    pos: Vec<u32>,
+}
+
+/// Move the blocks of `list` (class `want`, stored as `from`) holding a token whose class at
+/// `now` differs into `moved`.
+fn drain_stale(
+    list: &mut Vec<Block>,
+    want: KvClass,
+    from: KvClass,
+    tags: &[TokenTag],
+    map: &ClassMap,
+    now: (u32, u32),
+    moved: &mut Vec<(Block, KvClass)>,
+) {
+    let mut i = 0;
+    while i < list.len() {
+        let stale = list[i]
+            .pos
+            .iter()
+            .any(|&p| map.class(p as usize, &tags[p as usize], now) != want);
+        if stale {
+            moved.push((list.remove(i), from));
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// One sequence's blocks.
+#[derive(Debug, Clone, Default)]
+pub struct SeqBlocks {
+    tags: Vec<TokenTag>,
+    stream: Vec<Block>,
+    keep: Vec<Block>,
+    staging: [Vec<Block>; 4],
+    packed: [Vec<Block>; 4],
+    now: (u32, u32),
+}
+
+/// Tokens and blocks of one sequence by where they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeqCounts {
+    /// Tokens per class (16-bit: stream, keep and staging).
+    pub tokens: [usize; 4],
+    /// Blocks per class (16-bit: stream, keep and staging).
+    pub blocks: [usize; 4],
+}
+
+impl SeqBlocks {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.tags.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_empty()
+    }
+
+    pub fn now(&self) -> (u32, u32) {
+        self.now
+    }
+
+    fn f16_lists(&self) -> impl Iterator<Item = &Block> {
+        self.keep
+            .iter()
+            .chain(self.staging.iter().flatten())
+            .chain(self.stream.iter())
+    }
+
+    /// 16-bit tokens in table order (keep, staging, stream): what precedes a new chunk.
+    pub fn f16_tokens(&self) -> usize {
+        self.f16_lists().map(|b| b.pos.len()).sum()
+    }
+
+    pub fn counts(&self) -> SeqCounts {
+        let mut c = SeqCounts::default();
+        for b in self.f16_lists() {
+            c.tokens[0] += b.pos.len();
+            c.blocks[0] += 1;
+        }
+        for k in 1..4 {
+            c.tokens[k] = self.packed[k].iter().map(|b| b.pos.len()).sum();
+            c.blocks[k] = self.packed[k].len();
+        }
+        c
+    }
+
+    /// Slots held.
+    pub fn slots(&self) -> usize {
+        self.counts().blocks.iter().sum()
+    }
+
+    /// The block tables of this sequence, `(class, slot, tokens)` in table order: the 16-bit
+    /// blocks (keep, staging, then the stream, so a chunk just appended is last), then each
+    /// packed class.
+    pub fn table(&self) -> Vec<(KvClass, u32, usize)> {
+        let mut t: Vec<(KvClass, u32, usize)> = self
+            .f16_lists()
+            .map(|b| (KvClass::F16, b.slot, b.pos.len()))
+            .collect();
+        for (k, list) in self.packed.iter().enumerate().skip(1) {
+            t.extend(list.iter().map(|b| (KvClass::ALL[k], b.slot, b.pos.len())));
+        }
+        t
+    }
+
+    /// Append `tags` as the next tokens into the stream (new 16-bit blocks zeroed by `ops`):
+    /// their (slot, token) targets. On `OutOfSlots` nothing was appended.
+    pub fn append(
+        &mut self,
+        pool: &mut SlotPool,
+        tags: &[TokenTag],
+        ops: &mut Ops,
+    ) -> Result<Vec<(u32, u32)>, PoolError> {
+        let room = self.stream.last().map_or(0, |b| F16_TOKENS - b.pos.len());
+        let need = tags.len().saturating_sub(room).div_ceil(F16_TOKENS);
+        if pool.free() < need {
+            return Err(PoolError::OutOfSlots {
+                total: pool.total(),
+            });
+        }
+        let mut out = Vec::with_capacity(tags.len());
+        for tag in tags {
+            if self.stream.last().is_none_or(|b| b.pos.len() == F16_TOKENS) {
+                let slot = pool.alloc()?;
+                ops.zero.push(slot);
+                self.stream.push(Block {
+                    slot,
+                    pos: Vec::new(),
+                });
+            }
+            let pos = self.tags.len() as u32;
+            self.tags.push(*tag);
+            if let Some(b) = self.stream.last_mut() {
+                out.push((b.slot, b.pos.len() as u32));
+                b.pos.push(pos);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Place 16-bit token `pos` (now at `src`) at the end of the 16-bit list of `class`.
+    fn place(
+        &mut self,
+        pool: &mut SlotPool,
+        ops: &mut Ops,
+        class: KvClass,
+        pos: u32,
+        src: (u32, KvClass, u32),
+    ) -> Result<(), PoolError> {
+        let list = if class == KvClass::F16 {
+            &mut self.keep
+        } else {
+            &mut self.staging[ci(class)]
+        };
+        if list.last().is_none_or(|b| b.pos.len() == F16_TOKENS) {
+            let slot = pool.alloc()?;
+            ops.zero.push(slot);
+            list.push(Block {
+                slot,
+                pos: Vec::new(),
+            });
+        }
+        if let Some(b) = list.last_mut() {
+            ops.moves.push(Move {
+                src_slot: src.0,
+                src_class: src.1,
+                src_tok: src.2,
+                dst_slot: b.slot,
+                dst_tok: b.pos.len() as u32,
+            });
+            b.pos.push(pos);
+        }
+        Ok(())
+    }
+
+    /// Move every token of `block` (of class `from`) to the list of its class now; free it.
+    fn scatter(
+        &mut self,
+        pool: &mut SlotPool,
+        ops: &mut Ops,
+        map: &ClassMap,
+        block: Block,
+        from: KvClass,
+    ) -> Result<(), PoolError> {
+        // Released first (reusable only after this pass's work is queued), so an error
+        // part-way cannot leak it.
+        pool.release(block.slot);
+        for (i, &p) in block.pos.iter().enumerate() {
+            let c = map.class(p as usize, &self.tags[p as usize], self.now);
+            self.place(pool, ops, c, p, (block.slot, from, i as u32))?;
+        }
+        Ok(())
+    }
+
+    /// Bring the blocks up to date: full stream blocks out of the window to their classes,
+    /// a block's worth of staged tokens quantized.
+    pub fn settle(
+        &mut self,
+        pool: &mut SlotPool,
+        map: &ClassMap,
+        tokens: &ClassTokens,
+        ops: &mut Ops,
+    ) -> Result<(), PoolError> {
+        let n = self.tags.len();
+        while self.stream.len() > 1 {
+            let b = &self.stream[0];
+            let last = b.pos.last().copied().unwrap_or(0) as usize;
+            if b.pos.len() < F16_TOKENS || last + map.window >= n {
+                break;
+            }
+            let block = self.stream.remove(0);
+            let classes: Vec<KvClass> = block
+                .pos
+                .iter()
+                .map(|&p| map.class(p as usize, &self.tags[p as usize], self.now))
+                .collect();
+            let c = classes[0];
+            let list = if c == KvClass::F16 {
+                &mut self.keep
+            } else {
+                &mut self.staging[ci(c)]
+            };
+            if classes.iter().all(|&x| x == c)
+                && list.last().is_none_or(|l| l.pos.len() == F16_TOKENS)
+            {
+                list.push(block);
+            } else {
+                self.scatter(pool, ops, map, block, KvClass::F16)?;
+            }
+        }
+        self.quantize_full(pool, tokens, ops)
+    }
+
+    fn quantize_full(
+        &mut self,
+        pool: &mut SlotPool,
+        tokens: &ClassTokens,
+        ops: &mut Ops,
+    ) -> Result<(), PoolError> {
+        for k in 1..4 {
+            let class = KvClass::ALL[k];
+            let per = tokens.of(class);
+            let whole = per / F16_TOKENS;
+            loop {
+                let staged: usize = self.staging[k].iter().map(|b| b.pos.len()).sum();
+                if staged < per || self.staging[k].len() < whole {
+                    break;
+                }
+                let slot = pool.alloc()?;
+                let taken: Vec<Block> = self.staging[k].drain(..whole).collect();
+                let mut src = Vec::with_capacity(per);
+                let mut pos = Vec::with_capacity(per);
+                for b in &taken {
+                    for (i, &p) in b.pos.iter().enumerate() {
+                        src.push((b.slot, i as u32));
+                        pos.push(p);
+                    }
+                    pool.release(b.slot);
+                }
+                ops.quantize.push(Quantize {
+                    class,
+                    dst_slot: slot,
+                    src,
+                });
+                self.packed[k].push(Block { slot, pos });
+            }
+        }
+        Ok(())
+    }
+
+    /// Generation moves to (turn, step): every block (outside the stream) holding a token whose
+    /// class changed is moved to its tokens' classes (re-quantized from its decoded values).
+    pub fn age(
+        &mut self,
+        pool: &mut SlotPool,
+        map: &ClassMap,
+        tokens: &ClassTokens,
+        now: (u32, u32),
+        ops: &mut Ops,
+    ) -> Result<(), PoolError> {
+        if now == self.now {
+            return Ok(());
+        }
+        self.now = now;
+        let mut moved: Vec<(Block, KvClass)> = Vec::new();
+        let (tags, keep, staging, packed) = (
+            &self.tags,
+            &mut self.keep,
+            &mut self.staging,
+            &mut self.packed,
+        );
+        drain_stale(keep, KvClass::F16, KvClass::F16, tags, map, now, &mut moved);
+        for (k, class) in KvClass::ALL.iter().enumerate().skip(1) {
+            drain_stale(
+                &mut staging[k],
+                *class,
+                KvClass::F16,
+                tags,
+                map,
+                now,
+                &mut moved,
+            );
+            drain_stale(&mut packed[k], *class, *class, tags, map, now, &mut moved);
+        }
+        let mut moved = moved.into_iter();
+        while let Some((block, from)) = moved.next() {
+            if let Err(e) = self.scatter(pool, ops, map, block, from) {
+                // The caller releases the sequence: blocks not yet moved must not leak.
+                for (b, _) in moved {
+                    pool.release(b.slot);
+                }
+                return Err(e);
+            }
+        }
+        self.quantize_full(pool, tokens, ops)
+    }
+
+    /// Free every block (the sequence ends or is preempted).
+    pub fn release(&mut self, pool: &mut SlotPool) {
+        let lists = std::iter::once(std::mem::take(&mut self.stream))
+            .chain(std::iter::once(std::mem::take(&mut self.keep)))
+            .chain(self.staging.iter_mut().map(std::mem::take))
+            .chain(self.packed.iter_mut().map(std::mem::take))
+            .collect::<Vec<_>>();
+        for b in lists.into_iter().flatten() {
+            pool.release(b.slot);
+        }
+        self.tags.clear();
+        self.now = (0, 0);
+    }
+
+    /// Every token in exactly one block, every block within its capacity (tests).
+    pub fn check(&self, tokens: &ClassTokens) -> Result<(), String> {
+        let mut seen = vec![false; self.tags.len()];
+        let mut lists: Vec<(KvClass, &Block)> =
+            self.f16_lists().map(|b| (KvClass::F16, b)).collect();
+        for (k, l) in self.packed.iter().enumerate() {
+            lists.extend(l.iter().map(|b| (KvClass::ALL[k], b)));
+        }
+        for (c, b) in lists {
+            if b.pos.is_empty() || b.pos.len() > tokens.of(c) {
+                return Err(format!(
+                    "{c:?} block in slot {} holds {}",
+                    b.slot,
+                    b.pos.len()
+                ));
+            }
+            for &p in &b.pos {
+                let s = seen
+                    .get_mut(p as usize)
+                    .ok_or(format!("position {p} of {}", self.tags.len()))?;
+                if std::mem::replace(s, true) {
+                    return Err(format!("position {p} in two blocks"));
+                }
+            }
+        }
+        match seen.iter().position(|s| !s) {
+            Some(p) => Err(format!("position {p} in no block")),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tags::{Modality, Recency, Role};
+
+    /// The pool's bytes as the device would hold them: per slot, the position each token
+    /// index carries and the class it was written as.
+    #[derive(Default)]
+    struct Device {
+        blocks: HashMap<u32, (KvClass, Vec<Option<u32>>)>,
+    }
+
+    impl Device {
+        fn run(&mut self, ops: &Ops) {
+            for &s in &ops.zero {
+                self.blocks
+                    .insert(s, (KvClass::F16, vec![None; F16_TOKENS]));
+            }
+            for m in &ops.moves {
+                let (c, src) = &self.blocks[&m.src_slot];
+                assert_eq!(
+                    *c, m.src_class,
+                    "move reads slot {} as the wrong class",
+                    m.src_slot
+                );
+                let v = src[m.src_tok as usize].expect("move reads an empty token");
+                let dst = self
+                    .blocks
+                    .get_mut(&m.dst_slot)
+                    .expect("move into an unzeroed slot");
+                assert_eq!(dst.0, KvClass::F16);
+                dst.1[m.dst_tok as usize] = Some(v);
+            }
+            for q in &ops.quantize {
+                let vals: Vec<Option<u32>> = q
+                    .src
+                    .iter()
+                    .map(|&(s, t)| {
+                        let (c, b) = &self.blocks[&s];
+                        assert_eq!(*c, KvClass::F16);
+                        b[t as usize]
+                    })
+                    .collect();
+                assert!(
+                    vals.iter().all(|v| v.is_some()),
+                    "quantize reads an empty token"
+                );
+                self.blocks.insert(q.dst_slot, (q.class, vals));
+            }
+        }
+
+        fn append(&mut self, targets: &[(u32, u32)], first: usize) {
+            for (i, &(s, t)) in targets.iter().enumerate() {
+                let b = self
+                    .blocks
+                    .get_mut(&s)
+                    .expect("append into an unzeroed slot");
+                b.1[t as usize] = Some((first + i) as u32);
+            }
+        }
+
+        /// Every table entry reads back the positions the host says it holds.
+        fn check(&self, seq: &SeqBlocks) {
+            let mut lists: Vec<(KvClass, &Block)> =
+                seq.f16_lists().map(|b| (KvClass::F16, b)).collect();
+            for (k, l) in seq.packed.iter().enumerate() {
+                lists.extend(l.iter().map(|b| (KvClass::ALL[k], b)));
+            }
+            for (c, b) in lists {
+                let (dc, vals) = &self.blocks[&b.slot];
+                assert_eq!(*dc, c, "slot {} holds another class", b.slot);
+                for (i, &p) in b.pos.iter().enumerate() {
+                    assert_eq!(vals[i], Some(p), "slot {} token {i}", b.slot);
+                }
+            }
+        }
+    }
+
+    fn tag(role: Role, turn: u32, step: u32) -> TokenTag {
+        TokenTag {
+            role,
+            modality: Modality::Text,
+            turn,
+            step,
+        }
+    }
+
+    /// Observations INT2 once older, INT4 while current/previous; system 16-bit; the rest INT4.
+    fn map() -> ClassMap {
+        let mut classes = HashMap::new();
+        for r in Recency::ALL {
+            let obs = match r {
+                Recency::Current | Recency::Previous => KvClass::Int4,
+                _ => KvClass::Int2,
+            };
+            for (role, c) in [(Role::Observation, obs), (Role::System, KvClass::F16)] {
+                classes.insert(
+                    Tag {
+                        role,
+                        modality: Modality::Text,
+                        recency: r,
+                    },
+                    c,
+                );
+            }
+        }
+        ClassMap {
+            classes,
+            default: KvClass::Int4,
+            sinks: 4,
+            window: 64,
+            unit: RecencyUnit::Turn,
+        }
+    }
+
+    /// A few sequences take turns appending runs of tags, settling and ageing; the device
+    /// model checks every move and quantize reads what the host expects, and the pool
+    /// balances throughout and returns to full when they end.
+    #[test]
+    fn tables_match_device_and_the_pool_never_leaks() {
+        let tokens = ClassTokens::default();
+        let map = map();
+        let mut pool = SlotPool::new(4096);
+        let mut dev = Device::default();
+        let mut seqs = vec![SeqBlocks::new(), SeqBlocks::new(), SeqBlocks::new()];
+        let mut rng = 0x1234_5678u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for turn in 1..=12u32 {
+            for (si, seq) in seqs.iter_mut().enumerate() {
+                let mut ops = Ops::default();
+                seq.age(&mut pool, &map, &tokens, (turn, turn), &mut ops)
+                    .expect("room");
+                dev.run(&ops);
+                pool.commit();
+                for _ in 0..3 {
+                    let role = [Role::System, Role::User, Role::Observation, Role::Assistant]
+                        [(next() % 4) as usize];
+                    let n = 1 + (next() % 150) as usize + si;
+                    let tags = vec![tag(role, turn, turn); n];
+                    let mut ops = Ops::default();
+                    let first = seq.len();
+                    let t = seq.append(&mut pool, &tags, &mut ops).expect("room");
+                    dev.run(&ops);
+                    dev.append(&t, first);
+                    let mut ops = Ops::default();
+                    seq.settle(&mut pool, &map, &tokens, &mut ops)
+                        .expect("room");
+                    dev.run(&ops);
+                    pool.commit();
+                    seq.check(&tokens).expect("consistent");
+                    dev.check(seq);
+                }
+            }
+            let held: usize = seqs.iter().map(|s| s.slots()).sum();
+            assert_eq!(pool.used(), held, "turn {turn}");
+        }
+        // Old observations ended up INT2, some tokens INT4, system prompts 16-bit.
+        let c = seqs[0].counts();
+        assert!(
+            c.tokens[2] > 0 && c.tokens[1] > 0 && c.tokens[0] > 0,
+            "{c:?}"
+        );
+        for s in &mut seqs {
+            s.release(&mut pool);
+        }
+        pool.commit();
+        assert_eq!(pool.free(), pool.total());
+    }
+
+    #[test]
+    fn out_of_slots_appends_nothing() {
+        let mut pool = SlotPool::new(2);
+        let mut seq = SeqBlocks::new();
+        let mut ops = Ops::default();
+        let tags = vec![tag(Role::User, 1, 1); 40];
+        assert_eq!(
+            seq.append(&mut pool, &tags, &mut ops),
+            Err(PoolError::OutOfSlots { total: 2 })
+        );
+        assert!(seq.is_empty() && ops.is_empty() && pool.free() == 2);
+        seq.append(&mut pool, &tags[..32], &mut ops)
+            .expect("two blocks");
+        assert_eq!(pool.free(), 0);
+    }
+
+    #[test]
+    fn a_16_bit_map_never_moves_tokens() {
+        let mut pool = SlotPool::new(64);
+        let mut seq = SeqBlocks::new();
+        let map = ClassMap::uniform(KvClass::F16, 0, 0);
+        let mut ops = Ops::default();
+        seq.append(&mut pool, &vec![tag(Role::User, 1, 1); 300], &mut ops)
+            .expect("room");
+        seq.settle(&mut pool, &map, &ClassTokens::default(), &mut ops)
+            .expect("room");
+        seq.age(&mut pool, &map, &ClassTokens::default(), (3, 3), &mut ops)
+            .expect("room");
+        assert!(ops.moves.is_empty() && ops.quantize.is_empty());
+        assert_eq!(seq.slots(), 19);
+        assert!(!map.quantizes());
+    }
+}
