@@ -52,24 +52,6 @@ extern "C" __global__ void tkv_embed_f32(const __nv_bfloat16* table, const int* 
     out[(long long)b * hidden + i] = __bfloat162float(table[(long long)id * hidden + i]);
 }
 
-// out[r] = bf16(x[r] / sqrt(mean(x[r]^2) + eps) * w): the f32 residual row -> the bf16 input of
-// the next GEMM; one CTA per row of d.
-extern "C" __global__ void tkv_rmsnorm_f32_bf16(const float* x, const __nv_bfloat16* w,
-                                                __nv_bfloat16* out, int d, float eps) {
-  __shared__ float part[32];
-  const long long row = (long long)blockIdx.x * d;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) ss += x[row + i] * x[row + i];
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  float total = 0.f;
-  for (int i = 0; i < (int)((blockDim.x + 31) >> 5); i++) total += part[i];
-  const float inv = 1.f / sqrtf(total / (float)d + eps);
-  for (int i = threadIdx.x; i < d; i += blockDim.x)
-    out[row + i] = __float2bfloat16_rn(x[row + i] * inv * __bfloat162float(w[i]));
-}
-
 // One CTA of 64 threads per (sequence, query head): q of row b of the fused QKV output
 // (`row` values per row, q first, heads of `hd` <= 128 values) -> optional RMSNorm over the head
 // (weight qnorm[hd], output rounded to bf16 as a bf16 model stores it) -> rotate-half RoPE at

@@ -17,9 +17,10 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, long long i, float x) {
 }
 
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, one CTA per row of d. Rows of Qwen3's per-head
-// q/k norm are heads (d = head_dim).
-template <typename T>
-__device__ void rmsnorm(const T* x, const T* w, T* out, int d, float eps) {
+// q/k norm are heads (d = head_dim). The input may be wider than the weight and output (the
+// decode step's f32 residual into the bf16 input of the next GEMM).
+template <typename TX, typename T>
+__device__ void rmsnorm(const TX* x, const T* w, T* out, int d, float eps) {
   __shared__ float part[32];
   const long long row = (long long)blockIdx.x * d;
   float ss = 0.f;
@@ -90,3 +91,8 @@ __device__ void add(T* x, const T* y, long long n) {
 
 TKO_ENTRIES(f32, float)
 TKO_ENTRIES(bf16, __nv_bfloat16)
+
+extern "C" __global__ void tkv_rmsnorm_f32_bf16(const float* x, const __nv_bfloat16* w,
+                                                __nv_bfloat16* out, int d, float eps) {
+  tko::rmsnorm(x, w, out, d, eps);
+}

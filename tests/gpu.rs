@@ -1228,6 +1228,7 @@ fn prefill_attention_matches_cpu_reference() {
         let call = PrefillCall {
             seq,
             f16_base,
+            row0: 0,
             rows,
             sm_scale,
         };
@@ -1243,6 +1244,7 @@ fn prefill_attention_matches_cpu_reference() {
         let too_many = PrefillCall {
             seq,
             f16_base,
+            row0: 0,
             rows: rows + 1,
             sm_scale,
         };

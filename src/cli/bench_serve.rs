@@ -88,7 +88,7 @@ pub struct ServeArgs {
     duration: f64,
     #[arg(long, default_value_t = 30.0)]
     warmup: f64,
-    /// Prefill tokens per iteration (several sessions may share them; at most 512 per call).
+    /// Prefill tokens per iteration (chunks of several sessions in one step; at most 2048).
     #[arg(long, default_value_t = 2048)]
     chunk: usize,
     /// Most sequences per decode step.

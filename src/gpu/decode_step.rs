@@ -471,8 +471,6 @@ pub struct DecodeStep {
     gemm: Gemm,
     attention: DecodeAttention,
     f_embed: CudaFunction,
-    /// RMSNorm of the f32 residual into the bf16 GEMM input.
-    f_norm: CudaFunction,
     f_q_rope: CudaFunction,
     f_attn_out: CudaFunction,
     f_kv_append: CudaFunction,
@@ -535,7 +533,6 @@ impl DecodeStep {
             gemm: Gemm::new(gpu)?,
             attention: DecodeAttention::load(gpu, v_group)?,
             f_embed: f("tkv_embed_f32")?,
-            f_norm: f("tkv_rmsnorm_f32_bf16")?,
             f_q_rope: f("tkv_q_rope_f16")?,
             f_attn_out: f("tkv_attn_out_bf16")?,
             f_kv_append: f("tkv_kv_append_f16")?,
@@ -612,39 +609,6 @@ impl DecodeStep {
         Ok(())
     }
 
-    /// `out = bf16(rmsnorm(x) * w)` for `rows` rows of `d`.
-    #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_into(
-        f: &CudaFunction,
-        gpu: &GpuContext,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<Bf16>,
-        out: &mut CudaSlice<Bf16>,
-        rows: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<(), GpuError> {
-        if x.len() < rows * d || out.len() < rows * d || w.len() < d {
-            return Err(GpuError::Shape(format!(
-                "rmsnorm of {rows} × {d}: x {}, w {}, out {}",
-                x.len(),
-                w.len(),
-                out.len()
-            )));
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let d32 = d as i32;
-        let mut lb = gpu.stream().launch_builder(f);
-        lb.arg(x).arg(w).arg(out).arg(&d32).arg(&eps);
-        // SAFETY: sizes checked above; one CTA per row.
-        unsafe { lb.launch(cfg) }.during("launching tkv_rmsnorm_f32_bf16")?;
-        Ok(())
-    }
-
     /// The greedy tokens of the last step become the next step's input (positions stay).
     pub fn feed_back(&mut self) {
         std::mem::swap(&mut self.ids, &mut self.next_ids);
@@ -681,10 +645,33 @@ impl DecodeStep {
         kv: &KvCaches,
         call: PrefillCall,
     ) -> Result<(), GpuError> {
-        if self.append.is_none() || call.rows != self.rows {
+        self.run_prefills(gpu, w, kv, vec![call])
+    }
+
+    /// `run_prefill` for chunks of several sequences in one step (one pass over the weights):
+    /// `calls` cover the rows in order (`row0` = the rows before).
+    pub fn run_prefills(
+        &mut self,
+        gpu: &GpuContext,
+        w: &DeviceWeights,
+        kv: &KvCaches,
+        calls: Vec<PrefillCall>,
+    ) -> Result<(), GpuError> {
+        let mut next = 0;
+        for c in &calls {
+            if c.row0 != next || c.rows == 0 {
+                return Err(GpuError::Shape(format!(
+                    "prefill chunks must cover the rows in order: a chunk of {} at row {} after \
+                     {next}",
+                    c.rows, c.row0
+                )));
+            }
+            next += c.rows;
+        }
+        if self.append.is_none() || next != self.rows {
             return Err(GpuError::Shape(format!(
-                "a prefill of {} rows needs the {} rows' K/V appended (set_append)",
-                call.rows, self.rows
+                "a prefill of {next} rows needs the {} rows' K/V appended (set_append)",
+                self.rows
             )));
         }
         if self.prefill.is_none() {
@@ -693,7 +680,13 @@ impl DecodeStep {
                 gpu.zeros(self.batch * self.shape.q_heads * HEAD_DIM)?,
             ));
         }
-        self.run_inner(gpu, w, kv, Attention::Prefill(call), StepOptions::default())
+        self.run_inner(
+            gpu,
+            w,
+            kv,
+            Attention::Prefill(calls),
+            StepOptions::default(),
+        )
     }
 
     fn run_inner(
@@ -741,16 +734,8 @@ impl DecodeStep {
         let head_dim32 = s.head_dim as i32;
         let null_norm: u64 = 0;
         for (li, lw) in w.layers.iter().enumerate() {
-            Self::rmsnorm_into(
-                &self.f_norm,
-                gpu,
-                &self.x,
-                &lw.attn_norm,
-                &mut self.h,
-                b,
-                hd,
-                s.rms_eps,
-            )?;
+            self.ops
+                .rmsnorm(gpu, &self.x, &lw.attn_norm, &mut self.h, b, s.rms_eps)?;
             self.gemm
                 .linear(gpu, &self.h, &lw.wqkv, &mut self.qkv, b, hd, s.qkv_dim())?;
             {
@@ -821,12 +806,14 @@ impl DecodeStep {
                         &self.q16,
                         sm_scale,
                     )?,
-                    Attention::Prefill(call) => {
+                    Attention::Prefill(calls) => {
                         let Some((kernel, out)) = &mut self.prefill else {
                             return Err(GpuError::Shape("prefill kernel not loaded".into()));
                         };
-                        call.sm_scale = sm_scale;
-                        kernel.launch(gpu, cache, pool_offset, *call, &self.q16, out)?;
+                        for call in calls.iter_mut() {
+                            call.sm_scale = sm_scale;
+                            kernel.launch(gpu, cache, pool_offset, *call, &self.q16, out)?;
+                        }
                     }
                 }
                 if opts.time_attention {
@@ -852,16 +839,8 @@ impl DecodeStep {
             self.gemm
                 .linear(gpu, &self.attn, &lw.wo, &mut self.o, b, s.q_dim(), hd)?;
             self.ops.add(gpu, &mut self.x, &self.o)?;
-            Self::rmsnorm_into(
-                &self.f_norm,
-                gpu,
-                &self.x,
-                &lw.mlp_norm,
-                &mut self.h,
-                b,
-                hd,
-                s.rms_eps,
-            )?;
+            self.ops
+                .rmsnorm(gpu, &self.x, &lw.mlp_norm, &mut self.h, b, s.rms_eps)?;
             self.gemm.linear(
                 gpu,
                 &self.h,
@@ -884,16 +863,8 @@ impl DecodeStep {
                 .linear(gpu, &self.m, &lw.wdown, &mut self.o, b, s.intermediate, hd)?;
             self.ops.add(gpu, &mut self.x, &self.o)?;
         }
-        Self::rmsnorm_into(
-            &self.f_norm,
-            gpu,
-            &self.x,
-            &w.final_norm,
-            &mut self.h,
-            b,
-            hd,
-            s.rms_eps,
-        )?;
+        self.ops
+            .rmsnorm(gpu, &self.x, &w.final_norm, &mut self.h, b, s.rms_eps)?;
         self.gemm
             .linear(gpu, &self.h, &w.lm_head, &mut self.logits, b, hd, s.vocab)?;
         self.sampler
@@ -912,10 +883,10 @@ impl DecodeStep {
 }
 
 /// The attention of a step: decode (one token per sequence, a plan over the cache) or prefill
-/// (consecutive tokens of one sequence).
+/// (consecutive tokens of one or more sequences).
 enum Attention<'a> {
     Decode(&'a mut DecodePlan),
-    Prefill(PrefillCall),
+    Prefill(Vec<PrefillCall>),
 }
 
 /// How the layers' KV caches are allocated.

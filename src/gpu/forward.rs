@@ -157,6 +157,7 @@ impl GpuForward {
         let call = PrefillCall {
             seq: 0,
             f16_base,
+            row0: 0,
             rows: ids.len(),
             sm_scale: 0.0,
         };

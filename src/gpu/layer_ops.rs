@@ -61,27 +61,35 @@ fn grid_for(gpu: &GpuContext, n: usize) -> LaunchConfig {
 impl LayerOps {
     pub fn load(gpu: &GpuContext) -> Result<Self, GpuError> {
         let mut gpu_fns = std::collections::HashMap::new();
+        let mut names = vec!["tkv_rmsnorm_f32_bf16".to_string()];
         for op in ["rmsnorm", "rope", "swiglu", "add"] {
             for sfx in ["f32", "bf16"] {
-                let name = format!("tkv_{op}_{sfx}");
-                gpu_fns.insert(name.clone(), gpu.function(&LAYER_OPS, &[], &name)?);
+                names.push(format!("tkv_{op}_{sfx}"));
             }
+        }
+        for name in names {
+            let f = gpu.function(&LAYER_OPS, &[], &name)?;
+            gpu_fns.insert(name, f);
         }
         Ok(LayerOps { gpu_fns })
     }
 
     fn f<T: Element>(&self, op: &str) -> Result<&CudaFunction, GpuError> {
-        let name = format!("tkv_{op}_{}", T::SUFFIX);
+        self.named(&format!("tkv_{op}_{}", T::SUFFIX))
+    }
+
+    fn named(&self, name: &str) -> Result<&CudaFunction, GpuError> {
         self.gpu_fns
-            .get(&name)
+            .get(name)
             .ok_or_else(|| GpuError::Shape(format!("kernel {name} not loaded")))
     }
 
     /// `out[r] = x[r] / sqrt(mean(x[r]²) + eps) * w` for each of `rows` rows of `w.len()`.
-    pub fn rmsnorm<T: Element>(
+    /// `x` may be f32 with a bf16 weight and output (the f32 residual into a bf16 GEMM input).
+    pub fn rmsnorm<X: Element, T: Element>(
         &self,
         gpu: &GpuContext,
-        x: &CudaSlice<T>,
+        x: &CudaSlice<X>,
         w: &CudaSlice<T>,
         out: &mut CudaSlice<T>,
         rows: usize,
@@ -108,7 +116,12 @@ impl LayerOps {
             shared_mem_bytes: 0,
         };
         let d32 = d as i32;
-        let mut b = gpu.stream().launch_builder(self.f::<T>("rmsnorm")?);
+        let f = if X::SUFFIX == T::SUFFIX {
+            self.f::<T>("rmsnorm")?
+        } else {
+            self.named(&format!("tkv_rmsnorm_{}_{}", X::SUFFIX, T::SUFFIX))?
+        };
+        let mut b = gpu.stream().launch_builder(f);
         b.arg(x).arg(w).arg(out).arg(&d32).arg(&eps);
         // SAFETY: rows × d values in x and out, d in w (checked above).
         unsafe { b.launch(cfg) }.during("launching rmsnorm")?;

@@ -83,6 +83,8 @@ pub struct PrefillAttention {
 pub struct PrefillCall {
     pub seq: usize,
     pub f16_base: usize,
+    /// The chunk's first row in `q` / `out` (several sequences' chunks share one step).
+    pub row0: usize,
     pub rows: usize,
     pub sm_scale: f32,
 }
@@ -122,7 +124,8 @@ impl PrefillAttention {
                 call.seq, l.seqs, call.rows
             ));
         }
-        let need = call.rows * l.q_heads * HEAD_DIM;
+        let row_len = l.q_heads * HEAD_DIM;
+        let need = (call.row0 + call.rows) * row_len;
         if q.len() < need || out.len() < need {
             return bad(format!(
                 "q {} / out {} values for {} rows × {} heads × {HEAD_DIM}",
@@ -176,8 +179,8 @@ impl PrefillAttention {
             gqa: l.gqa() as i32,
             rows: call.rows as i32,
             f16_base: call.f16_base as i32,
-            q: q.device_ptr(stream).0,
-            out: out.device_ptr(stream).0,
+            q: q.device_ptr(stream).0 + (call.row0 * row_len * 2) as u64,
+            out: out.device_ptr(stream).0 + (call.row0 * row_len * 4) as u64,
             scale_log2: call.sm_scale * std::f32::consts::LOG2_E,
             ..Default::default()
         };

@@ -24,8 +24,8 @@ use crate::quant::KvClass;
 use crate::tags::TokenTag;
 use std::time::Instant;
 
-/// Rows of one prefill call at most (a chunk budget above it runs several calls).
-const PREFILL_ROWS: usize = 512;
+/// Rows of one prefill step at most (activations and logits are sized for it).
+const PREFILL_ROWS: usize = 2048;
 
 /// One cache to serve from: a name and the class of every token.
 #[derive(Debug, Clone)]
@@ -332,13 +332,13 @@ impl Run<'_> {
         self.admit(t0);
         let mut ops = Ops::default();
         // Prefill: the oldest requests still feeding their prompts, up to `chunk` tokens in
-        // all, at most a step's rows per call.
+        // all (at most a step's rows), run as one step.
         let mut waiting: Vec<usize> = (0..self.clients.len())
             .filter(|&i| self.clients[i].phase == Phase::Prefill)
             .collect();
         waiting.sort_by_key(|&i| self.clients[i].sent);
         let mut chunks: Vec<Chunk> = Vec::new();
-        let mut budget = self.cfg.chunk;
+        let mut budget = self.cfg.chunk.min(step.batch);
         for c in waiting {
             if budget == 0 {
                 break;
@@ -348,7 +348,7 @@ impl Run<'_> {
             }
             let (start, _) = self.turn(c);
             let fed = self.clients[c].blocks.len();
-            let n = start.saturating_sub(fed).min(budget).min(step.batch);
+            let n = start.saturating_sub(fed).min(budget);
             if n == 0 {
                 return Err(GpuError::Shape(format!(
                     "client {c}: a turn starting at token {start} with {fed} fed"
@@ -390,30 +390,32 @@ impl Run<'_> {
         gpu.synchronize()?;
         let t_sched = Instant::now();
 
-        for Chunk {
-            client: c,
-            fed,
-            f16_base: base,
-            targets,
-        } in &chunks
-        {
-            let s = &self.work.sessions[self.clients[*c].session];
-            let n = targets.len();
-            let ids: Vec<i32> = s.ids[*fed..fed + n].iter().map(|&i| i as i32).collect();
-            let pos: Vec<i32> = (*fed..fed + n).map(|p| p as i32).collect();
-            let l = self.tables(&[*c]);
+        if !chunks.is_empty() {
+            // Every chunk in one step: one pass over the weights, one attention launch per
+            // chunk and layer.
+            let seqs: Vec<usize> = chunks.iter().map(|k| k.client).collect();
+            let l = self.tables(&seqs);
             self.set_tables(&l)?;
+            let (mut ids, mut pos, mut slots, mut toks) = (vec![], vec![], vec![], vec![]);
+            let mut calls = Vec::with_capacity(chunks.len());
+            for (i, k) in chunks.iter().enumerate() {
+                let s = &self.work.sessions[self.clients[k.client].session];
+                let n = k.targets.len();
+                calls.push(PrefillCall {
+                    seq: i,
+                    f16_base: k.f16_base,
+                    row0: ids.len(),
+                    rows: n,
+                    sm_scale: 0.0,
+                });
+                ids.extend(s.ids[k.fed..k.fed + n].iter().map(|&i| i as i32));
+                pos.extend((k.fed..k.fed + n).map(|p| p as i32));
+                slots.extend(k.targets.iter().map(|t| t.0 as i32));
+                toks.extend(k.targets.iter().map(|t| t.1 as i32));
+            }
             step.set_inputs(gpu, &ids, &pos)?;
-            let slots: Vec<i32> = targets.iter().map(|t| t.0 as i32).collect();
-            let toks: Vec<i32> = targets.iter().map(|t| t.1 as i32).collect();
             step.set_append(gpu, Some((&slots, &toks)))?;
-            let call = PrefillCall {
-                seq: 0,
-                f16_base: *base,
-                rows: n,
-                sm_scale: 0.0,
-            };
-            step.run_prefill(gpu, w, &self.kv, call)?;
+            step.run_prefills(gpu, w, &self.kv, calls)?;
         }
         gpu.synchronize()?;
         let t_prefill = Instant::now();

@@ -1,0 +1,115 @@
+//! `triaxkv bench serve-workload` on the bundled traces (the tokenizer of the default model;
+//! skipped with a message when it has not been fetched): sessions follow the recorded turns,
+//! and bad input to `bench serve` is refused before any GPU work.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use triaxkv::paged::workload::Workload;
+use triaxkv::tags::Role;
+
+fn model() -> Option<PathBuf> {
+    let p = triaxkv::model::load::default_model_path();
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipping: the default model is not at {} (run scripts/setup.sh)",
+            p.display()
+        );
+        None
+    }
+}
+
+fn triaxkv(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_triaxkv"))
+        .args(args)
+        .output()
+        .expect("the triaxkv binary runs")
+}
+
+#[test]
+fn workload_sessions_follow_the_recorded_turns() {
+    if model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w.json");
+    let traces = Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/test");
+    let o = triaxkv(&[
+        "bench",
+        "serve-workload",
+        "--traces",
+        traces.to_str().unwrap(),
+        "--max-context",
+        "8192",
+        "--max-gen",
+        "64",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w = Workload::read(&out).unwrap();
+    assert!(w.sessions.len() >= 5, "{} sessions", w.sessions.len());
+    let assistant = [
+        Role::Assistant,
+        Role::Reasoning,
+        Role::ToolCall,
+        Role::Template,
+    ];
+    for s in &w.sessions {
+        assert!(s.len() <= 8192);
+        let mut prev_step = 0;
+        for t in &s.turns {
+            assert!(t.gen >= 1 && t.gen <= 64);
+            // A reply starts a new agent step with an assistant-side token, after a prompt.
+            let tag = s.tags(t.start..t.start + 1)[0];
+            assert!(assistant.contains(&tag.role), "{:?}", tag.role);
+            assert!(
+                tag.step > prev_step,
+                "steps {} then {}",
+                prev_step,
+                tag.step
+            );
+            prev_step = tag.step;
+        }
+        let last = s.turns[s.turns.len() - 1];
+        assert_eq!(
+            last.start + last.gen,
+            s.len(),
+            "sessions end with their last reply"
+        );
+    }
+}
+
+#[test]
+fn bench_serve_refuses_bad_input_before_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        "{\"schema\": \"triaxkv.serve-workload/v1\", \"sessions\": 3}",
+    )
+    .unwrap();
+    let o = triaxkv(&["bench", "serve", "--workload", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("bad.json") && err.contains("not a serve workload"),
+        "{err}"
+    );
+    let missing = dir.path().join("missing.json");
+    let o = triaxkv(&["bench", "serve", "--workload", missing.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing.json"));
+    let o = triaxkv(&[
+        "bench",
+        "serve",
+        "--workload",
+        bad.to_str().unwrap(),
+        "--warmup",
+        "100",
+        "--duration",
+        "10",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--warmup must be below --duration"));
+}
