@@ -1,21 +1,12 @@
 //! `triaxkv calibrate` end to end on the bundled SmolLM2 (skipped with a message when it has
 //! not been fetched): outputs, the per-trajectory cache, truncation notes and bad input.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
-fn model() -> Option<PathBuf> {
-    let p = triaxkv::model::load::default_model_path();
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "skipping: the default model is not at {} (run scripts/setup.sh)",
-            p.display()
-        );
-        None
-    }
-}
+use common::default_model as model;
 
 fn calibrate(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_triaxkv"))

@@ -3,6 +3,8 @@
 //! reference, INT2 does not, scored positions are exactly the assistant-predicting ones, a
 //! tool-call generation leaves the replay untouched, and bad profiles are refused.
 
+mod common;
+
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -18,18 +20,7 @@ use triaxkv::trace::render::{render, RenderOptions};
 use triaxkv::trace::template::ChatTemplate;
 use triaxkv::trace::Trajectory;
 
-fn model_path() -> Option<PathBuf> {
-    let p = triaxkv::model::load::default_model_path();
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "skipping: the default model is not at {} (run scripts/setup.sh)",
-            p.display()
-        );
-        None
-    }
-}
+use common::default_model as model_path;
 
 /// A short agent trajectory: reasoning, a tool call, its result and an answer.
 /// The default model's identity without dequantizing its weights.

@@ -2,23 +2,14 @@
 //! skipped with a message when it has not been fetched): sessions follow the recorded turns,
 //! and bad input to `bench serve` is refused before any GPU work.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 use triaxkv::paged::workload::Workload;
 use triaxkv::tags::Role;
 
-fn model() -> Option<PathBuf> {
-    let p = triaxkv::model::load::default_model_path();
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "skipping: the default model is not at {} (run scripts/setup.sh)",
-            p.display()
-        );
-        None
-    }
-}
+use common::default_model as model;
 
 fn triaxkv(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_triaxkv"))
