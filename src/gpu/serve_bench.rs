@@ -115,6 +115,9 @@ struct Client {
     admitted: u64,
     /// Tokens to recompute after a preemption (counted once fed).
     recompute: usize,
+    /// Slots admission counted on for the current turn (estimated when admitted or when a new
+    /// turn starts); what the session does not hold yet is promised to it.
+    reserved: usize,
 }
 
 fn percentile(v: &mut [f64], q: f64) -> f64 {
@@ -123,6 +126,20 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Headroom kept free at admission: a slot per resident session (its next token), the 16-bit
+/// blocks of one prefill budget, and a tenth of the pool (admitting to the brim makes the
+/// sessions' growth preempt, and recompute, one another).
+fn headroom(resident: usize, chunk: usize, total: usize) -> usize {
+    resident + chunk.div_ceil(F16_TOKENS) + 8 + total / 10
+}
+
+/// A session needing `need` slots may enter when the free slots cover it on top of `taken`
+/// (promised to admitted sessions that do not hold them yet, headroom, and sessions admitted
+/// earlier in this pass).
+fn admits(free: usize, taken: usize, need: usize) -> bool {
+    free >= taken + need
 }
 
 /// Slots a session's cache would take holding `tags` at `now`: each class's blocks, the
@@ -255,29 +272,37 @@ impl Run<'_> {
             .count()
     }
 
-    /// Admit waiting clients, oldest request first, while their estimated blocks fit next to a
-    /// reserve for the running sessions' growth.
+    /// Slots client `c`'s cache would need by the end of its current turn.
+    fn turn_estimate(&self, c: usize) -> usize {
+        let (start, gen) = self.turn(c);
+        let tags = self.session_tags(c, 0..start + gen);
+        estimate_slots(self.map, &self.tokens, &tags, self.now_of(c))
+    }
+
+    /// Admit waiting clients, oldest request first, while their estimated slots fit next to
+    /// what admitted sessions were promised but do not hold yet (their prompts wait for
+    /// prefill) and a headroom for the resident sessions' growth.
     fn admit(&mut self, now: Instant) {
         let mut waiting: Vec<usize> = (0..self.clients.len())
             .filter(|&i| self.clients[i].phase == Phase::Waiting)
             .collect();
         waiting.sort_by_key(|&i| self.clients[i].sent);
-        // Headroom for the resident sessions' next tokens and turns: one slot each, a
-        // prefill budget of 16-bit blocks, and a tenth of the pool (admitting to the brim
-        // makes the sessions' growth preempt, and recompute, one another).
-        let running = self.resident();
-        let mut reserve =
-            running + self.cfg.chunk.div_ceil(F16_TOKENS) + 8 + self.pool.total() / 10;
+        let promised: usize = self
+            .clients
+            .iter()
+            .filter(|c| c.phase != Phase::Waiting)
+            .map(|c| c.reserved.saturating_sub(c.blocks.slots()))
+            .sum();
+        let mut taken = promised + headroom(self.resident(), self.cfg.chunk, self.pool.total());
         for c in waiting {
-            let (start, gen) = self.turn(c);
-            let tags = self.session_tags(c, 0..start + gen);
-            let need = estimate_slots(self.map, &self.tokens, &tags, self.now_of(c));
-            if self.pool.free() < need + reserve {
+            let need = self.turn_estimate(c);
+            if !admits(self.pool.free(), taken, need) {
                 break;
             }
-            reserve += need;
+            taken += need;
             self.admissions += 1;
             let cl = &mut self.clients[c];
+            cl.reserved = need;
             cl.admitted = self.admissions;
             cl.phase = Phase::Prefill;
             cl.last_token = now;
@@ -286,17 +311,19 @@ impl Run<'_> {
 
     fn next_turn(&mut self, c: usize, now: Instant) {
         let turns = self.work.sessions[self.clients[c].session].turns.len();
-        let cl = &mut self.clients[c];
-        cl.sent = now;
-        if cl.turn + 1 < turns {
-            cl.turn += 1;
-            cl.phase = Phase::Prefill;
+        self.clients[c].sent = now;
+        if self.clients[c].turn + 1 < turns {
+            self.clients[c].turn += 1;
+            self.clients[c].phase = Phase::Prefill;
+            self.clients[c].reserved = self.turn_estimate(c);
         } else {
+            let cl = &mut self.clients[c];
             cl.blocks.release(&mut self.pool);
             cl.session = self.next_session % self.work.sessions.len();
             self.next_session += 1;
             cl.turn = 0;
             cl.recompute = 0;
+            cl.reserved = 0;
             cl.phase = Phase::Waiting;
         }
     }
@@ -615,6 +642,7 @@ pub fn run(
                 last_token: t,
                 admitted: 0,
                 recompute: 0,
+                reserved: 0,
             })
             .collect();
         let tokens = ClassTokens([
@@ -734,4 +762,60 @@ pub fn run(
         rows.push(row);
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tags::{Modality, Role};
+
+    #[test]
+    fn estimate_counts_each_class_blocks_and_the_window() {
+        let tag = TokenTag {
+            role: Role::Observation,
+            modality: Modality::Text,
+            turn: 1,
+            step: 1,
+        };
+        let tokens = ClassTokens::default();
+        // 4 sinks at 16 bits (1 block), 1,000 INT2 tokens (8 blocks), a 64-token window
+        // (+16: 5 blocks) and 4 partial blocks.
+        let map = ClassMap::uniform(KvClass::Int2, 4, 64);
+        assert_eq!(
+            estimate_slots(&map, &tokens, &vec![tag; 1004], (1, 1)),
+            1 + 8 + 5 + 4
+        );
+        let f16 = ClassMap::uniform(KvClass::F16, 0, 0);
+        assert_eq!(
+            estimate_slots(&f16, &tokens, &vec![tag; 1000], (1, 1)),
+            63 + 1 + 4
+        );
+    }
+
+    /// Sessions admitted in an earlier iteration that have not allocated yet (their prompts
+    /// wait for prefill) still count: a third session does not enter on slots promised to them.
+    #[test]
+    fn admission_counts_slots_promised_but_not_held() {
+        let (free, head) = (100, headroom(0, 16, 100));
+        assert_eq!(head, 1 + 8 + 10);
+        let mut taken = head;
+        let mut admitted = 0;
+        for need in [30, 30, 30] {
+            if admits(free, taken, need) {
+                taken += need;
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 2);
+        // Next iteration: nothing allocated yet, so 60 slots are promised.
+        let promised: usize = [(30usize, 0usize), (30, 0)]
+            .iter()
+            .map(|(r, h)| r.saturating_sub(*h))
+            .sum();
+        assert!(!admits(free, promised + headroom(2, 16, 100), 30));
+        assert!(
+            admits(free, headroom(2, 16, 100), 30),
+            "without the promise it would enter"
+        );
+    }
 }
