@@ -104,3 +104,63 @@ fn bench_serve_refuses_bad_input_before_the_gpu() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--warmup must be below --duration"));
 }
+
+/// `bench serve --host-check`: the whole scheduler on recorded sessions without a GPU, every
+/// device request checked; the pool is whole at the end and the mixed cache holds more
+/// sessions than the 16-bit one in the same memory.
+#[test]
+fn host_check_serves_recorded_sessions() {
+    if model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("w.json");
+    let json = dir.path().join("serve.json");
+    let traces = Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/test");
+    let profile = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/triaxial-2.97.json");
+    let o = triaxkv(&[
+        "bench",
+        "serve-workload",
+        "--traces",
+        traces.to_str().unwrap(),
+        "-o",
+        w.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = triaxkv(&[
+        "bench",
+        "serve",
+        "--workload",
+        w.to_str().unwrap(),
+        "--host-check",
+        "600",
+        "--kv-memory",
+        "1GiB",
+        "--clients",
+        "32",
+        "--caches",
+        "bf16,profile",
+        "--profile",
+        profile.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert_eq!(r["leaked_slots"], 0, "{r}");
+        assert!(r["turns_completed"].as_u64().unwrap() > 0, "{r}");
+    }
+    let mean = |i: usize| rows[i]["mean_sessions"].as_f64().unwrap();
+    assert!(
+        mean(1) > 3.0 * mean(0),
+        "profile {} vs bf16 {}",
+        mean(1),
+        mean(0)
+    );
+    let bits = rows[1]["effective_bits"].as_f64().unwrap();
+    assert!(bits > 2.0 && bits < 4.0, "{bits}");
+}

@@ -96,6 +96,10 @@ pub struct ServeArgs {
     max_batch: usize,
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// No GPU: run N scheduler iterations per cache against a host model of the device that
+    /// checks every request (capacity, admission and preemption; times are host-only).
+    #[arg(long, value_name = "N")]
+    host_check: Option<usize>,
     #[arg(long)]
     json: Option<PathBuf>,
     #[arg(long)]
@@ -123,9 +127,47 @@ fn cache(name: &str, profile: &std::path::Path) -> Result<BenchCache> {
     })
 }
 
-fn markdown(rows: &[ServeBenchRow], head: &str) -> String {
+fn markdown(rows: &[ServeBenchRow], head: &str, timed: bool) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{head}\n");
+    if !timed {
+        let _ = writeln!(
+            s,
+            "| cache | slots | bits/elem | peak sessions | mean sessions | mean decode batch | turns | preemptions | recomputed tokens | leaked slots |"
+        );
+        let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        for r in rows {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {} | {} | {} | {} |",
+                r.cache,
+                r.slots,
+                r.effective_bits,
+                r.peak_sessions,
+                r.mean_sessions,
+                r.mean_decode_batch,
+                r.turns_completed,
+                r.preemptions,
+                r.recomputed_tokens,
+                r.leaked_slots
+            );
+        }
+        if let Some(base) = rows.first() {
+            let _ = writeln!(s);
+            for r in &rows[1..] {
+                let _ = writeln!(
+                    s,
+                    "- {} vs {}: {:.2}x peak sessions, {:.2}x mean sessions, {:.2}x turns in as many iterations",
+                    r.cache,
+                    base.cache,
+                    r.peak_sessions as f64 / base.peak_sessions.max(1) as f64,
+                    r.mean_sessions / base.mean_sessions.max(1e-9),
+                    r.turns_completed as f64 / base.turns_completed.max(1) as f64
+                );
+            }
+        }
+        return s;
+    }
     let _ = writeln!(
         s,
         "| cache | slots | bits/elem | peak sessions | mean sessions | mean decode batch | decode tok/s | prefill tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | preemptions | turns | leaked slots |"
@@ -189,7 +231,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .iter()
         .map(|c| cache(c, &args.profile))
         .collect::<Result<Vec<_>>>()?;
-    let cfg = ServeBenchConfig {
+    let mut cfg = ServeBenchConfig {
         shape,
         kv_memory: args.kv_memory,
         caches,
@@ -201,8 +243,29 @@ pub fn run(args: ServeArgs) -> Result<()> {
         v_group: 64,
         seed: 0x5eed,
     };
-    let gpu = GpuContext::open(args.device).context("opening the GPU for bench serve")?;
     let (tokens, gen) = work.totals();
+    if let Some(n) = args.host_check {
+        if n == 0 {
+            bail!("--host-check needs at least 1 iteration");
+        }
+        cfg.duration_s = f64::MAX;
+        cfg.warmup_s = 0.0;
+        let head = format!(
+            "bench serve --host-check {n}: no GPU, every device request checked; {} shape, \
+             {:.1} GiB KV per cache, {} clients over {} recorded sessions ({tokens} tokens, \
+             {gen} generated per pass), chunk {}; sessions, bits and preemptions after {n} \
+             iterations (times and tokens/s are host bookkeeping, not speed)",
+            cfg.shape.name,
+            cfg.kv_memory as f64 / (1u64 << 30) as f64,
+            cfg.clients,
+            work.sessions.len(),
+            cfg.chunk
+        );
+        eprintln!("{head}");
+        let rows = serve_bench::run_host_check(&cfg, &work, n, |m| eprintln!("{m}"))?;
+        return report(&rows, &head, &args, false);
+    }
+    let gpu = GpuContext::open(args.device).context("opening the GPU for bench serve")?;
     let head = format!(
         "bench serve on {} ({}): {} with random bf16 weights (speed only), {:.1} GiB KV per \
          cache, {} clients over {} recorded sessions ({tokens} tokens, {gen} generated per \
@@ -219,7 +282,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     );
     eprintln!("{head}");
     let rows = serve_bench::run(&gpu, &cfg, &work, |m| eprintln!("{m}"))?;
-    let md = markdown(&rows, &head);
+    report(&rows, &head, &args, true)
+}
+
+fn report(rows: &[ServeBenchRow], head: &str, args: &ServeArgs, timed: bool) -> Result<()> {
+    let md = markdown(rows, head, timed);
     println!("{md}");
     if let Some(p) = &args.json {
         let json = serde_json::json!({"setup": head, "rows": rows});

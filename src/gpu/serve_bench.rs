@@ -280,6 +280,127 @@ impl Executor for GpuExec<'_> {
     }
 }
 
+/// A host model of the device for `bench serve --host-check` and the tests: no kernels run,
+/// every request is checked against the pool as the device would hold it — the class each
+/// slot was last written as, table entries of that class, 16-bit move sources and targets,
+/// whole blocks quantized from 16-bit tokens, prefill chunks ending their sequence's 16-bit
+/// table.
+#[derive(Debug, Default)]
+pub struct HostCheck {
+    class: std::collections::HashMap<u32, KvClass>,
+    pub prefills: usize,
+    pub decodes: usize,
+    pub quantized: usize,
+    pub moved: usize,
+}
+
+impl HostCheck {
+    fn slot_is(&self, slot: u32, c: KvClass, what: &str) -> Result<(), GpuError> {
+        match self.class.get(&slot) {
+            Some(&k) if k == c => Ok(()),
+            other => Err(GpuError::Shape(format!(
+                "{what}: slot {slot} holds {other:?}, expected {c:?}"
+            ))),
+        }
+    }
+
+    fn tables(&self, t: &PagedLayout) -> Result<(), GpuError> {
+        t.validate()?;
+        for c in KvClass::ALL {
+            for b in t.table(c) {
+                self.slot_is(b.slot as u32, c, "a table entry")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Executor for HostCheck {
+    fn pool_ops(&mut self, layout: &PagedLayout, ops: &Ops) -> Result<(), GpuError> {
+        for &z in &ops.zero {
+            if z as usize >= layout.slots {
+                return Err(GpuError::Shape(format!(
+                    "zeroing slot {z} of {}",
+                    layout.slots
+                )));
+            }
+            self.class.insert(z, KvClass::F16);
+        }
+        for m in &ops.moves {
+            self.slot_is(m.src_slot, m.src_class, "a move's source")?;
+            self.slot_is(m.dst_slot, KvClass::F16, "a move's target")?;
+        }
+        for q in &ops.quantize {
+            if q.src.len() != layout.geom(q.class).tokens {
+                return Err(GpuError::Shape(format!(
+                    "a {:?} block of {} tokens",
+                    q.class,
+                    q.src.len()
+                )));
+            }
+            for &(slot, _) in &q.src {
+                self.slot_is(slot, KvClass::F16, "a quantize source")?;
+            }
+            self.class.insert(q.dst_slot, q.class);
+        }
+        self.moved += ops.moves.len();
+        self.quantized += ops.quantize.len();
+        Ok(())
+    }
+
+    fn prefill(
+        &mut self,
+        t: &PagedLayout,
+        rows: &StepRows,
+        calls: Vec<PrefillCall>,
+    ) -> Result<(), GpuError> {
+        self.tables(t)?;
+        let total: usize = calls.iter().map(|c| c.rows).sum();
+        if calls.len() != t.seqs || rows.ids.len() != total || rows.slots.len() != total {
+            return Err(GpuError::Shape(format!(
+                "{} calls of {total} rows for {} sequences and {} rows",
+                calls.len(),
+                t.seqs,
+                rows.ids.len()
+            )));
+        }
+        for c in &calls {
+            let f16: usize = t
+                .table(KvClass::F16)
+                .iter()
+                .filter(|b| b.seq == c.seq)
+                .map(|b| b.tokens)
+                .sum();
+            if f16 != c.f16_base + c.rows {
+                return Err(GpuError::Shape(format!(
+                    "sequence {}: {f16} 16-bit tokens, the chunk ends at {}",
+                    c.seq,
+                    c.f16_base + c.rows
+                )));
+            }
+        }
+        self.prefills += 1;
+        Ok(())
+    }
+
+    fn decode(&mut self, t: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
+        self.tables(t)?;
+        if rows.ids.len() != t.seqs {
+            return Err(GpuError::Shape(format!(
+                "{} rows for {} sequences",
+                rows.ids.len(),
+                t.seqs
+            )));
+        }
+        self.decodes += 1;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), GpuError> {
+        Ok(())
+    }
+}
+
 struct Run<'a, E> {
     exec: E,
     cfg: &'a ServeBenchConfig,
@@ -830,6 +951,37 @@ pub fn serve_cache<E: Executor>(
     Ok(row)
 }
 
+/// Run every cache of `cfg` on `work` through `HostCheck` for `iterations` scheduler
+/// iterations each (no GPU: capacity, admission and preemption in iterations; the times are
+/// host bookkeeping only).
+pub fn run_host_check(
+    cfg: &ServeBenchConfig,
+    work: &Workload,
+    iterations: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<ServeBenchRow>, GpuError> {
+    let max_rows = cfg.chunk.min(PREFILL_ROWS).max(cfg.max_batch);
+    let mut rows = Vec::new();
+    for bc in &cfg.caches {
+        let mut check = HostCheck::default();
+        let row = serve_cache(
+            &mut check,
+            cfg,
+            work,
+            bc,
+            max_rows,
+            Some(iterations),
+            &mut progress,
+        )?;
+        progress(&format!(
+            "{}: host check passed: {} prefill and {} decode steps, {} blocks quantized, {} tokens moved",
+            bc.name, check.prefills, check.decodes, check.quantized, check.moved
+        ));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
 /// Run every cache of `cfg` on `work` on the GPU; one row per cache.
 pub fn run(
     gpu: &GpuContext,
@@ -884,96 +1036,6 @@ mod tests {
     use crate::paged::workload::{Session, Turn};
     use crate::tags::{Modality, Recency, Role, Tag};
     use std::collections::HashMap;
-
-    /// Checks every request against the pool as the device would hold it: the class each
-    /// slot was last written as, table entries of that class, 16-bit sources and targets,
-    /// whole blocks quantized, prefill chunks after their sequence's 16-bit tokens.
-    #[derive(Default)]
-    struct Checker {
-        class: HashMap<u32, KvClass>,
-        prefills: usize,
-        decodes: usize,
-        quantized: usize,
-        moved: usize,
-    }
-
-    impl Checker {
-        fn tables(&self, t: &PagedLayout) {
-            t.validate().expect("valid tables");
-            for c in KvClass::ALL {
-                for b in t.table(c) {
-                    assert_eq!(
-                        self.class.get(&(b.slot as u32)),
-                        Some(&c),
-                        "slot {}",
-                        b.slot
-                    );
-                }
-            }
-        }
-    }
-
-    impl Executor for Checker {
-        fn pool_ops(&mut self, layout: &PagedLayout, ops: &Ops) -> Result<(), GpuError> {
-            for &z in &ops.zero {
-                assert!((z as usize) < layout.slots);
-                self.class.insert(z, KvClass::F16);
-            }
-            for m in &ops.moves {
-                assert_eq!(self.class.get(&m.src_slot), Some(&m.src_class), "{m:?}");
-                assert_eq!(self.class.get(&m.dst_slot), Some(&KvClass::F16), "{m:?}");
-                assert!((m.dst_tok as usize) < F16_TOKENS);
-            }
-            for q in &ops.quantize {
-                assert_eq!(
-                    q.src.len(),
-                    layout.geom(q.class).tokens,
-                    "whole blocks only"
-                );
-                for (slot, _) in &q.src {
-                    assert_eq!(self.class.get(slot), Some(&KvClass::F16));
-                }
-                self.class.insert(q.dst_slot, q.class);
-            }
-            self.moved += ops.moves.len();
-            self.quantized += ops.quantize.len();
-            Ok(())
-        }
-
-        fn prefill(
-            &mut self,
-            t: &PagedLayout,
-            rows: &StepRows,
-            calls: Vec<PrefillCall>,
-        ) -> Result<(), GpuError> {
-            self.tables(t);
-            assert_eq!(calls.len(), t.seqs);
-            let total: usize = calls.iter().map(|c| c.rows).sum();
-            assert!(rows.ids.len() == total && rows.slots.len() == total);
-            for c in &calls {
-                let f16: usize = t
-                    .table(KvClass::F16)
-                    .iter()
-                    .filter(|b| b.seq == c.seq)
-                    .map(|b| b.tokens)
-                    .sum();
-                assert_eq!(f16, c.f16_base + c.rows, "the chunk ends the 16-bit table");
-            }
-            self.prefills += 1;
-            Ok(())
-        }
-
-        fn decode(&mut self, t: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
-            self.tables(t);
-            assert_eq!(rows.ids.len(), t.seqs);
-            self.decodes += 1;
-            Ok(())
-        }
-
-        fn sync(&mut self) -> Result<(), GpuError> {
-            Ok(())
-        }
-    }
 
     /// Sessions of a system prompt and `turns` turns of user text, a reply and a tool result.
     fn workload(sessions: usize, turns: usize) -> Workload {
@@ -1076,7 +1138,7 @@ mod tests {
                 v_group: 64,
                 seed: 0,
             };
-            let mut checker = Checker::default();
+            let mut checker = HostCheck::default();
             let row = serve_cache(&mut checker, &cfg, &work, &bc, 512, Some(1500), |_| {})
                 .expect("serves");
             assert_eq!(row.leaked_slots, 0, "{}", bc.name);
