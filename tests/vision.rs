@@ -432,3 +432,56 @@ fn calibrate_allocate_eval_run_with_images_on_the_tiny_vlm() {
     let md = std::fs::read_to_string(eval.join("eval.md")).unwrap();
     assert!(md.contains("762 image tokens fed"), "{md}");
 }
+
+/// calibrate's per-trajectory cache keys on the image bytes too: the same trace with one
+/// screenshot changed (same path, same size) is measured again, not served from the cache.
+#[test]
+fn calibrate_cache_sees_a_changed_image() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = dir();
+    let tmp = tempfile::tempdir().unwrap();
+    // The trace names its images as ../images/...: copy both, keeping that layout.
+    let shots = "images/webvoyager/taskCambridge_Dictionary--29";
+    std::fs::create_dir_all(tmp.path().join("test")).unwrap();
+    std::fs::create_dir_all(tmp.path().join(shots)).unwrap();
+    std::fs::copy(
+        root.join("traces/test/webvoyager.jsonl"),
+        tmp.path().join("test/webvoyager.jsonl"),
+    )
+    .unwrap();
+    for e in std::fs::read_dir(root.join("traces").join(shots)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(shots).join(e.file_name())).unwrap();
+    }
+    let calib = tmp.path().join("calib");
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_triaxkv"))
+            .arg("calibrate")
+            .arg("--model")
+            .arg(&model)
+            .arg("--traces")
+            .arg(tmp.path().join("test/webvoyager.jsonl"))
+            .args(["--value-group", "16", "-o"])
+            .arg(&calib)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    assert!(run().contains("(0 cached)"));
+    assert!(run().contains("(1 cached)"), "an unchanged trace is cached");
+    let shot = tmp.path().join(shots).join("screenshot10.png");
+    let mut img = image::open(&shot).unwrap().to_rgb8();
+    let p = img.get_pixel_mut(3, 3);
+    p.0[0] = p.0[0].wrapping_add(97);
+    img.save(&shot).unwrap();
+    assert!(
+        run().contains("(0 cached)"),
+        "a changed image is measured again"
+    );
+}

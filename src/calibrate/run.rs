@@ -79,6 +79,26 @@ impl CalibrateReport {
     }
 }
 
+/// The sha256 of every image file a trajectory names (relative to `file`'s folder), in order:
+/// a changed image under the same path must not reuse a cached result. A file that cannot be
+/// read hashes as its error, so the key still changes when it appears.
+fn image_digest(file: &Path, traj: &crate::trace::Trajectory) -> String {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let mut h = Sha256::new();
+    for m in &traj.messages {
+        for part in &m.content {
+            if let crate::trace::Part::Image { path: Some(p), .. } = part {
+                h.update(p.as_bytes());
+                match std::fs::read(dir.join(p)) {
+                    Ok(bytes) => h.update(Sha256::digest(&bytes)),
+                    Err(e) => h.update(e.to_string().as_bytes()),
+                }
+            }
+        }
+    }
+    hex(&h.finalize())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -194,7 +214,11 @@ pub fn calibrate(
         let json =
             serde_json::to_string(traj).map_err(|e| CalibrateError::Option(e.to_string()))?;
         traces_hasher.update(json.as_bytes());
-        let key = hex(&Sha256::digest(format!("{settings}\n{json}").as_bytes()));
+        let images = image_digest(file, traj);
+        traces_hasher.update(images.as_bytes());
+        let key = hex(&Sha256::digest(
+            format!("{settings}\n{json}\n{images}").as_bytes(),
+        ));
         let cache_path = cache_dir.join(format!("{key}.json"));
         if let Some(r) = read_cached(&cache_path) {
             if r.truncated {
