@@ -485,3 +485,135 @@ fn calibrate_cache_sees_a_changed_image() {
         "a changed image is measured again"
     );
 }
+
+/// The serving engine feeds a request's image to a vision model: the prompt renders the
+/// image as vision tokens with features, the scheduler runs it in chunks (no prefix reuse),
+/// and the greedy answer equals a direct `prefill_media` decode of the same prompt (generated
+/// tokens at positions after the image's largest, as transformers continues).
+#[test]
+fn serve_engine_feeds_images_to_a_vision_model() {
+    use base64::Engine as _;
+    use std::sync::Arc;
+    use triaxkv::kvcache::FullCache;
+    use triaxkv::model::llama::Logits;
+    use triaxkv::runtime::{
+        CpuBackend, CpuKv, Engine, EngineConfig, Event, GenerationRequest, Prompter,
+    };
+    use triaxkv::trace::schema::Trajectory;
+
+    let mut loaded = triaxkv::model::load::load(&dir()).unwrap();
+    let tower = Arc::new(loaded.vision.take().expect("a vision tower"));
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let model = Arc::new(loaded.model);
+    let prompter = Prompter::new(tokenizer.clone()).unwrap().with_vision(tower);
+    let png = std::fs::read(dir().join("img1.png")).unwrap();
+    let (w, h) = image::load_from_memory(&png)
+        .unwrap()
+        .to_rgb8()
+        .dimensions();
+    let uri = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&png)
+    );
+    let conv: Trajectory = serde_json::from_value(serde_json::json!({
+        "id": "serve-image",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image", "data": uri, "width": w, "height": h}
+        ]}]
+    }))
+    .unwrap();
+    let prompt = prompter.render(&conv).unwrap();
+    let media = prompt.media.clone().expect("image features");
+    let image_tokens = media.row_of.iter().filter(|r| r.is_some()).count();
+    assert!(image_tokens > 0);
+
+    // Reference: the whole prompt at once, then one token at a time.
+    let end = prompter.end_ids();
+    let mut cache = FullCache::new(model.kv_shape());
+    let mut logits = model.prefill_media(
+        &prompt.ids,
+        &prompt.tags,
+        &media,
+        0,
+        &mut cache,
+        Logits::Last,
+        usize::MAX,
+        &mut |_| {},
+    );
+    let mut want = Vec::new();
+    for _ in 0..6 {
+        let next = triaxkv::model::sampling::argmax(&logits) as u32;
+        if end.contains(&next) {
+            break;
+        }
+        want.push(next);
+        let at = prompt.ids.len() + want.len() - 1;
+        logits = model.prefill_media(
+            &[next],
+            &[prompt.gen_tag],
+            &media,
+            at,
+            &mut cache,
+            Logits::Last,
+            usize::MAX,
+            &mut |_| {},
+        );
+    }
+    let want_text = tokenizer.decode(&want).unwrap();
+    eprintln!("greedy after the image: {want:?} {want_text:?}");
+    assert!(
+        !want.is_empty(),
+        "the reference answer is empty: a weak check"
+    );
+
+    // The engine, with prompt chunks of 7 tokens (the image spans several).
+    let config = EngineConfig {
+        prefill_chunk: 7,
+        step_tokens: 7,
+        ..Default::default()
+    };
+    let engine = Engine::start(
+        CpuBackend::new(model.clone(), CpuKv::F32),
+        prompter,
+        "tiny-vlm".into(),
+        config,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let run = |engine: &Engine| {
+        let mut rx = engine
+            .submit(GenerationRequest {
+                prompt: prompt.clone(),
+                max_tokens: 6,
+                sampling: Default::default(),
+                stop: vec![],
+            })
+            .unwrap();
+        rt.block_on(async {
+            let (mut text, mut started) = (String::new(), None);
+            while let Some(e) = rx.recv().await {
+                match e {
+                    Event::Started {
+                        prompt_tokens,
+                        cached_tokens,
+                    } => started = Some((prompt_tokens, cached_tokens)),
+                    Event::Text(t) => text.push_str(&t),
+                    Event::Done { .. } => break,
+                    Event::Failed(e) => panic!("{e}"),
+                }
+            }
+            (text, started)
+        })
+    };
+    let (text, started) = run(&engine);
+    assert_eq!(started, Some((prompt.ids.len(), 0)));
+    assert_eq!(text, want_text, "engine vs direct decode");
+    // A second identical request reuses nothing: image tokens share one id.
+    let (again, started) = run(&engine);
+    assert_eq!(started, Some((prompt.ids.len(), 0)));
+    assert_eq!(again, want_text);
+    engine.shutdown();
+}

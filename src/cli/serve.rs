@@ -124,7 +124,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .max_context
         .unwrap_or(loaded.model.config.max_position_embeddings);
     let tokenizer = Arc::new(loaded.tokenizer);
-    let prompter = Prompter::new(tokenizer).with_context(|| format!("model {}", loaded.name))?;
+    let mut prompter =
+        Prompter::new(tokenizer).with_context(|| format!("model {}", loaded.name))?;
+    if let Some(tower) = loaded.vision {
+        // Images in requests become the model's vision tokens and features.
+        prompter = prompter.with_vision(Arc::new(tower));
+    }
     let backend = CpuBackend::new(Arc::new(loaded.model), kv);
     let config = EngineConfig {
         kv_memory: args.kv_memory,

@@ -212,7 +212,7 @@ impl Model {
 
 /// Image inputs of a token sequence for a vision-language model: the rows that replace the
 /// image tokens' embeddings, and every token's multimodal RoPE position.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Media {
     /// Per token of the sequence, the index of its feature row (`None`: a text token).
     pub row_of: Vec<Option<usize>>,
@@ -222,9 +222,30 @@ pub struct Media {
     pub positions: Vec<[u32; 3]>,
 }
 
+impl Media {
+    /// Position of token `i`: its own inside the sequence; after it (generated text), one
+    /// past the largest position so far, in all three sections (as transformers continues).
+    pub fn position(&self, i: usize) -> [u32; 3] {
+        match self.positions.get(i) {
+            Some(&p) => p,
+            None => {
+                let top = self
+                    .positions
+                    .iter()
+                    .flat_map(|p| p.iter().copied())
+                    .max()
+                    .map_or(0, |m| m + 1);
+                let p = top + (i - self.positions.len()) as u32;
+                [p, p, p]
+            }
+        }
+    }
+}
+
 impl Model {
     /// [`Model::prefill`] of `tokens` (which start at index `start` of `media`'s sequence):
-    /// image tokens take their feature rows, every token its multimodal position.
+    /// image tokens take their feature rows, every token its multimodal position; tokens past
+    /// the sequence (generated text) continue after its largest position.
     #[allow(clippy::too_many_arguments)]
     pub fn prefill_media(
         &self,
@@ -238,16 +259,11 @@ impl Model {
         progress: &mut dyn FnMut(usize),
     ) -> Vec<f32> {
         assert_eq!(tags.len(), tokens.len(), "prefill_media: one tag per token");
-        assert!(
-            media.positions.len() >= start + tokens.len()
-                && media.row_of.len() >= start + tokens.len(),
-            "prefill_media: media shorter than the sequence"
-        );
         let dim = self.config.hidden_size;
         chunked(tokens.len(), logits, chunk, progress, |r, want| {
             let mut x = Vec::with_capacity(r.len() * dim);
             for (i, &t) in tokens[r.clone()].iter().enumerate() {
-                match media.row_of[start + r.start + i] {
+                match media.row_of.get(start + r.start + i).copied().flatten() {
                     Some(row) => x.extend_from_slice(&media.features[row * dim..(row + 1) * dim]),
                     None => {
                         let t = t as usize;
@@ -255,8 +271,10 @@ impl Model {
                     }
                 }
             }
-            let pos = &media.positions[start + r.start..start + r.end];
-            self.forward_embedded(x, Some(pos), &tags[r], cache, want)
+            let pos: Vec<[u32; 3]> = (start + r.start..start + r.end)
+                .map(|i| media.position(i))
+                .collect();
+            self.forward_embedded(x, Some(&pos), &tags[r], cache, want)
         })
     }
 }

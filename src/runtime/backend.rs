@@ -1,6 +1,7 @@
 //! The seam between the scheduler and a compute backend: run one sequence's new tokens
 //! through the model into its own KV cache, and report what that cache holds in bytes.
 
+use crate::model::llama::Media;
 use crate::tags::TokenTag;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,10 @@ pub struct Work<'a, S> {
     pub tokens: &'a [u32],
     pub tags: &'a [TokenTag],
     pub logits: bool,
+    /// A vision model's image inputs over the whole sequence (the tokens start at the
+    /// cache's length): image tokens take their feature rows, every token its multimodal
+    /// position.
+    pub media: Option<&'a Media>,
 }
 
 /// A compute backend: owns the model weights; each live sequence owns a `Seq` (its KV

@@ -6,7 +6,7 @@ use super::cpu_batch::{forward_batch, BatchItem};
 use crate::kvcache::quantized::KEEP;
 use crate::kvcache::QuantCacheConfig;
 use crate::kvcache::{FullCache, KvCache, KvPolicy, KvShape, PrecisionClass, QuantCache};
-use crate::model::llama::Model;
+use crate::model::llama::{Logits, Model};
 use crate::quant::KeyMode;
 use crate::tags::TokenTag;
 use std::collections::HashMap;
@@ -93,9 +93,14 @@ impl Backend for CpuBackend {
         };
         match &self.kv {
             CpuKv::F32 => Ok(CpuSeq::Full(FullCache::new(shape))),
+            // Nothing is quantized: groups only need to fit the head (tiny test models).
             CpuKv::F16 => quant(
                 KvPolicy::uniform(shape.num_layers, PrecisionClass::FULL),
-                QuantCacheConfig::default(),
+                QuantCacheConfig {
+                    key_group: QuantCacheConfig::default().key_group.min(shape.head_dim),
+                    value_group: QuantCacheConfig::default().value_group.min(shape.head_dim),
+                    ..QuantCacheConfig::default()
+                },
             ),
             CpuKv::Mixed { policy, config } => quant(policy.clone(), *config),
         }
@@ -192,6 +197,27 @@ impl Backend for CpuBackend {
                     w.tags.len(),
                     w.tokens.len()
                 ))));
+                continue;
+            }
+            if let Some(media) = w.media {
+                // Image features and multimodal positions: this sequence runs on its own.
+                let start = self.len(w.seq);
+                let want = if w.logits { Logits::Last } else { Logits::None };
+                let model = &self.model;
+                let cache = w.seq.kv();
+                let out = catch_unwind(AssertUnwindSafe(|| {
+                    model.prefill_media(
+                        w.tokens,
+                        w.tags,
+                        media,
+                        start,
+                        cache,
+                        want,
+                        usize::MAX,
+                        &mut |_| {},
+                    )
+                }));
+                results[i] = Some(out.map_err(|p| BackendError::Failed(panic_message(p))));
                 continue;
             }
             items.push(BatchItem {

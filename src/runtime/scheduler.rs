@@ -11,6 +11,7 @@ use super::metrics::{inc, KvSnapshot, Metrics};
 use super::prefix::PrefixCache;
 use super::prompt::Prompter;
 use super::stop::StopMatcher;
+use crate::model::llama::Media;
 use crate::model::sampling::Sampler;
 use crate::model::tokenizer::Tokenizer;
 use crate::tags::TokenTag;
@@ -36,6 +37,9 @@ struct Sequence<S> {
     fed: usize,
     prompt_len: usize,
     gen_tag: TokenTag,
+    /// A vision model's image inputs (such a sequence is never a kept prefix: image tokens
+    /// share one id whatever the image).
+    media: Option<Arc<Media>>,
     generated: Vec<u32>,
     max_tokens: usize,
     sampler: Sampler,
@@ -127,6 +131,7 @@ impl<B: Backend> Worker<B> {
                     tags: p.tags,
                     fed: 0,
                     gen_tag: p.gen_tag,
+                    media: p.media,
                     generated: Vec::new(),
                     max_tokens: request.max_tokens,
                     sampler: Sampler::new(request.sampling),
@@ -189,10 +194,13 @@ impl<B: Backend> Worker<B> {
                 continue;
             }
             // Take the best kept prefix out first so eviction cannot pick it.
-            let hit = self
-                .prefix
-                .best_match(&head.ids, &head.tags)
-                .map(|(i, common)| (self.prefix.take(i), common));
+            let hit = if head.media.is_some() {
+                None // image tokens share one id: a matching prefix may hold another image
+            } else {
+                self.prefix
+                    .best_match(&head.ids, &head.tags)
+                    .map(|(i, common)| (self.prefix.take(i), common))
+            };
             let need = head.need;
             let fits = |w: &Self| w.live_bytes() + w.prefix.bytes() + need <= limit;
             while !fits(self) {
@@ -301,6 +309,7 @@ impl<B: Backend> Worker<B> {
                 ids,
                 tags,
                 fed,
+                media,
                 ..
             } = s;
             if let Some(seq) = seq.as_mut() {
@@ -309,6 +318,7 @@ impl<B: Backend> Worker<B> {
                     tokens: &ids[*fed..end],
                     tags: &tags[*fed..end],
                     logits: end == ids.len(),
+                    media: media.as_deref(),
                 });
             }
         }
@@ -385,7 +395,7 @@ impl<B: Backend> Worker<B> {
             reason,
             completion_tokens: s.generated.len(),
         });
-        if let Some(seq) = s.seq.take() {
+        if let Some(seq) = s.seq.take().filter(|_| s.media.is_none()) {
             // The cache holds exactly the first `fed` tokens.
             s.ids.truncate(s.fed);
             s.tags.truncate(s.fed);

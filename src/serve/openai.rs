@@ -427,9 +427,9 @@ fn content_parts(content: Option<Value>, param: &str) -> Result<Vec<Part>, ApiEr
 }
 
 /// An `image_url` part: a `data:` URI of a PNG, JPEG or WebP image, decoded here so a bad
-/// image is a 400 naming the part. Remote URLs are refused (the server fetches nothing). The
-/// served models are text-only, so the image reaches the prompt as a placeholder observation
-/// (`[image]`); the part keeps the bytes and size for a vision model.
+/// image is a 400 naming the part. Remote URLs are refused (the server fetches nothing). A
+/// vision model sees the image as its vision tokens and features; a text-only model sees a
+/// placeholder observation (`[image]`, the part's alt text).
 fn image_part(part: &Value, pp: &str) -> Result<Part, ApiError> {
     use base64::Engine;
     let url = part

@@ -72,6 +72,9 @@ impl Rendered {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
+    /// A vision model could not turn the rendered images into its inputs.
+    #[error("{0}")]
+    Media(String),
     #[error("trajectory {id}: --upto-step {step} asks for assistant message #{step} (0-based), but it has {steps}")]
     StepOutOfRange {
         id: String,
