@@ -127,85 +127,95 @@ fn cache(name: &str, profile: &std::path::Path) -> Result<BenchCache> {
     })
 }
 
+type Column = (&'static str, &'static str, fn(&ServeBenchRow) -> String);
+
 fn markdown(rows: &[ServeBenchRow], head: &str, timed: bool) -> String {
+    let mut cols: Vec<Column> = vec![
+        ("cache", "---", |r: &ServeBenchRow| r.cache.clone()),
+        ("slots", "--:", |r: &ServeBenchRow| r.slots.to_string()),
+        ("bits/elem", "--:", |r: &ServeBenchRow| {
+            format!("{:.2}", r.effective_bits)
+        }),
+        ("peak sessions", "--:", |r: &ServeBenchRow| {
+            r.peak_sessions.to_string()
+        }),
+        ("mean sessions", "--:", |r: &ServeBenchRow| {
+            format!("{:.1}", r.mean_sessions)
+        }),
+        ("mean decode batch", "--:", |r: &ServeBenchRow| {
+            format!("{:.1}", r.mean_decode_batch)
+        }),
+    ];
+    let times: [Column; 4] = [
+        ("decode tok/s", "--:", |r: &ServeBenchRow| {
+            format!("{:.0}", r.decode_tokens_per_s)
+        }),
+        ("prefill tok/s", "--:", |r: &ServeBenchRow| {
+            format!("{:.0}", r.prefill_tokens_per_s)
+        }),
+        ("TTFT p50 / p99 ms", "--", |r: &ServeBenchRow| {
+            format!("{:.0} / {:.0}", r.ttft_p50_ms, r.ttft_p99_ms)
+        }),
+        ("ITL p50 / p99 ms", "--", |r: &ServeBenchRow| {
+            format!("{:.1} / {:.1}", r.itl_p50_ms, r.itl_p99_ms)
+        }),
+    ];
+    if timed {
+        cols.extend(times);
+    }
+    let tail: [Column; 4] = [
+        ("turns", "--:", |r: &ServeBenchRow| {
+            r.turns_completed.to_string()
+        }),
+        ("preemptions", "--:", |r: &ServeBenchRow| {
+            r.preemptions.to_string()
+        }),
+        ("recomputed tokens", "--:", |r: &ServeBenchRow| {
+            r.recomputed_tokens.to_string()
+        }),
+        ("leaked slots", "--:", |r: &ServeBenchRow| {
+            r.leaked_slots.to_string()
+        }),
+    ];
+    cols.extend(tail);
+    let line = |cells: Vec<String>| format!("| {} |", cells.join(" | "));
     let mut s = String::new();
     let _ = writeln!(s, "{head}\n");
-    if !timed {
-        let _ = writeln!(
-            s,
-            "| cache | slots | bits/elem | peak sessions | mean sessions | mean decode batch | turns | preemptions | recomputed tokens | leaked slots |"
-        );
-        let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-        for r in rows {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {} | {} | {} | {} |",
-                r.cache,
-                r.slots,
-                r.effective_bits,
-                r.peak_sessions,
-                r.mean_sessions,
-                r.mean_decode_batch,
-                r.turns_completed,
-                r.preemptions,
-                r.recomputed_tokens,
-                r.leaked_slots
-            );
-        }
-        if let Some(base) = rows.first() {
-            let _ = writeln!(s);
-            for r in &rows[1..] {
-                let _ = writeln!(
-                    s,
-                    "- {} vs {}: {:.2}x peak sessions, {:.2}x mean sessions, {:.2}x turns in as many iterations",
-                    r.cache,
-                    base.cache,
-                    r.peak_sessions as f64 / base.peak_sessions.max(1) as f64,
-                    r.mean_sessions / base.mean_sessions.max(1e-9),
-                    r.turns_completed as f64 / base.turns_completed.max(1) as f64
-                );
-            }
-        }
-        return s;
-    }
     let _ = writeln!(
         s,
-        "| cache | slots | bits/elem | peak sessions | mean sessions | mean decode batch | decode tok/s | prefill tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | preemptions | turns | leaked slots |"
+        "{}",
+        line(cols.iter().map(|c| c.0.to_string()).collect())
     );
-    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--|--|--:|--:|--:|");
+    let _ = writeln!(
+        s,
+        "{}",
+        line(cols.iter().map(|c| c.1.to_string()).collect())
+    );
     for r in rows {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {} | {} | {} |",
-            r.cache,
-            r.slots,
-            r.effective_bits,
-            r.peak_sessions,
-            r.mean_sessions,
-            r.mean_decode_batch,
-            r.decode_tokens_per_s,
-            r.prefill_tokens_per_s,
-            r.ttft_p50_ms,
-            r.ttft_p99_ms,
-            r.itl_p50_ms,
-            r.itl_p99_ms,
-            r.preemptions,
-            r.turns_completed,
-            r.leaked_slots
-        );
+        let _ = writeln!(s, "{}", line(cols.iter().map(|c| (c.2)(r)).collect()));
     }
     if let Some(base) = rows.first() {
         let _ = writeln!(s);
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
         for r in &rows[1..] {
-            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+            let last = if timed {
+                format!(
+                    "{:.2}x decode tokens/s",
+                    ratio(r.decode_tokens_per_s, base.decode_tokens_per_s)
+                )
+            } else {
+                format!(
+                    "{:.2}x turns in as many iterations",
+                    ratio(r.turns_completed as f64, base.turns_completed as f64)
+                )
+            };
             let _ = writeln!(
                 s,
-                "- {} vs {}: {:.2}x peak sessions, {:.2}x mean sessions, {:.2}x decode tokens/s",
+                "- {} vs {}: {:.2}x peak sessions, {:.2}x mean sessions, {last}",
                 r.cache,
                 base.cache,
                 ratio(r.peak_sessions as f64, base.peak_sessions as f64),
                 ratio(r.mean_sessions, base.mean_sessions),
-                ratio(r.decode_tokens_per_s, base.decode_tokens_per_s)
             );
         }
     }

@@ -196,6 +196,10 @@ pub trait Executor {
     fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError>;
     /// Wait for the queued work (the phases' timing points).
     fn sync(&mut self) -> Result<(), GpuError>;
+    /// Whether iterations take real device time: means over time; else over iterations.
+    fn timed(&self) -> bool {
+        true
+    }
 }
 
 /// The GPU: random weights, one decode step's kernels and buffers, the stacked pool.
@@ -226,24 +230,23 @@ impl<E: Executor> Executor for &mut E {
     fn sync(&mut self) -> Result<(), GpuError> {
         (**self).sync()
     }
+    fn timed(&self) -> bool {
+        (**self).timed()
+    }
 }
 
-impl GpuExec<'_> {
-    fn cache(&mut self) -> Result<&mut DeviceCache, GpuError> {
-        match &mut self.kv {
-            KvCaches::Stacked { cache, .. } => Ok(cache),
-            _ => Err(GpuError::Shape("the serving cache is stacked".into())),
-        }
+/// The serving pool: one stacked cache.
+fn stacked(kv: &mut KvCaches) -> Result<&mut DeviceCache, GpuError> {
+    match kv {
+        KvCaches::Stacked { cache, .. } => Ok(cache),
+        _ => Err(GpuError::Shape("the serving cache is stacked".into())),
     }
 }
 
 impl Executor for GpuExec<'_> {
     fn pool_ops(&mut self, layout: &PagedLayout, ops: &Ops) -> Result<(), GpuError> {
-        let gpu = self.gpu;
-        let KvCaches::Stacked { cache, .. } = &mut self.kv else {
-            return Err(GpuError::Shape("the serving cache is stacked".into()));
-        };
-        self.moves.run(gpu, layout, &mut cache.pool, ops)
+        let pool = &mut stacked(&mut self.kv)?.pool;
+        self.moves.run(self.gpu, layout, pool, ops)
     }
 
     fn prefill(
@@ -253,7 +256,7 @@ impl Executor for GpuExec<'_> {
         calls: Vec<PrefillCall>,
     ) -> Result<(), GpuError> {
         let gpu = self.gpu;
-        self.cache()?.set_tables(gpu, tables)?;
+        stacked(&mut self.kv)?.set_tables(gpu, tables)?;
         self.step.set_inputs(gpu, &rows.ids, &rows.pos)?;
         self.step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
         self.step.run_prefills(gpu, self.w, &self.kv, calls)
@@ -262,7 +265,7 @@ impl Executor for GpuExec<'_> {
     fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
         let gpu = self.gpu;
         let ctas = self.ctas_per_sm;
-        let cache = self.cache()?;
+        let cache = stacked(&mut self.kv)?;
         cache.set_tables(gpu, tables)?;
         let bpw = DecodePlan::default_blocks_per_work(&cache.layout, gpu.multiprocessors, ctas);
         let mut plan = DecodePlan::new(gpu, cache, bpw)?;
@@ -396,6 +399,10 @@ impl Executor for HostCheck {
         Ok(())
     }
 
+    fn timed(&self) -> bool {
+        false
+    }
+
     fn sync(&mut self) -> Result<(), GpuError> {
         Ok(())
     }
@@ -418,6 +425,8 @@ struct Run<'a, E> {
     ttft: Vec<f64>,
     itl: Vec<f64>,
     prefill_tokens: usize,
+    /// What the means are over: measured seconds, or iterations when not timed.
+    weight: f64,
 }
 
 impl<E: Executor> Run<'_, E> {
@@ -765,7 +774,12 @@ impl<E: Executor> Run<'_, E> {
             self.row.decode_ms += ms(t_prefill, t1);
             self.row.settle_ms += ms(t1, Instant::now());
             self.row.iterations += 1;
-            let dt = Instant::now().duration_since(t0).as_secs_f64();
+            let dt = if self.exec.timed() {
+                Instant::now().duration_since(t0).as_secs_f64()
+            } else {
+                1.0
+            };
+            self.weight += dt;
             let resident = self.resident();
             self.row.mean_sessions += resident as f64 * dt;
             self.row.mean_decode_batch += dec.len() as f64 * dt;
@@ -863,6 +877,7 @@ pub fn serve_cache<E: Executor>(
         ttft: Vec::new(),
         itl: Vec::new(),
         prefill_tokens: 0,
+        weight: 0.0,
     };
     run.row.slots = run.layout.slots;
     run.row.kv_bytes = run.layout.slots * slot_bytes;
@@ -905,8 +920,8 @@ pub fn serve_cache<E: Executor>(
     let mut row = std::mem::take(&mut run.row);
     row.measured_s = measured;
     if measured > 0.0 {
-        row.mean_sessions /= measured;
-        row.mean_decode_batch /= measured;
+        row.mean_sessions /= run.weight.max(1e-9);
+        row.mean_decode_batch /= run.weight.max(1e-9);
         row.decode_tokens_per_s = row.generated_tokens as f64 / measured;
         row.prefill_tokens_per_s = run.prefill_tokens as f64 / measured;
     }
