@@ -16,8 +16,8 @@
 # SDPA_CONTEXT (comma-separated) set the SDPA baseline's grid (default 1,8,32 x 4k,32k,128k).
 # FORWARD=1 runs `eval gpu-forward` (GPU vs CPU forward of a real model; MODEL names the GGUF,
 # FORWARD_ARGS adds arguments, e.g. "--max-tokens 1024"). SERVE=1 runs `bench serve` on the
-# packed workload (serve-workload.json, rendered here by --pack from traces/calib and
-# traces/test; SERVE_ARGS adds arguments, e.g. "--kv-memory 4GiB --duration 60").
+# packed workload (serve-workload.json, rendered by --pack from every trajectory in traces/all;
+# SERVE_ARGS adds arguments, e.g. "--kv-memory 4GiB --duration 60").
 set -uo pipefail
 
 if [ "${1:-}" = "--pack" ]; then
@@ -36,9 +36,12 @@ for l in sys.stdin:
   strip -o "$dir/triaxkv" "$target/debug/triaxkv"
   strip -o "$dir/gpu-tests" "$test_bin"
   cp scripts/gpu-check.sh scripts/gpu/sdpa_baseline.py "$dir/"
-  # bench serve's workload needs the tokenizer, which the GPU machine lacks: render it here.
-  "$target/debug/triaxkv" bench serve-workload --traces traces/calib traces/test \
+  # bench serve's workload needs the tokenizer, which the GPU machine lacks: render it here
+  # (every bundled trajectory; xz: the carried files share 64 MiB).
+  rm -f "$dir/serve-workload.json.xz"
+  "$target/debug/triaxkv" bench serve-workload --traces traces/all \
     -o "$dir/serve-workload.json"
+  xz -T2 -6 "$dir/serve-workload.json"
   mkdir -p "$dir/profiles"
   cp profiles/*.json "$dir/profiles/"
   # xz shrinks the binaries ~5x: the carried tree, binaries and any model share 64 MiB.
@@ -52,6 +55,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 for b in triaxkv gpu-tests; do
   if [ -f "$HERE/$b.xz" ] && [ ! -x "$HERE/$b" ]; then xz -dk "$HERE/$b.xz"; fi
 done
+if [ -f "$HERE/serve-workload.json.xz" ] && [ ! -f "$HERE/serve-workload.json" ]; then
+  xz -dk "$HERE/serve-workload.json.xz"
+fi
 OUT=${OUT:-/tmp/triaxkv-gpu-out}
 mkdir -p "$OUT"
 export TRIAXKV_HOME=${TRIAXKV_HOME:-/tmp/triaxkv-home}
