@@ -773,6 +773,50 @@ mod tests {
         assert_eq!(pool.free(), 0);
     }
 
+    /// A shipped profile maps to one class per tag: the nearest to its mean bits over layers
+    /// and K/V (triaxial-2.97: the current assistant turn at 3.17 bits → INT4, the rest
+    /// within 2.03–2.7 → INT2); sinks, window and recency unit come along.
+    #[test]
+    fn a_profile_maps_to_one_class_per_tag() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/triaxial-2.97.json");
+        let p = crate::profile::Profile::read(&path).expect("shipped profile");
+        let map = ClassMap::from_profile(&p);
+        let tag = |role, recency| Tag {
+            role,
+            modality: Modality::Text,
+            recency,
+        };
+        assert_eq!(
+            map.classes.get(&tag(Role::Assistant, Recency::Current)),
+            Some(&KvClass::Int4)
+        );
+        for t in [
+            tag(Role::Assistant, Recency::Older),
+            tag(Role::Observation, Recency::Current),
+            tag(Role::ToolCall, Recency::Current),
+            tag(Role::System, Recency::Older),
+        ] {
+            assert_eq!(map.classes.get(&t), Some(&KvClass::Int2), "{t:?}");
+        }
+        assert_eq!(map.default, KvClass::Int2);
+        assert_eq!((map.sinks, map.window), (p.cache.sinks, p.cache.window));
+        // Sinks stay 16-bit whatever the tag.
+        let tt = TokenTag {
+            role: Role::Assistant,
+            modality: Modality::Text,
+            turn: 3,
+            step: 3,
+        };
+        assert_eq!(map.class(0, &tt, (3, 3)), KvClass::F16);
+        assert_eq!(map.class(100, &tt, (3, 3)), KvClass::Int4);
+        assert_eq!(
+            map.class(100, &tt, (5, 5)),
+            KvClass::Int2,
+            "two turns later"
+        );
+    }
+
     #[test]
     fn a_16_bit_map_never_moves_tokens() {
         let mut pool = SlotPool::new(64);
