@@ -13,7 +13,7 @@
 //! runs out, the most recently admitted session is preempted (its blocks freed; it
 //! recomputes later).
 
-use super::decode_attention::{DecodePlan, PagedLayout};
+use super::decode_attention::{class_index, DecodePlan, PagedLayout};
 use super::decode_step::{DecodeStep, DeviceWeights, KvCaches, ModelShape, StepOptions};
 use super::prefill_attention::PrefillCall;
 use super::token_moves::TokenMoves;
@@ -153,7 +153,7 @@ fn estimate_slots(
     let mut per = [0usize; 4];
     for (p, t) in tags.iter().enumerate() {
         let c = map.class(p, t, now);
-        per[KvClass::ALL.iter().position(|&x| x == c).unwrap_or(0)] += 1;
+        per[class_index(c)] += 1;
     }
     let mut slots = (map.window + F16_TOKENS).div_ceil(F16_TOKENS) + 4;
     for (k, n) in per.iter().enumerate() {

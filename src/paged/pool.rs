@@ -18,6 +18,7 @@
 //! Slots freed during a pass are reusable only after the pass's device work is queued
 //! (`SlotPool::commit`), so no device write lands in a block still being read.
 
+use crate::gpu::decode_attention::class_index;
 use crate::quant::layout::KvClass;
 use crate::tags::{RecencyUnit, Tag, TokenTag};
 use std::collections::HashMap;
@@ -29,15 +30,6 @@ pub const F16_TOKENS: usize = 16;
 pub enum PoolError {
     #[error("the block pool is out of free slots ({total} in all)")]
     OutOfSlots { total: usize },
-}
-
-fn ci(c: KvClass) -> usize {
-    match c {
-        KvClass::F16 => 0,
-        KvClass::Int4 => 1,
-        KvClass::Int2 => 2,
-        KvClass::Fp8 => 3,
-    }
 }
 
 /// Block capacity in tokens per class, in `KvClass::ALL` order.
@@ -52,7 +44,7 @@ impl Default for ClassTokens {
 
 impl ClassTokens {
     pub fn of(&self, c: KvClass) -> usize {
-        self.0[ci(c)]
+        self.0[class_index(c)]
     }
 }
 
@@ -372,7 +364,7 @@ impl SeqBlocks {
         let list = if class == KvClass::F16 {
             &mut self.keep
         } else {
-            &mut self.staging[ci(class)]
+            &mut self.staging[class_index(class)]
         };
         if list.last().is_none_or(|b| b.pos.len() == F16_TOKENS) {
             let slot = pool.alloc()?;
@@ -440,7 +432,7 @@ impl SeqBlocks {
             let list = if c == KvClass::F16 {
                 &mut self.keep
             } else {
-                &mut self.staging[ci(c)]
+                &mut self.staging[class_index(c)]
             };
             if classes.iter().all(|&x| x == c)
                 && list.last().is_none_or(|l| l.pos.len() == F16_TOKENS)

@@ -175,16 +175,12 @@ impl Workload {
                 let Some(last) = turns.last() else { continue };
                 let n = last.start + last.gen;
                 let tags = &r.tags[..n];
-                let index = |x: &[Role], v: Role| x.iter().position(|&y| y == v).unwrap_or(0) as u8;
                 sessions.push(Session {
                     id: traj.id.clone(),
                     file,
                     ids: r.ids[..n].to_vec(),
-                    role: tags.iter().map(|t| index(&Role::ALL, t.role)).collect(),
-                    modality: tags
-                        .iter()
-                        .map(|t| (t.modality == Modality::Image) as u8)
-                        .collect(),
+                    role: tags.iter().map(|t| t.role as u8).collect(),
+                    modality: tags.iter().map(|t| t.modality as u8).collect(),
                     turn: tags.iter().map(|t| t.turn).collect(),
                     step: tags.iter().map(|t| t.step).collect(),
                     turns,
