@@ -17,7 +17,10 @@
 # FORWARD=1 runs `eval gpu-forward` (GPU vs CPU forward of a real model; MODEL names the GGUF,
 # FORWARD_ARGS adds arguments, e.g. "--max-tokens 1024"). SERVE=1 runs `bench serve` on the
 # packed workload (serve-workload.json, rendered by --pack from every trajectory in traces/all;
-# SERVE_ARGS adds arguments, e.g. "--kv-memory 4GiB --duration 60").
+# SERVE_ARGS adds arguments, e.g. "--kv-memory 4GiB --duration 60"). SERVE_GPU=1 runs
+# `triaxkv serve --gpu` on MODEL (scripts/gpu/serve_check.py: greedy answers vs the CPU
+# server, then concurrent multi-turn clients; SERVE_GPU_ARGS adds arguments, e.g.
+# "--clients 64 --duration 60"), once 16-bit and once with profiles/triaxial-2.97.json.
 set -uo pipefail
 
 if [ "${1:-}" = "--pack" ]; then
@@ -35,7 +38,7 @@ for l in sys.stdin:
   mkdir -p "$dir"
   strip -o "$dir/triaxkv" "$target/debug/triaxkv"
   strip -o "$dir/gpu-tests" "$test_bin"
-  cp scripts/gpu-check.sh scripts/gpu/sdpa_baseline.py "$dir/"
+  cp scripts/gpu-check.sh scripts/gpu/sdpa_baseline.py scripts/gpu/serve_check.py "$dir/"
   # bench serve's workload needs the tokenizer, which the GPU machine lacks: render it here
   # (every bundled trajectory; xz: the carried files share 64 MiB).
   rm -f "$dir/serve-workload.json.xz"
@@ -139,6 +142,18 @@ if [ "${SERVE:-0}" = 1 ]; then
     --json "$OUT/bench_serve.json" --markdown "$OUT/bench_serve.md" ${SERVE_ARGS:-}) \
     2>&1 | tee "$OUT/serve.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if [ "${SERVE_GPU:-0}" = 1 ]; then
+  echo "== serve --gpu (real model: greedy vs the CPU server, concurrent clients)"
+  for p in f16 triaxial-2.97; do
+    prof=()
+    [ "$p" = f16 ] || prof=(--profile "$HERE/profiles/$p.json")
+    # shellcheck disable=SC2086
+    python3 "$HERE/serve_check.py" --bin "$HERE/triaxkv" --model "${MODEL:?SERVE_GPU needs MODEL}" \
+      --out "$OUT/serve-gpu-$p" "${prof[@]}" ${SERVE_GPU_ARGS:-} 2>&1 | tee "$OUT/serve-gpu-$p.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
 fi
 
 if [ "${HARNESS:-0}" = 1 ]; then

@@ -995,90 +995,103 @@ fn top_p_sampling_matches_the_cpu_sampler() {
 /// 128 kernel, and head dim 128 with Qwen3's q/k norm — against the CPU `Model::forward`
 /// over the same tokens: logits within 3e-2 × max |logit| at every position, top-1 equal
 /// wherever the CPU's top-2 gap exceeds twice the largest logit difference.
+/// A tiny random model whose weights are bf16-representable (so only the GPU's bf16
+/// activations differ from the CPU's f32 math).
+fn tiny_model(
+    arch: triaxkv::model::config::Arch,
+    head_dim: usize,
+    qk_norm: bool,
+) -> triaxkv::model::llama::Model {
+    use triaxkv::model::config::{ModelConfig, RopeScaling};
+    use triaxkv::model::llama::Model;
+    use triaxkv::model::weights::{LayerWeights, Matrix, Weights};
+    let bf = |x: f32| triaxkv::gpu::Bf16::from_f32(x).to_f32();
+    let c = ModelConfig {
+        arch,
+        vocab_size: 301,
+        hidden_size: 192,
+        intermediate_size: 256,
+        num_layers: 2,
+        num_heads: 6,
+        num_kv_heads: 2,
+        head_dim,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScaling::None,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        qk_norm,
+    };
+    let mut rng = StdRng::seed_from_u64(0xf0f0 + head_dim as u64);
+    let mut rv = |n: usize, off: f32, amp: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| bf(off + rng.random_range(-amp..amp)))
+            .collect()
+    };
+    let mut mat = |rows: usize, cols: usize| Matrix {
+        rows,
+        cols,
+        data: rv(rows * cols, 0.0, (3.0 / cols as f32).sqrt()),
+    };
+    let (h, qd, kvd, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+    let mut layers = Vec::new();
+    for _ in 0..c.num_layers {
+        layers.push(LayerWeights {
+            attn_norm: vec![],
+            wq: mat(qd, h),
+            wk: mat(kvd, h),
+            wv: mat(kvd, h),
+            wo: mat(h, qd),
+            bq: None,
+            bk: None,
+            bv: None,
+            q_norm: None,
+            k_norm: None,
+            ffn_norm: vec![],
+            w_gate: mat(i, h),
+            w_up: mat(i, h),
+            w_down: mat(h, i),
+        });
+    }
+    let embed = mat(c.vocab_size, h);
+    let rv = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|k| bf(1.0 + 0.1 * ((k * 7 % 13) as f32 / 13.0 - 0.5)))
+            .collect()
+    };
+    for l in &mut layers {
+        l.attn_norm = rv(h);
+        l.ffn_norm = rv(h);
+        if qk_norm {
+            l.q_norm = Some(rv(head_dim));
+            l.k_norm = Some(rv(head_dim));
+        }
+    }
+    Model {
+        config: c.clone(),
+        weights: Weights {
+            embed,
+            layers,
+            final_norm: rv(h),
+            lm_head: None,
+        },
+    }
+}
+
 #[test]
 fn gpu_forward_matches_cpu_model_forward() {
     use triaxkv::gpu::GpuForward;
     use triaxkv::kvcache::KvCache;
-    use triaxkv::model::config::{Arch, ModelConfig, RopeScaling};
-    use triaxkv::model::llama::{Logits, Model};
-    use triaxkv::model::weights::{LayerWeights, Matrix, Weights};
+    use triaxkv::model::config::Arch;
+    use triaxkv::model::llama::Logits;
     use triaxkv::tags::TokenTag;
     let Some(gpu) = gpu_or_skip("gpu_forward_matches_cpu_model_forward") else {
         return;
     };
-    let bf = |x: f32| triaxkv::gpu::Bf16::from_f32(x).to_f32();
     for (arch, head_dim, qk_norm) in [(Arch::Llama, 64, false), (Arch::Qwen3, 128, true)] {
-        let c = ModelConfig {
-            arch,
-            vocab_size: 301,
-            hidden_size: 192,
-            intermediate_size: 256,
-            num_layers: 2,
-            num_heads: 6,
-            num_kv_heads: 2,
-            head_dim,
-            rope_theta: 10_000.0,
-            rope_scaling: RopeScaling::None,
-            rms_norm_eps: 1e-5,
-            max_position_embeddings: 4096,
-            tie_word_embeddings: true,
-            attention_bias: false,
-            qk_norm,
-        };
-        let mut rng = StdRng::seed_from_u64(0xf0f0 + head_dim as u64);
-        let mut rv = |n: usize, off: f32, amp: f32| -> Vec<f32> {
-            (0..n)
-                .map(|_| bf(off + rng.random_range(-amp..amp)))
-                .collect()
-        };
-        let mut mat = |rows: usize, cols: usize| Matrix {
-            rows,
-            cols,
-            data: rv(rows * cols, 0.0, (3.0 / cols as f32).sqrt()),
-        };
-        let (h, qd, kvd, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let mut layers = Vec::new();
-        for _ in 0..c.num_layers {
-            layers.push(LayerWeights {
-                attn_norm: vec![],
-                wq: mat(qd, h),
-                wk: mat(kvd, h),
-                wv: mat(kvd, h),
-                wo: mat(h, qd),
-                bq: None,
-                bk: None,
-                bv: None,
-                q_norm: None,
-                k_norm: None,
-                ffn_norm: vec![],
-                w_gate: mat(i, h),
-                w_up: mat(i, h),
-                w_down: mat(h, i),
-            });
-        }
-        let embed = mat(c.vocab_size, h);
-        let rv = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|k| bf(1.0 + 0.1 * ((k * 7 % 13) as f32 / 13.0 - 0.5)))
-                .collect()
-        };
-        for l in &mut layers {
-            l.attn_norm = rv(h);
-            l.ffn_norm = rv(h);
-            if qk_norm {
-                l.q_norm = Some(rv(head_dim));
-                l.k_norm = Some(rv(head_dim));
-            }
-        }
-        let model = Model {
-            config: c.clone(),
-            weights: Weights {
-                embed,
-                layers,
-                final_norm: rv(h),
-                lm_head: None,
-            },
-        };
+        let model = tiny_model(arch, head_dim, qk_norm);
+        let c = model.config.clone();
         let n = 41; // two full 16-token blocks and a partial one
         let ids: Vec<u32> = (0..n)
             .map(|k| ((k * 97 + 13) % c.vocab_size) as u32)
@@ -1428,4 +1441,189 @@ fn token_moves_match_cpu_blocks_in_every_layer() {
         "moved tokens differ from the CPU's decoded values by {worst}"
     );
     eprintln!("token moves: 2 layers × {kv_heads} heads, max |Δ| {worst:.2e}; 3 quantized blocks byte-identical");
+}
+
+/// Feed `seqs` (ids, tags, prompt length) through `backend` as the engine does — prompt
+/// chunks of 40 of every sequence in one prefill pass, then teacher-forced decode tokens of
+/// every sequence in one decode step — and return, per sequence, the logits at its last
+/// prompt token and every decode token; the pool must be whole once the caches drop.
+fn feed_backend<E: triaxkv::gpu::serve_bench::Executor + Send + 'static>(
+    backend: &triaxkv::gpu::GpuBackend<E>,
+    seqs: &[(Vec<u32>, Vec<triaxkv::tags::TokenTag>, usize)],
+    what: &str,
+) -> (Vec<Vec<Vec<f32>>>, triaxkv::runtime::KvUsage) {
+    use triaxkv::runtime::{Backend, Work};
+    let mut caches: Vec<_> = seqs.iter().map(|_| backend.new_seq().unwrap()).collect();
+    let mut fed = vec![0usize; seqs.len()];
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); seqs.len()];
+    while fed.iter().zip(seqs).any(|(&f, s)| f + 1 < s.0.len()) {
+        let mut plan = Vec::new();
+        let batch: Vec<Work<'_, _>> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|&(s, _)| fed[s] + 1 < seqs[s].0.len())
+            .map(|(s, seq)| {
+                let p = seqs[s].2;
+                let end = if fed[s] < p {
+                    (fed[s] + 40).min(p)
+                } else {
+                    fed[s] + 1
+                };
+                plan.push((s, end));
+                Work {
+                    seq,
+                    tokens: &seqs[s].0[fed[s]..end],
+                    tags: &seqs[s].1[fed[s]..end],
+                    logits: end >= p,
+                    media: None,
+                }
+            })
+            .collect();
+        let out = backend.step(batch);
+        for (&(s, end), r) in plan.iter().zip(out) {
+            let l = r.unwrap_or_else(|e| panic!("{what} sequence {s}: {e}"));
+            if end >= seqs[s].2 {
+                assert!(l.iter().all(|x| x.is_finite()), "{what}: non-finite logit");
+                got[s].push(l);
+            }
+            fed[s] = end;
+        }
+    }
+    let usage = backend.usage(&caches[0]);
+    drop(caches);
+    let (free, total) = backend.pool_slots();
+    assert_eq!(free, total, "{what}: slots leaked");
+    (got, usage)
+}
+
+/// max |a - b| and the rows whose top-1 token agrees, over every sampled row.
+fn logit_gap(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> (f32, usize, usize) {
+    let am = |x: &[f32]| (0..x.len()).max_by(|&i, &j| x[i].total_cmp(&x[j]));
+    let (mut d, mut same, mut rows) = (0f32, 0, 0);
+    for (sa, sb) in a.iter().zip(b) {
+        assert_eq!(sa.len(), sb.len(), "sampled rows");
+        for (x, y) in sa.iter().zip(sb) {
+            for (p, q) in x.iter().zip(y) {
+                d = d.max((p - q).abs());
+            }
+            same += usize::from(am(x) == am(y));
+            rows += 1;
+        }
+    }
+    (d, same, rows)
+}
+
+/// `GpuBackend` (what `serve --gpu` runs) on tiny random models (head dim 64 zero-padded, and
+/// 128 with Qwen3's q/k norm), two sequences batched as the engine batches them:
+/// - every token 16-bit (blocks leaving the window relabelled, no copy), and INT4 with a
+///   window longer than the sequences (nothing leaves 16 bits): the logits of `GpuForward`
+///   running each sequence alone, within 1e-3 × max |logit|;
+/// - INT4 past 4 sinks and a 16-token window (tokens moved and quantized on the device, the
+///   kernels checked against the CPU in the tests above): a sequence batched with another
+///   gives its logits run alone (no block of one read for the other); the logits stay near
+///   16-bit ones, nearer than INT2's, and the cache holds packed blocks.
+#[test]
+fn serve_backend_matches_gpu_forward() {
+    use triaxkv::gpu::{GpuBackend, GpuForward};
+    use triaxkv::model::config::Arch;
+    use triaxkv::paged::pool::ClassMap;
+    use triaxkv::tags::{Modality, Role, TokenTag};
+    let Some(gpu) = gpu_or_skip("serve_backend_matches_gpu_forward") else {
+        return;
+    };
+    for (arch, head_dim, qk_norm) in [(Arch::Llama, 64, false), (Arch::Qwen3, 128, true)] {
+        let model = tiny_model(arch, head_dim, qk_norm);
+        let v = model.config.vocab_size;
+        // (prompt length, decode tokens) of each sequence; ids differ between them.
+        let lens = [(150usize, 30usize), (97, 40)];
+        let seqs: Vec<(Vec<u32>, Vec<TokenTag>, usize)> = lens
+            .iter()
+            .enumerate()
+            .map(|(s, &(p, d))| {
+                let ids = (0..p + d)
+                    .map(|k| ((k * 97 + 13 + s * 31) % v) as u32)
+                    .collect();
+                let tags = (0..p + d)
+                    .map(|k| TokenTag {
+                        role: if k < p { Role::User } else { Role::Assistant },
+                        modality: Modality::Text,
+                        turn: 1,
+                        step: 1,
+                    })
+                    .collect();
+                (ids, tags, p)
+            })
+            .collect();
+        // Reference: each sequence alone through the forward.
+        let mut want: Vec<Vec<Vec<f32>>> = Vec::new();
+        for (ids, _, p) in &seqs {
+            let mut fwd = GpuForward::new(&gpu, "tiny", &model, 256, 64).unwrap();
+            let mut rows = Vec::new();
+            let mut last = Vec::new();
+            for c in ids[..*p].chunks(64) {
+                last = fwd.prefill(&gpu, c).unwrap();
+            }
+            rows.push(last[last.len() - v..].to_vec());
+            for &id in &ids[*p..ids.len() - 1] {
+                rows.push(fwd.step(&gpu, id).unwrap());
+            }
+            want.push(rows);
+        }
+        let max_ref = want
+            .iter()
+            .flatten()
+            .flatten()
+            .fold(0f32, |m, &x| m.max(x.abs()));
+        let open = |map: ClassMap, label: &str| {
+            let ctx = GpuContext::open(0).unwrap();
+            GpuBackend::open(ctx, "tiny", &model, map, 64 << 20, 128, label).unwrap()
+        };
+        let tag = format!("{arch:?} hd {head_dim}");
+        for (label, map) in [
+            ("f16", ClassMap::uniform(KvClass::F16, 0, 0)),
+            (
+                "int4, window 1000",
+                ClassMap::uniform(KvClass::Int4, 4, 1000),
+            ),
+        ] {
+            let (got, usage) = feed_backend(&open(map, label), &seqs, label);
+            let (d, same, rows) = logit_gap(&got, &want);
+            eprintln!(
+                "serve backend {tag} {label}: max |Δlogit| vs forward {d:.3e} (max |logit| \
+                 {max_ref:.3}), top-1 equal {same}/{rows}"
+            );
+            assert!(d < 1e-3 * max_ref, "{tag} {label}: max |Δlogit| {d:.3e}");
+            assert_eq!(usage.packed, 0, "{tag} {label}: tokens left 16 bits");
+        }
+        let mut quantized = Vec::new();
+        for class in [KvClass::Int4, KvClass::Int2] {
+            let label = format!("{class:?}, window 16");
+            let backend = open(ClassMap::uniform(class, 4, 16), &label);
+            let (got, usage) = feed_backend(&backend, &seqs, &label);
+            assert!(usage.packed > 0, "{tag} {label}: nothing was quantized");
+            let (alone, _) = feed_backend(&backend, &seqs[..1], &label);
+            let (d_alone, ..) = logit_gap(&alone, &got[..1]);
+            let (d, same, rows) = logit_gap(&got, &want);
+            eprintln!(
+                "serve backend {tag} {label}: max |Δlogit| vs 16-bit {d:.3e}, top-1 equal \
+                 {same}/{rows}; batched vs alone {d_alone:.3e}; {} packed bytes, {} 16-bit",
+                usage.packed, usage.half
+            );
+            assert!(
+                d_alone < 1e-3 * max_ref,
+                "{tag} {label}: batched vs alone {d_alone:.3e}"
+            );
+            quantized.push((d, same, rows));
+        }
+        let ((d4, same4, rows), (d2, same2, _)) = (quantized[0], quantized[1]);
+        assert!(
+            d4 < d2,
+            "{tag}: INT4 ({d4:.3e}) not nearer 16-bit than INT2 ({d2:.3e})"
+        );
+        assert!(
+            same4 >= same2 && same4 * 10 >= rows * 7,
+            "{tag}: INT4 top-1 {same4}/{rows}"
+        );
+        assert!(d4 < 0.25 * max_ref, "{tag}: INT4 max |Δlogit| {d4:.3e}");
+    }
 }

@@ -921,3 +921,113 @@ fn memory_pressure_preempts_and_recomputes() {
     assert_eq!(metric(&m, "triaxkv_queue_depth"), 0.0);
     server.stop().unwrap();
 }
+
+/// The whole HTTP server over the GPU backend's block pool with `HostCheck` standing in for
+/// the device (every zero / move / quantize / prefill / decode request checked against the
+/// pool; its logits make token `(7·id + 3) mod vocab` greedy after `id`): 12 concurrent
+/// clients of three-turn conversations with a long system prompt (tokens leave the window
+/// into INT2/INT4 blocks) in a pool that cannot hold them all. Every answer is the token chain
+/// the logits dictate (so each sequence read its own rows), later turns reuse kept prefixes,
+/// no request fails (a sequence the pool cannot grow is preempted and recomputed; the run
+/// prints how many), and once the server stops the pool is whole again.
+#[test]
+fn gpu_pool_backend_serves_http_with_every_request_checked() {
+    use triaxkv::gpu::decode_step::ModelShape;
+    use triaxkv::gpu::serve_bench::HostCheck;
+    use triaxkv::gpu::GpuBackend;
+    use triaxkv::paged::pool::ClassMap;
+    let Some(s) = shared() else { return };
+    let profile =
+        triaxkv::profile::Profile::read(std::path::Path::new("profiles/triaxial-2.97.json"))
+            .expect("the shipped profile");
+    let shape = ModelShape::of_config("smol", &s.model.config);
+    // Slots of this pool: 3 KV heads × 30 layers × the largest class's slab.
+    let backend =
+        GpuBackend::checked(&shape, ClassMap::from_profile(&profile), 110 << 20, 256).unwrap();
+    let pool = backend.pool_handle();
+    let (free0, total) = backend.pool_slots();
+    assert_eq!(free0, total);
+    let config = EngineConfig {
+        kv_memory: backend.admission_bytes(256, 8).unwrap(),
+        max_live: 8,
+        prefill_chunk: 96,
+        step_tokens: 256,
+        ..EngineConfig::default()
+    };
+    let prompter = Prompter::new(s.tokenizer.clone()).unwrap();
+    let end_ids = prompter.end_ids();
+    let server = start(
+        backend,
+        s.tokenizer.clone(),
+        config,
+        ServerOptions::default(),
+    );
+    let a = server.addr;
+    let vocab = s.tokenizer.vocab_size();
+    let system = "You are a careful coding agent working in a large repository. ".repeat(12);
+    let clients: Vec<_> = (0..12)
+        .map(|i| {
+            let (system, prompter, end_ids) = (system.clone(), prompter.clone(), end_ids.clone());
+            std::thread::spawn(move || {
+                let mut messages = vec![
+                    json!({"role": "system", "content": system}),
+                    json!({"role": "user", "content": format!("Task {i}: list the files.")}),
+                ];
+                for turn in 0..3 {
+                    let body =
+                        json!({"messages": messages, "max_tokens": 12 + i, "temperature": 0});
+                    let req =
+                        serde_json::from_value(json!({"id": "x", "messages": messages})).unwrap();
+                    let ids = prompter.render(&req).unwrap().ids;
+                    let mut want = Vec::new();
+                    let mut last = *ids.last().unwrap();
+                    while want.len() < 12 + i {
+                        last = HostCheck::next_token(last, vocab);
+                        if end_ids.contains(&last) {
+                            break;
+                        }
+                        want.push(last);
+                    }
+                    let r = chat(a, &body);
+                    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                    let got = r.json()["usage"]["completion_tokens"].as_u64().unwrap();
+                    assert_eq!(got as usize, want.len(), "client {i} turn {turn}");
+                    let text = content(&r);
+                    messages.push(json!({"role": "assistant", "content": text}));
+                    let listing = format!("file_{i}_{turn}.rs ").repeat(20);
+                    messages.push(json!({"role": "user", "content": format!("ls: {listing}")}));
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let m = wait_for(a, "an idle engine", |m| {
+        metric(m, "triaxkv_live_sequences") == 0.0
+    });
+    assert_eq!(metric(&m, "triaxkv_kv_bytes{owner=\"live\"}"), 0.0);
+    assert_eq!(
+        metric(&m, "triaxkv_requests_finished_total{reason=\"error\"}"),
+        0.0
+    );
+    // Hits depend on which kept prefixes memory pressure evicted first (timing): at least one.
+    assert!(
+        metric(&m, "triaxkv_prefix_cache_reused_tokens_total") > 0.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "triaxkv_kv_token_layers{class=\"k2v2\"}") > 0.0,
+        "{m}"
+    );
+    eprintln!(
+        "pool backend: {} preemptions, {} prefix hits, {} slots",
+        metric(&m, "triaxkv_preemptions_total"),
+        metric(&m, "triaxkv_prefix_cache_lookups_total{result=\"hit\"}"),
+        total
+    );
+    server.stop().unwrap();
+    // The engine (and its kept prefixes) are gone: every slot is free again.
+    let p = pool.lock().unwrap();
+    assert_eq!(p.free(), p.total(), "slots leaked");
+}

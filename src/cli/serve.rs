@@ -7,8 +7,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
+use triaxkv::gpu::{GpuBackend, GpuContext};
 use triaxkv::model::load;
+use triaxkv::paged::pool::ClassMap;
 use triaxkv::profile::{ModelIdentity, Profile};
+use triaxkv::quant::KvClass;
 use triaxkv::runtime::{CpuBackend, CpuKv, Engine, EngineConfig, Prompter};
 use triaxkv::serve::{self, ServerOptions};
 
@@ -31,6 +34,10 @@ pub struct ServeArgs {
     /// KV cache precision when no --profile is given.
     #[arg(long, value_enum, default_value = "f16")]
     kv: KvMode,
+    /// Run on the GPU (CUDA device 0): bf16 weights, the paged block pool of --kv-memory
+    /// bytes, one class per tag from --profile (else every token 16-bit).
+    #[arg(long)]
+    gpu: bool,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// 0 picks a free port; the bound address is printed on stdout.
@@ -130,7 +137,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // Images in requests become the model's vision tokens and features.
         prompter = prompter.with_vision(Arc::new(tower));
     }
-    let backend = CpuBackend::new(Arc::new(loaded.model), kv);
     let config = EngineConfig {
         kv_memory: args.kv_memory,
         max_queue: args.max_queue,
@@ -140,8 +146,44 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_context,
         max_prefix_entries: args.prefix_cache_entries,
     };
-    let engine = Engine::start(backend, prompter, loaded.name.clone(), config)
-        .context("starting the engine thread")?;
+    let engine = if args.gpu {
+        if prompter.has_vision() {
+            bail!("--gpu does not serve vision models yet: drop --gpu to serve it on the CPU");
+        }
+        if args.kv == KvMode::F32 && args.profile.is_none() {
+            bail!("--gpu stores keys and values at 16 bits or a profile's classes: --kv f32 is CPU only");
+        }
+        let (map, label) = match &args.profile {
+            Some(path) => {
+                let p = Profile::read(path)?;
+                (ClassMap::from_profile(&p), p.name.clone())
+            }
+            None => (ClassMap::uniform(KvClass::F16, 0, 0), "f16".to_string()),
+        };
+        let gpu = GpuContext::open(0).context("opening the GPU (drop --gpu to serve on the CPU)")?;
+        let rows = args.step_tokens.max(args.prefill_chunk).max(args.max_seqs);
+        let backend = GpuBackend::open(
+            gpu,
+            &loaded.name,
+            &loaded.model,
+            map,
+            args.kv_memory,
+            rows,
+            &label,
+        )
+        .context("loading the model onto the GPU")?;
+        let config = EngineConfig {
+            kv_memory: backend
+                .admission_bytes(args.step_tokens, args.max_seqs)
+                .map_err(anyhow::Error::msg)?,
+            ..config
+        };
+        Engine::start(backend, prompter, loaded.name.clone(), config)
+    } else {
+        let backend = CpuBackend::new(Arc::new(loaded.model), kv);
+        Engine::start(backend, prompter, loaded.name.clone(), config)
+    }
+    .context("starting the engine thread")?;
     let options = ServerOptions {
         api_key: args.api_key,
         max_body_bytes: args.max_body,

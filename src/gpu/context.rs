@@ -200,6 +200,26 @@ impl GpuContext {
             .during("copying from the device")
     }
 
+    /// `n` elements of `src` from `offset` (waits for the stream).
+    pub fn download_range<T: DeviceRepr>(
+        &self,
+        src: &CudaSlice<T>,
+        offset: usize,
+        n: usize,
+    ) -> Result<Vec<T>, GpuError> {
+        if offset + n > src.len() {
+            return Err(GpuError::Shape(format!(
+                "elements {offset}..{} of a buffer of {}",
+                offset + n,
+                src.len()
+            )));
+        }
+        let view = src.slice(offset..offset + n);
+        self.stream
+            .clone_dtoh(&view)
+            .during("copying from the device")
+    }
+
     pub fn synchronize(&self) -> Result<(), GpuError> {
         self.stream.synchronize().during("waiting for the stream")
     }

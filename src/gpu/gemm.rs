@@ -31,6 +31,13 @@ pub struct Gemm {
     handle: sys::cublasHandle_t,
 }
 
+// SAFETY: a cuBLAS handle belongs to a context, not to the thread that created it; it may be
+// used from another thread when that context is current there (`linear` binds it) and no
+// two threads use it at once (`linear` takes `&self` of a `Gemm` that is not `Sync`, so a
+// step holding it is used from one thread at a time). This lets a serving engine's thread
+// own the decode step.
+unsafe impl Send for Gemm {}
+
 impl std::fmt::Debug for Gemm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Gemm(cuBLAS handle)")
@@ -95,6 +102,12 @@ impl Gemm {
         if [rows, k, n].iter().any(|&v| v > i32::MAX as usize) {
             return Err(GpuError::Shape("linear dimension over 2^31".into()));
         }
+        gpu.context()
+            .bind_to_thread()
+            .map_err(|source| GpuError::Driver {
+                what: "binding the context for cuBLAS".into(),
+                source,
+            })?;
         let stream = gpu.stream();
         let (xp, _sx) = x.device_ptr(stream);
         let (wp, _sw) = w.device_ptr(stream);

@@ -13,6 +13,7 @@ pub mod nvrtc;
 pub mod prefill_attention;
 pub mod quantize_append;
 pub mod sampling;
+pub mod serve_backend;
 pub mod serve_bench;
 pub mod token_moves;
 
@@ -26,6 +27,7 @@ pub use nvrtc::{
 pub use prefill_attention::PrefillAttention;
 pub use quantize_append::{QuantizeAppend, QuantizeJob};
 pub use sampling::GpuSampler;
+pub use serve_backend::{GpuBackend, GpuDevice, GpuSeq};
 
 use cudarc::driver::DriverError;
 use std::path::PathBuf;

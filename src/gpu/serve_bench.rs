@@ -25,7 +25,7 @@ use crate::tags::TokenTag;
 use std::time::Instant;
 
 /// Rows of one prefill step at most (activations and logits are sized for it).
-const PREFILL_ROWS: usize = 2048;
+pub const PREFILL_ROWS: usize = 2048;
 
 /// One cache to serve from: a name and the class of every token.
 #[derive(Debug, Clone)]
@@ -144,7 +144,7 @@ fn admits(free: usize, taken: usize, need: usize) -> bool {
 
 /// Slots a session's cache would take holding `tags` at `now`: each class's blocks, the
 /// 16-bit window and one partial block per class.
-fn estimate_slots(
+pub(crate) fn estimate_slots(
     map: &ClassMap,
     tokens: &ClassTokens,
     tags: &[TokenTag],
@@ -194,6 +194,8 @@ pub trait Executor {
     ) -> Result<(), GpuError>;
     /// One decode step: one row per sequence of `tables`.
     fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError>;
+    /// Next-token logits (`vocab` each) of rows of the last prefill or decode step.
+    fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError>;
     /// Wait for the queued work (the phases' timing points).
     fn sync(&mut self) -> Result<(), GpuError>;
     /// Whether iterations take real device time: means over time; else over iterations.
@@ -227,6 +229,9 @@ impl<E: Executor> Executor for &mut E {
     fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
         (**self).decode(tables, rows)
     }
+    fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError> {
+        (**self).logits(rows, vocab)
+    }
     fn sync(&mut self) -> Result<(), GpuError> {
         (**self).sync()
     }
@@ -245,8 +250,7 @@ fn stacked(kv: &mut KvCaches) -> Result<&mut DeviceCache, GpuError> {
 
 impl Executor for GpuExec<'_> {
     fn pool_ops(&mut self, layout: &PagedLayout, ops: &Ops) -> Result<(), GpuError> {
-        let pool = &mut stacked(&mut self.kv)?.pool;
-        self.moves.run(self.gpu, layout, pool, ops)
+        device_pool_ops(self.gpu, &mut self.kv, &mut self.moves, layout, ops)
     }
 
     fn prefill(
@@ -255,32 +259,99 @@ impl Executor for GpuExec<'_> {
         rows: &StepRows,
         calls: Vec<PrefillCall>,
     ) -> Result<(), GpuError> {
-        let gpu = self.gpu;
-        stacked(&mut self.kv)?.set_tables(gpu, tables)?;
-        self.step.set_inputs(gpu, &rows.ids, &rows.pos)?;
-        self.step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
-        self.step.run_prefills(gpu, self.w, &self.kv, calls)
+        device_prefill(
+            self.gpu,
+            self.step,
+            self.w,
+            &mut self.kv,
+            tables,
+            rows,
+            calls,
+        )
     }
 
     fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
         let gpu = self.gpu;
-        let ctas = self.ctas_per_sm;
-        let cache = stacked(&mut self.kv)?;
-        cache.set_tables(gpu, tables)?;
-        let bpw = DecodePlan::default_blocks_per_work(&cache.layout, gpu.multiprocessors, ctas);
-        let mut plan = DecodePlan::new(gpu, cache, bpw)?;
-        self.step.set_inputs(gpu, &rows.ids, &rows.pos)?;
-        self.step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
-        self.step
-            .run(gpu, self.w, &self.kv, &mut plan, StepOptions::default())?;
+        device_decode(
+            gpu,
+            self.step,
+            self.w,
+            &mut self.kv,
+            self.ctas_per_sm,
+            tables,
+            rows,
+        )?;
         // A server reads the sampled tokens back every step.
         gpu.download_prefix(&self.step.next_ids, rows.ids.len())?;
         Ok(())
     }
 
+    fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError> {
+        device_logits(self.gpu, self.step, rows, vocab)
+    }
+
     fn sync(&mut self) -> Result<(), GpuError> {
         self.gpu.synchronize()
     }
+}
+
+/// Queue the pool's device work of one pass on the stacked cache.
+pub(crate) fn device_pool_ops(
+    gpu: &GpuContext,
+    kv: &mut KvCaches,
+    moves: &mut TokenMoves,
+    layout: &PagedLayout,
+    ops: &Ops,
+) -> Result<(), GpuError> {
+    let pool = &mut stacked(kv)?.pool;
+    moves.run(gpu, layout, pool, ops)
+}
+
+/// Queue one prefill step of chunks of the sequences of `tables` (one per call).
+pub(crate) fn device_prefill(
+    gpu: &GpuContext,
+    step: &mut DecodeStep,
+    w: &DeviceWeights,
+    kv: &mut KvCaches,
+    tables: &PagedLayout,
+    rows: &StepRows,
+    calls: Vec<PrefillCall>,
+) -> Result<(), GpuError> {
+    stacked(kv)?.set_tables(gpu, tables)?;
+    step.set_inputs(gpu, &rows.ids, &rows.pos)?;
+    step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
+    step.run_prefills(gpu, w, kv, calls)
+}
+
+/// Queue one decode step: a row per sequence of `tables`.
+pub(crate) fn device_decode(
+    gpu: &GpuContext,
+    step: &mut DecodeStep,
+    w: &DeviceWeights,
+    kv: &mut KvCaches,
+    ctas_per_sm: [usize; 4],
+    tables: &PagedLayout,
+    rows: &StepRows,
+) -> Result<(), GpuError> {
+    let cache = stacked(kv)?;
+    cache.set_tables(gpu, tables)?;
+    let bpw = DecodePlan::default_blocks_per_work(&cache.layout, gpu.multiprocessors, ctas_per_sm);
+    let mut plan = DecodePlan::new(gpu, cache, bpw)?;
+    step.set_inputs(gpu, &rows.ids, &rows.pos)?;
+    step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
+    step.run(gpu, w, kv, &mut plan, StepOptions::default())
+}
+
+/// Copy the logits of `rows` of the last step to the host (waits for the step).
+pub(crate) fn device_logits(
+    gpu: &GpuContext,
+    step: &DecodeStep,
+    rows: &[usize],
+    vocab: usize,
+) -> Result<Vec<Vec<f32>>, GpuError> {
+    rows.iter()
+        .map(|&r| gpu.download_range(&step.logits, r * vocab, vocab))
+        .collect()
 }
 
 /// A host model of the device for `bench serve --host-check` and the tests: no kernels run,
@@ -291,6 +362,8 @@ impl Executor for GpuExec<'_> {
 #[derive(Debug, Default)]
 pub struct HostCheck {
     class: std::collections::HashMap<u32, KvClass>,
+    /// Input ids of the last step's rows: `logits` answers [`HostCheck::next_token`] of each.
+    last_ids: Vec<i32>,
     pub prefills: usize,
     pub decodes: usize,
     pub quantized: usize,
@@ -298,6 +371,12 @@ pub struct HostCheck {
 }
 
 impl HostCheck {
+    /// The token a checked step's logits make greedy after input `id` (a fixed permutation
+    /// of the vocabulary, so the rows a caller reads can be told apart).
+    pub fn next_token(id: u32, vocab: usize) -> u32 {
+        ((id as u64 * 7 + 3) % vocab as u64) as u32
+    }
+
     fn slot_is(&self, slot: u32, c: KvClass, what: &str) -> Result<(), GpuError> {
         match self.class.get(&slot) {
             Some(&k) if k == c => Ok(()),
@@ -383,6 +462,7 @@ impl Executor for HostCheck {
             }
         }
         self.prefills += 1;
+        self.last_ids = rows.ids.clone();
         Ok(())
     }
 
@@ -396,7 +476,24 @@ impl Executor for HostCheck {
             )));
         }
         self.decodes += 1;
+        self.last_ids = rows.ids.clone();
         Ok(())
+    }
+
+    fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError> {
+        rows.iter()
+            .map(|&r| {
+                let id = *self.last_ids.get(r).ok_or_else(|| {
+                    GpuError::Shape(format!(
+                        "logits of row {r} after a step of {} rows",
+                        self.last_ids.len()
+                    ))
+                })?;
+                let mut l = vec![0.0f32; vocab];
+                l[Self::next_token(id as u32, vocab) as usize] = 1.0;
+                Ok(l)
+            })
+            .collect()
     }
 
     fn timed(&self) -> bool {
@@ -804,8 +901,17 @@ pub fn pool_layout(
     cfg: &ServeBenchConfig,
     map: &ClassMap,
 ) -> Result<(PagedLayout, usize), GpuError> {
-    let shape = &cfg.shape;
-    let mut layout = PagedLayout::new(shape.q_heads, shape.kv_heads, 1, cfg.v_group)?;
+    pool_layout_for(&cfg.shape, cfg.v_group, cfg.kv_memory, map)
+}
+
+/// `pool_layout` for any model shape and pool size.
+pub fn pool_layout_for(
+    shape: &ModelShape,
+    v_group: usize,
+    kv_memory: usize,
+    map: &ClassMap,
+) -> Result<(PagedLayout, usize), GpuError> {
+    let mut layout = PagedLayout::new(shape.q_heads, shape.kv_heads, 1, v_group)?;
     let mut used = vec![KvClass::F16, map.default];
     used.extend(map.classes.values().copied());
     layout.slab_bytes = used
@@ -815,14 +921,18 @@ pub fn pool_layout(
         .unwrap_or(layout.slab_bytes)
         .next_multiple_of(16);
     let slot_bytes = layout.kv_heads * layout.slab_bytes * shape.layers;
-    layout.slots = cfg.kv_memory / slot_bytes;
+    layout.slots = kv_memory / slot_bytes;
     if layout.slots == 0 {
         return Err(GpuError::Shape(format!(
-            "--kv-memory {} holds no slot of {slot_bytes} bytes",
-            cfg.kv_memory
+            "--kv-memory {kv_memory} holds no slot of {slot_bytes} bytes"
         )));
     }
     Ok((layout, slot_bytes))
+}
+
+/// Block capacity of each class in `layout`.
+pub fn class_tokens(layout: &PagedLayout) -> ClassTokens {
+    ClassTokens(KvClass::ALL.map(|c| layout.geom(c).tokens))
 }
 
 /// Serve `work` from one cache through `exec` for `cfg.duration_s` (or `iterations`).
@@ -850,12 +960,7 @@ pub fn serve_cache<E: Executor>(
             reserved: 0,
         })
         .collect();
-    let tokens = ClassTokens([
-        layout.geom(KvClass::F16).tokens,
-        layout.geom(KvClass::Int4).tokens,
-        layout.geom(KvClass::Int2).tokens,
-        layout.geom(KvClass::Fp8).tokens,
-    ]);
+    let tokens = class_tokens(&layout);
     let mut run = Run {
         exec,
         cfg,

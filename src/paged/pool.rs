@@ -529,6 +529,37 @@ impl SeqBlocks {
         self.quantize_full(pool, tokens, ops)
     }
 
+    /// Keep only the first `len` tokens (prefix reuse) when every later token is still in
+    /// the stream (16-bit, in order); otherwise free every block. Returns the tokens kept.
+    pub fn truncate(&mut self, pool: &mut SlotPool, len: usize) -> usize {
+        if len >= self.len() {
+            return self.len();
+        }
+        let stream_start = self
+            .stream
+            .first()
+            .and_then(|b| b.pos.first())
+            .map(|&p| p as usize);
+        if stream_start.is_none_or(|s| s > len) {
+            self.release(pool);
+            return 0;
+        }
+        while self
+            .stream
+            .last()
+            .is_some_and(|b| b.pos.first().is_some_and(|&p| p as usize >= len))
+        {
+            if let Some(b) = self.stream.pop() {
+                pool.release(b.slot);
+            }
+        }
+        if let Some(b) = self.stream.last_mut() {
+            b.pos.retain(|&p| (p as usize) < len);
+        }
+        self.tags.truncate(len);
+        len
+    }
+
     /// Free every block (the sequence ends or is preempted).
     pub fn release(&mut self, pool: &mut SlotPool) {
         let lists = std::iter::once(std::mem::take(&mut self.stream))

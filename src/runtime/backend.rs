@@ -12,6 +12,10 @@ pub enum BackendError {
     Cache(String),
     #[error("the backend failed: {0}")]
     Failed(String),
+    /// The cache's memory ran out while the sequence grew: the scheduler preempts it (its
+    /// cache is dropped and recomputed later) instead of failing the request.
+    #[error("the KV block pool is full")]
+    OutOfBlocks,
 }
 
 /// Bytes one sequence's KV cache holds, by kind (what a real cache stores, not the
@@ -82,7 +86,8 @@ pub trait Backend: Send + 'static {
     /// Tokens the sequence's cache holds.
     fn len(&self, seq: &Self::Seq) -> usize;
 
-    /// Keep only the first `len` tokens (prefix reuse).
+    /// Keep at most the first `len` tokens (prefix reuse). A backend may keep fewer (a
+    /// paged cache cannot cut inside quantized blocks); `len` tells what it kept.
     fn truncate(&self, seq: &mut Self::Seq, len: usize);
 
     fn usage(&self, seq: &Self::Seq) -> KvUsage;

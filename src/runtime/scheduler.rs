@@ -5,7 +5,7 @@
 //! memory is preempted (its cache dropped, recomputed on re-admission). Finished caches are
 //! kept for prefix reuse.
 
-use super::backend::{Backend, KvUsage, Work};
+use super::backend::{Backend, BackendError, KvUsage, Work};
 use super::engine::{Command, EngineConfig, EngineError, Event, FinishReason, Submission};
 use super::metrics::{inc, KvSnapshot, Metrics};
 use super::prefix::PrefixCache;
@@ -54,6 +54,8 @@ struct Sequence<S> {
 
 enum Outcome {
     Running,
+    /// The cache ran out of blocks while growing: back to the queue to recompute.
+    Preempted,
     Finished(FinishReason),
     Failed(EngineError),
     Cancelled,
@@ -225,9 +227,9 @@ impl<B: Backend> Worker<B> {
                     // Keep at least the last prompt token to compute: its logits start decoding.
                     let keep = common.min(s.ids.len() - 1);
                     self.backend.truncate(&mut e.seq, keep);
-                    s.fed = keep;
+                    s.fed = self.backend.len(&e.seq).min(keep);
                     inc(&self.metrics.prefix_hits, 1);
-                    inc(&self.metrics.prefix_reused_tokens, keep as u64);
+                    inc(&self.metrics.prefix_reused_tokens, s.fed as u64);
                     Ok(e.seq)
                 }
                 None => {
@@ -339,6 +341,7 @@ impl<B: Backend> Worker<B> {
                 s.usage = self.backend.usage(seq);
             }
             match result {
+                Err(BackendError::OutOfBlocks) => outcomes[i] = Outcome::Preempted,
                 Err(e) => outcomes[i] = Outcome::Failed(EngineError::Backend(e.to_string())),
                 Ok(logits) if end == s.ids.len() => {
                     let next = s.sampler.sample(&logits);
@@ -369,6 +372,10 @@ impl<B: Backend> Worker<B> {
             let outcome = std::mem::replace(&mut outcomes[i], Outcome::Running);
             match outcome {
                 Outcome::Running => {}
+                Outcome::Preempted => {
+                    let s = self.live.swap_remove(i);
+                    self.preempt(s);
+                }
                 Outcome::Cancelled => {
                     inc(&self.metrics.cancelled, 1);
                     drop(self.live.swap_remove(i));
@@ -404,6 +411,17 @@ impl<B: Backend> Worker<B> {
         }
     }
 
+    /// Drop `s`'s cache and queue it first, to recompute its tokens when admitted again.
+    fn preempt(&mut self, mut s: Sequence<B::Seq>) {
+        s.seq = None;
+        s.fed = 0;
+        s.usage = KvUsage::default();
+        s.need = self.need(&s);
+        inc(&self.metrics.preemptions, 1);
+        self.metrics.queue_depth.fetch_add(1, Ordering::SeqCst);
+        self.waiting.push_front(s);
+    }
+
     /// Bring live plus kept bytes back under the limit: evict kept prefixes, then preempt
     /// the most recently admitted sequence; a lone sequence larger than memory ends.
     fn enforce_memory(&mut self) {
@@ -417,14 +435,8 @@ impl<B: Backend> Worker<B> {
                 let Some(i) = (0..self.live.len()).max_by_key(|&i| self.live[i].admitted) else {
                     break;
                 };
-                let mut s = self.live.swap_remove(i);
-                s.seq = None;
-                s.fed = 0;
-                s.usage = KvUsage::default();
-                s.need = self.need(&s);
-                inc(&self.metrics.preemptions, 1);
-                self.metrics.queue_depth.fetch_add(1, Ordering::SeqCst);
-                self.waiting.push_front(s);
+                let s = self.live.swap_remove(i);
+                self.preempt(s);
                 continue;
             }
             if let Some(mut s) = self.live.pop() {

@@ -1,0 +1,765 @@
+//! `triaxkv serve --gpu`: the engine's [`Backend`] over the GPU block pool. The model's
+//! weights live on the device (bf16); every sequence owns blocks of one stacked pool
+//! ([`SeqBlocks`]): new tokens go to its 16-bit stream, tokens leaving the window are
+//! quantized into their tag's class, and when a new turn or agent step starts, tokens whose
+//! recency class dropped are re-quantized (ageing) — the same bookkeeping `bench serve`
+//! measures. One engine step runs every prompt chunk in one prefill pass and every decoding
+//! sequence in one decode step; the logits of the rows the engine samples come back to the
+//! host.
+//!
+//! The device sits behind [`Executor`]: [`GpuDevice`] on the GPU, or `HostCheck`, which
+//! checks every request against the pool with no GPU (the CPU tests drive the whole server
+//! through it).
+
+use super::decode_attention::PagedLayout;
+use super::decode_step::{DecodeStep, DeviceWeights, HostWeights, KvCaches, ModelShape};
+use super::prefill_attention::PrefillCall;
+use super::serve_bench::{
+    class_tokens, device_decode, device_logits, device_pool_ops, device_prefill, estimate_slots,
+    pool_layout_for, Executor, HostCheck, StepRows, PREFILL_ROWS,
+};
+use super::token_moves::TokenMoves;
+use super::{DeviceCache, GpuContext, GpuError};
+use crate::model::llama::Model;
+use crate::paged::pool::{ClassMap, ClassTokens, Ops, SeqBlocks, SlotPool, F16_TOKENS};
+use crate::quant::KvClass;
+use crate::runtime::{Backend, BackendError, KvUsage, Work};
+use crate::tags::TokenTag;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Value group of the packed classes (the head's 128 lanes in two groups; a 64-wide head,
+/// zero-padded to 128, keeps its real lanes in one group).
+const V_GROUP: usize = 64;
+/// Token moves one launch takes (more are split).
+const MOVES_PER_LAUNCH: usize = 1024;
+
+/// The GPU: uploaded weights, one step's kernels and buffers, the stacked pool.
+pub struct GpuDevice {
+    gpu: GpuContext,
+    step: DecodeStep,
+    w: DeviceWeights,
+    kv: KvCaches,
+    moves: TokenMoves,
+    ctas_per_sm: [usize; 4],
+}
+
+impl Executor for GpuDevice {
+    fn pool_ops(&mut self, layout: &PagedLayout, ops: &Ops) -> Result<(), GpuError> {
+        device_pool_ops(&self.gpu, &mut self.kv, &mut self.moves, layout, ops)
+    }
+
+    fn prefill(
+        &mut self,
+        tables: &PagedLayout,
+        rows: &StepRows,
+        calls: Vec<PrefillCall>,
+    ) -> Result<(), GpuError> {
+        device_prefill(
+            &self.gpu,
+            &mut self.step,
+            &self.w,
+            &mut self.kv,
+            tables,
+            rows,
+            calls,
+        )
+    }
+
+    fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
+        device_decode(
+            &self.gpu,
+            &mut self.step,
+            &self.w,
+            &mut self.kv,
+            self.ctas_per_sm,
+            tables,
+            rows,
+        )
+    }
+
+    fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError> {
+        device_logits(&self.gpu, &self.step, rows, vocab)
+    }
+
+    fn sync(&mut self) -> Result<(), GpuError> {
+        self.gpu.synchronize()
+    }
+}
+
+/// What the pool holds per slot and how many slots there are.
+#[derive(Debug, Clone)]
+pub struct PoolShape {
+    pub layout: PagedLayout,
+    pub slot_bytes: usize,
+    pub tokens: ClassTokens,
+}
+
+/// The engine's backend over a block pool on `E`.
+pub struct GpuBackend<E> {
+    device: Mutex<E>,
+    pool: Arc<Mutex<SlotPool>>,
+    map: ClassMap,
+    shape: PoolShape,
+    /// The model's real K/V elements per token (all layers, K and V).
+    elements_per_token: usize,
+    layers: usize,
+    vocab: usize,
+    /// Rows of one prefill pass and of one decode step at most.
+    prefill_rows: usize,
+    decode_rows: usize,
+    describe: String,
+}
+
+/// A sequence's blocks; dropping it frees them.
+pub struct GpuSeq {
+    blocks: SeqBlocks,
+    pool: Arc<Mutex<SlotPool>>,
+}
+
+/// A poisoned lock means a panic elsewhere mid-update; the pool's lists stay usable (every
+/// slot is in exactly one of them), so carry on rather than cascade the panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drop for GpuSeq {
+    fn drop(&mut self) {
+        let mut pool = lock(&self.pool);
+        self.blocks.release(&mut pool);
+        // Steps are synchronous and every device write is queued in stream order: a slot
+        // handed out later is written after anything queued for this sequence.
+        pool.commit();
+    }
+}
+
+/// A new prefill or decode row group's bookkeeping for one work item.
+struct Fed {
+    work: usize,
+    pos0: usize,
+    f16_base: usize,
+    targets: Vec<(u32, u32)>,
+    logits: bool,
+}
+
+/// The (turn, step) a work item's tokens are generated toward: its newest token's.
+fn now_of(tags: &[TokenTag]) -> (u32, u32) {
+    tags.last().map_or((0, 0), |t| (t.turn, t.step))
+}
+
+fn class_label(c: KvClass) -> &'static str {
+    match c {
+        KvClass::F16 => "k16v16",
+        KvClass::Int4 => "k4v4",
+        KvClass::Int2 => "k2v2",
+        KvClass::Fp8 => "fp8",
+    }
+}
+
+impl GpuBackend<GpuDevice> {
+    /// Upload `model` (weights rounded to bf16) and a pool of `kv_memory` bytes storing
+    /// tokens by `map`; steps of at most `max_rows` rows.
+    pub fn open(
+        gpu: GpuContext,
+        name: &str,
+        model: &Model,
+        map: ClassMap,
+        kv_memory: usize,
+        max_rows: usize,
+        describe: &str,
+    ) -> Result<Self, GpuError> {
+        let shape = ModelShape::of_config(name, &model.config);
+        shape.validate()?;
+        let host = HostWeights::of_model(model)?;
+        let w = DeviceWeights::upload(&gpu, &shape, &host)?;
+        drop(host);
+        let max_rows = max_rows.clamp(1, PREFILL_ROWS);
+        let step = DecodeStep::new(&gpu, &shape, max_rows, V_GROUP)?;
+        let ctas_per_sm = step.attention_kernels().ctas_per_sm()?;
+        let pool = Self::pool_shape(&shape, kv_memory, &map)?;
+        let cache = DeviceCache::allocate_layers(&gpu, &pool.layout, shape.layers)?;
+        let moves = TokenMoves::new(&gpu, &pool.layout, shape.layers, MOVES_PER_LAUNCH)?;
+        let device = GpuDevice {
+            step,
+            w,
+            kv: KvCaches::Stacked {
+                cache: Box::new(cache),
+                layers: shape.layers,
+            },
+            moves,
+            ctas_per_sm,
+            gpu,
+        };
+        Ok(GpuBackend::new(
+            device, &shape, pool, map, max_rows, describe,
+        ))
+    }
+}
+
+impl GpuBackend<HostCheck> {
+    /// The same backend over `HostCheck` (no GPU): every device request is checked.
+    pub fn checked(
+        shape: &ModelShape,
+        map: ClassMap,
+        kv_memory: usize,
+        max_rows: usize,
+    ) -> Result<Self, GpuError> {
+        let pool = Self::pool_shape(shape, kv_memory, &map)?;
+        Ok(GpuBackend::new(
+            HostCheck::default(),
+            shape,
+            pool,
+            map,
+            max_rows.clamp(1, PREFILL_ROWS),
+            "host check",
+        ))
+    }
+}
+
+impl<E: Executor> GpuBackend<E> {
+    fn pool_shape(
+        shape: &ModelShape,
+        kv_memory: usize,
+        map: &ClassMap,
+    ) -> Result<PoolShape, GpuError> {
+        let (layout, slot_bytes) = pool_layout_for(shape, V_GROUP, kv_memory, map)?;
+        Ok(PoolShape {
+            tokens: class_tokens(&layout),
+            layout,
+            slot_bytes,
+        })
+    }
+
+    fn new(
+        device: E,
+        shape: &ModelShape,
+        pool: PoolShape,
+        map: ClassMap,
+        max_rows: usize,
+        describe: &str,
+    ) -> Self {
+        let slots = pool.layout.slots;
+        GpuBackend {
+            describe: format!(
+                "gpu, kv {describe}, {slots} slots of {} KiB",
+                pool.slot_bytes >> 10
+            ),
+            device: Mutex::new(device),
+            pool: Arc::new(Mutex::new(SlotPool::new(slots))),
+            map,
+            elements_per_token: shape.layers * shape.kv_heads * shape.head_dim * 2,
+            layers: shape.layers,
+            vocab: shape.vocab,
+            prefill_rows: max_rows,
+            decode_rows: max_rows,
+            shape: pool,
+        }
+    }
+
+    pub fn pool_shape_of(&self) -> &PoolShape {
+        &self.shape
+    }
+
+    /// Bytes the engine may admit: the pool less a headroom for one step's growth (a new
+    /// 16-bit block per decoding sequence and per prompt chunk, blocks being quantized) —
+    /// what is left over preempts through `BackendError::OutOfBlocks`.
+    pub fn admission_bytes(&self, step_tokens: usize, max_seqs: usize) -> Result<usize, String> {
+        let headroom = step_tokens.div_ceil(F16_TOKENS) + 3 * max_seqs + 8;
+        let slots = self.shape.layout.slots;
+        if headroom * 2 > slots {
+            return Err(format!(
+                "a pool of {slots} slots of {} KiB is too small for steps of {step_tokens} \
+                 tokens and {max_seqs} sequences (headroom {headroom} slots): raise \
+                 --kv-memory",
+                self.shape.slot_bytes >> 10
+            ));
+        }
+        Ok((slots - headroom) * self.shape.slot_bytes)
+    }
+
+    /// Slots free and in all (tests, metrics).
+    pub fn pool_slots(&self) -> (usize, usize) {
+        let p = lock(&self.pool);
+        (p.free(), p.total())
+    }
+
+    /// A clone of the pool's handle, to watch it after the backend moved into an engine.
+    pub fn pool_handle(&self) -> Arc<Mutex<SlotPool>> {
+        self.pool.clone()
+    }
+
+    /// Age `w`'s blocks to its tokens' (turn, step) and append the tokens to its stream.
+    fn feed(
+        &self,
+        pool: &mut SlotPool,
+        ops: &mut Ops,
+        index: usize,
+        w: &mut Work<'_, GpuSeq>,
+    ) -> Result<Fed, BackendError> {
+        if w.media.is_some() {
+            return Err(BackendError::Failed(
+                "the GPU backend does not take images yet (serve vision models on the CPU)".into(),
+            ));
+        }
+        if w.tokens.is_empty() || w.tokens.len() != w.tags.len() {
+            return Err(BackendError::Failed(format!(
+                "{} tokens with {} tags",
+                w.tokens.len(),
+                w.tags.len()
+            )));
+        }
+        if w.tokens.len() > self.prefill_rows {
+            return Err(BackendError::Failed(format!(
+                "a chunk of {} tokens: at most {} per step",
+                w.tokens.len(),
+                self.prefill_rows
+            )));
+        }
+        if let Some((index, &id)) = w
+            .tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.vocab)
+        {
+            return Err(BackendError::TokenOutOfRange {
+                index,
+                id,
+                vocab: self.vocab,
+            });
+        }
+        let blocks = &mut w.seq.blocks;
+        let now = now_of(w.tags);
+        if blocks
+            .age(pool, &self.map, &self.shape.tokens, now, ops)
+            .is_err()
+        {
+            blocks.release(pool);
+            return Err(BackendError::OutOfBlocks);
+        }
+        let f16_base = blocks.f16_tokens();
+        let pos0 = blocks.len();
+        let targets = blocks
+            .append(pool, w.tags, ops)
+            .map_err(|_| BackendError::OutOfBlocks)?;
+        Ok(Fed {
+            work: index,
+            pos0,
+            f16_base,
+            targets,
+            logits: w.logits,
+        })
+    }
+
+    fn tables(&self, seqs: &[&SeqBlocks]) -> PagedLayout {
+        let mut l = self.shape.layout.clone();
+        l.seqs = seqs.len();
+        for (i, b) in seqs.iter().enumerate() {
+            for (class, slot, n) in b.table() {
+                l.push(class, i, slot as usize, n);
+            }
+        }
+        l.slots = self.shape.layout.slots;
+        l
+    }
+
+    /// Run `group` (all prompt chunks or all decode tokens) in one device step; the logits
+    /// of the rows that want them, by work index.
+    fn run_group(
+        &self,
+        dev: &mut E,
+        batch: &[Work<'_, GpuSeq>],
+        group: &[Fed],
+        prefill: bool,
+    ) -> Result<Vec<(usize, Vec<f32>)>, GpuError> {
+        let seqs: Vec<&SeqBlocks> = group.iter().map(|f| &batch[f.work].seq.blocks).collect();
+        let l = self.tables(&seqs);
+        let mut rows = StepRows::default();
+        let mut calls = Vec::new();
+        let mut want = Vec::new();
+        for (i, f) in group.iter().enumerate() {
+            let w = &batch[f.work];
+            let n = f.targets.len();
+            calls.push(PrefillCall {
+                seq: i,
+                f16_base: f.f16_base,
+                row0: rows.ids.len(),
+                rows: n,
+                sm_scale: 0.0,
+            });
+            if f.logits {
+                want.push((f.work, rows.ids.len() + n - 1));
+            }
+            rows.ids.extend(w.tokens.iter().map(|&t| t as i32));
+            rows.pos.extend((f.pos0..f.pos0 + n).map(|p| p as i32));
+            rows.slots.extend(f.targets.iter().map(|t| t.0 as i32));
+            rows.toks.extend(f.targets.iter().map(|t| t.1 as i32));
+        }
+        if prefill {
+            dev.prefill(&l, &rows, calls)?;
+        } else {
+            dev.decode(&l, &rows)?;
+        }
+        let rows: Vec<usize> = want.iter().map(|w| w.1).collect();
+        let logits = dev.logits(&rows, self.vocab)?;
+        Ok(want.into_iter().map(|w| w.0).zip(logits).collect())
+    }
+
+    /// Groups of consecutive items whose rows fit `max` (an item alone always fits: chunks
+    /// are checked in `feed`).
+    fn groups(items: Vec<Fed>, max: usize) -> Vec<Vec<Fed>> {
+        let mut out: Vec<Vec<Fed>> = Vec::new();
+        let mut rows = 0;
+        for f in items {
+            let n = f.targets.len();
+            match out.last_mut() {
+                Some(g) if rows + n <= max => {
+                    rows += n;
+                    g.push(f);
+                }
+                _ => {
+                    rows = n;
+                    out.push(vec![f]);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl<E: Executor + Send + 'static> Backend for GpuBackend<E> {
+    type Seq = GpuSeq;
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn new_seq(&self) -> Result<GpuSeq, BackendError> {
+        Ok(GpuSeq {
+            blocks: SeqBlocks::new(),
+            pool: self.pool.clone(),
+        })
+    }
+
+    fn len(&self, seq: &GpuSeq) -> usize {
+        seq.blocks.len()
+    }
+
+    fn truncate(&self, seq: &mut GpuSeq, len: usize) {
+        let mut pool = lock(&self.pool);
+        seq.blocks.truncate(&mut pool, len);
+        pool.commit();
+    }
+
+    fn usage(&self, seq: &GpuSeq) -> KvUsage {
+        // Slots are as large as the largest class the pool uses: bytes held are slots held.
+        let c = seq.blocks.counts();
+        let b = self.shape.slot_bytes;
+        KvUsage {
+            half: c.blocks[0] * b,
+            packed: c.blocks[1..].iter().sum::<usize>() * b,
+            params: 0,
+            full: 0,
+            elements: seq.blocks.len() * self.elements_per_token,
+        }
+    }
+
+    fn class_tokens(&self, seq: &GpuSeq) -> Vec<(String, usize)> {
+        let c = seq.blocks.counts();
+        KvClass::ALL
+            .iter()
+            .zip(c.tokens)
+            .filter(|(_, n)| *n > 0)
+            .map(|(&k, n)| (class_label(k).to_string(), n * self.layers))
+            .collect()
+    }
+
+    fn estimate_bytes(&self, tags: &[TokenTag]) -> usize {
+        estimate_slots(&self.map, &self.shape.tokens, tags, now_of(tags)) * self.shape.slot_bytes
+    }
+
+    fn forward(&self, work: Work<'_, GpuSeq>) -> Result<Vec<f32>, BackendError> {
+        self.step(vec![work])
+            .pop()
+            .unwrap_or_else(|| Err(BackendError::Failed("empty step".into())))
+    }
+
+    fn step(&self, mut batch: Vec<Work<'_, GpuSeq>>) -> Vec<Result<Vec<f32>, BackendError>> {
+        let mut out: Vec<Result<Vec<f32>, BackendError>> =
+            (0..batch.len()).map(|_| Ok(Vec::new())).collect();
+        let mut dev = lock(&self.device);
+        let mut pool = lock(&self.pool);
+        let mut ops = Ops::default();
+        let (mut chunks, mut tokens) = (Vec::new(), Vec::new());
+        for (i, w) in batch.iter_mut().enumerate() {
+            match self.feed(&mut pool, &mut ops, i, w) {
+                Ok(f) if f.targets.len() > 1 => chunks.push(f),
+                Ok(f) => tokens.push(f),
+                Err(e) => out[i] = Err(e),
+            }
+        }
+        let queued = dev
+            .pool_ops(&self.shape.layout, &ops)
+            .map_err(|e| e.to_string());
+        pool.commit();
+        let mut ran: Vec<usize> = Vec::new();
+        let groups = Self::groups(chunks, self.prefill_rows)
+            .into_iter()
+            .map(|g| (g, true))
+            .chain(
+                Self::groups(tokens, self.decode_rows)
+                    .into_iter()
+                    .map(|g| (g, false)),
+            );
+        for (group, prefill) in groups {
+            let r = match &queued {
+                Ok(()) => self
+                    .run_group(&mut dev, &batch, &group, prefill)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.clone()),
+            };
+            match r {
+                Ok(logits) => {
+                    ran.extend(group.iter().map(|f| f.work));
+                    for (i, l) in logits {
+                        out[i] = Ok(l);
+                    }
+                }
+                Err(e) => {
+                    for f in &group {
+                        out[f.work] = Err(BackendError::Failed(e.clone()));
+                    }
+                }
+            }
+        }
+        // Settle what ran: full window blocks to their classes, staged blocks quantized.
+        let mut ops = Ops::default();
+        for i in ran {
+            let blocks = &mut batch[i].seq.blocks;
+            if blocks
+                .settle(&mut pool, &self.map, &self.shape.tokens, &mut ops)
+                .is_err()
+            {
+                blocks.release(&mut pool);
+                out[i] = Err(BackendError::OutOfBlocks);
+            }
+        }
+        if let Err(e) = dev
+            .pool_ops(&self.shape.layout, &ops)
+            .and_then(|_| dev.sync())
+        {
+            // Blocks may hold anything now: no sequence of this step can go on.
+            for (i, w) in batch.iter_mut().enumerate() {
+                w.seq.blocks.release(&mut pool);
+                out[i] = Err(BackendError::Failed(e.to_string()));
+            }
+        }
+        pool.commit();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tags::{Modality, Recency, Role, Tag};
+    use std::collections::HashMap;
+
+    fn tag(role: Role, turn: u32) -> TokenTag {
+        TokenTag {
+            role,
+            modality: Modality::Text,
+            turn,
+            step: turn,
+        }
+    }
+
+    /// Observations INT4 while current, everything else INT2 past 4 sinks and a 32-token window.
+    fn mixed() -> ClassMap {
+        let mut classes = HashMap::new();
+        for r in Recency::ALL {
+            if r == Recency::Current {
+                let t = Tag {
+                    role: Role::Observation,
+                    modality: Modality::Text,
+                    recency: r,
+                };
+                classes.insert(t, KvClass::Int4);
+            }
+        }
+        ClassMap {
+            classes,
+            default: KvClass::Int2,
+            sinks: 4,
+            window: 32,
+            unit: crate::tags::RecencyUnit::Turn,
+        }
+    }
+
+    /// A conversation: system prompt, then per turn a user message, a reply and a tool
+    /// result; ids from `seed` so sequences differ.
+    fn conversation(seed: u32, turns: u32) -> (Vec<u32>, Vec<TokenTag>, Vec<usize>) {
+        let (mut ids, mut tags, mut reply_starts) = (Vec::new(), Vec::new(), Vec::new());
+        let push = |ids: &mut Vec<u32>, tags: &mut Vec<TokenTag>, r: Role, n: u32, t: u32| {
+            for k in 0..n {
+                ids.push((seed * 131 + k * 17 + t * 7) % 1000);
+                tags.push(tag(r, t));
+            }
+        };
+        push(&mut ids, &mut tags, Role::System, 90 + seed * 5, 0);
+        for t in 1..=turns {
+            push(&mut ids, &mut tags, Role::User, 30 + seed, t);
+            reply_starts.push(ids.len());
+            push(&mut ids, &mut tags, Role::Assistant, 20, t);
+            push(&mut ids, &mut tags, Role::Observation, 70 + 3 * seed, t);
+        }
+        (ids, tags, reply_starts)
+    }
+
+    struct Client {
+        seq: Option<GpuSeq>,
+        ids: Vec<u32>,
+        tags: Vec<TokenTag>,
+        /// Tokens the client has sent so far (prompts and replies up to its current turn).
+        upto: usize,
+        replies: Vec<usize>,
+        turn: usize,
+    }
+
+    /// The backend driven as the engine drives it — prompt chunks and decode tokens of several
+    /// sequences in one step, ageing at new turns, prefix reuse by truncation, preemption when
+    /// the pool runs out — with every device request checked: logits come back for the right
+    /// rows, every sequence's blocks stay consistent, and the pool is whole at the end.
+    #[test]
+    fn engine_like_steps_are_checked_and_the_pool_never_leaks() {
+        let mut shape = ModelShape::llama3_8b();
+        shape.vocab = 1000;
+        let slot = shape.layers * shape.kv_heads * 9728;
+        let backend = GpuBackend::checked(&shape, mixed(), 60 * slot, 96).unwrap();
+        let tokens = backend.shape.tokens;
+        let mut clients: Vec<Client> = (0..6)
+            .map(|i| {
+                let (ids, tags, replies) = conversation(i, 4);
+                Client {
+                    seq: None,
+                    upto: replies[0],
+                    ids,
+                    tags,
+                    replies,
+                    turn: 0,
+                }
+            })
+            .collect();
+        let (mut preempted, mut truncated, mut steps) = (0, 0, 0);
+        while clients.iter().any(|c| c.turn < c.replies.len()) {
+            steps += 1;
+            assert!(steps < 5000, "no progress");
+            // Admission, roughly: one new sequence per step while a session's worth is free.
+            if let Some(c) = clients
+                .iter_mut()
+                .find(|c| c.seq.is_none() && c.turn < c.replies.len())
+            {
+                if backend.pool_slots().0 >= 30 {
+                    c.seq = Some(backend.new_seq().unwrap());
+                }
+            }
+            // The engine's step: a decode token for sequences one short of their target,
+            // prompt chunks of at most 40 for the others.
+            let mut plan = Vec::new();
+            let batch: Vec<Work<'_, GpuSeq>> = clients
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, c)| c.turn < c.replies.len())
+                .filter_map(|(i, c)| {
+                    let seq = c.seq.as_mut()?;
+                    let fed = seq.blocks.len();
+                    let end = (fed + 40).min(c.upto);
+                    plan.push((i, fed, end));
+                    Some(Work {
+                        seq,
+                        tokens: &c.ids[fed..end],
+                        tags: &c.tags[fed..end],
+                        logits: end == c.upto,
+                        media: None,
+                    })
+                })
+                .collect();
+            let results = backend.step(batch);
+            for (&(i, fed, end), r) in plan.iter().zip(results) {
+                let c = &mut clients[i];
+                match r {
+                    Err(BackendError::OutOfBlocks) => {
+                        preempted += 1;
+                        c.seq = None; // dropped: its blocks go back to the pool
+                        continue;
+                    }
+                    Err(e) => panic!("client {i}: {e}"),
+                    Ok(l) => {
+                        let seq = c.seq.as_ref().unwrap();
+                        assert_eq!(
+                            seq.blocks.len(),
+                            end,
+                            "client {i} after feeding {fed}..{end}"
+                        );
+                        seq.blocks.check(&tokens).unwrap();
+                        if end < c.upto {
+                            assert!(l.is_empty());
+                            continue;
+                        }
+                        let best = (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap();
+                        assert_eq!(
+                            best as u32,
+                            HostCheck::next_token(c.ids[end - 1], 1000),
+                            "client {i}: logits of another row"
+                        );
+                    }
+                }
+                // Teacher-forced: the reply's tokens are the recorded ones.
+                let reply_end = c.replies[c.turn] + 20;
+                if c.upto < reply_end {
+                    c.upto += 1;
+                } else {
+                    c.turn += 1;
+                    if c.turn < c.replies.len() {
+                        c.upto = c.replies[c.turn];
+                        // The next request resends the history re-rendered: its last tokens
+                        // differ, so the kept cache is cut a little (as prefix reuse does).
+                        let seq = c.seq.as_mut().unwrap();
+                        let keep = seq.blocks.len() - 3;
+                        backend.truncate(seq, keep);
+                        let kept = backend.len(seq);
+                        assert!(kept == keep || kept == 0, "kept {kept} of {keep}");
+                        seq.blocks.check(&tokens).unwrap();
+                        truncated += 1;
+                    } else {
+                        c.seq = None; // finished
+                    }
+                }
+            }
+        }
+        let (free, total) = backend.pool_slots();
+        assert_eq!(free, total, "slots leaked");
+        let dev = lock(&backend.device);
+        assert!(dev.quantized > 20, "{} blocks quantized", dev.quantized);
+        assert!(dev.moved > 0, "no token aged");
+        assert!(dev.prefills > 0 && dev.decodes > 0);
+        assert!(truncated >= 18, "{truncated} truncations");
+        assert!(
+            preempted > 0,
+            "the pool never ran out: the test is not small enough"
+        );
+    }
+
+    /// Admission leaves room for a step's growth; a pool too small for that is refused.
+    #[test]
+    fn admission_keeps_headroom() {
+        let shape = ModelShape::llama3_8b();
+        let slot = shape.layers * shape.kv_heads * 9728;
+        let b = GpuBackend::checked(&shape, mixed(), 1000 * slot, 512).unwrap();
+        let bytes = b.admission_bytes(512, 64).unwrap();
+        assert!(bytes < 1000 * slot && bytes > 700 * slot, "{bytes}");
+        assert!(b.admission_bytes(4096, 256).is_err());
+    }
+}
