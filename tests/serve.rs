@@ -1011,6 +1011,17 @@ fn gpu_pool_backend_serves_http_with_every_request_checked() {
         metric(&m, "triaxkv_requests_finished_total{reason=\"error\"}"),
         0.0
     );
+    // The pool and the engine's accounting agree: the slots in use are the kept prefixes'.
+    let used = metric(&m, "triaxkv_kv_pool_slots{state=\"used\"}");
+    let slot_bytes = metric(&m, "triaxkv_kv_pool_slot_bytes");
+    assert_eq!(
+        used * slot_bytes,
+        metric(&m, "triaxkv_kv_bytes{owner=\"prefix_cache\"}"),
+        "{m}"
+    );
+    assert!(used > 0.0, "no prefix kept: {m}");
+    let frag = metric(&m, "triaxkv_kv_fragmentation");
+    assert!(frag > 0.0 && frag < 1.0, "fragmentation {frag}");
     // Hits depend on which kept prefixes memory pressure evicted first (timing): at least one.
     assert!(
         metric(&m, "triaxkv_prefix_cache_reused_tokens_total") > 0.0,

@@ -23,7 +23,7 @@ use super::{DeviceCache, GpuContext, GpuError};
 use crate::model::llama::Model;
 use crate::paged::pool::{ClassMap, ClassTokens, Ops, SeqBlocks, SlotPool, F16_TOKENS};
 use crate::quant::KvClass;
-use crate::runtime::{Backend, BackendError, KvUsage, Work};
+use crate::runtime::{Backend, BackendError, KvUsage, PoolOccupancy, Work};
 use crate::tags::TokenTag;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -92,6 +92,9 @@ pub struct PoolShape {
     pub layout: PagedLayout,
     pub slot_bytes: usize,
     pub tokens: ClassTokens,
+    /// Bytes a full block of each class needs (all layers), in `KvClass::ALL` order: a slot
+    /// is as large as the largest.
+    pub class_bytes: [usize; 4],
 }
 
 /// The engine's backend over a block pool on `E`.
@@ -222,10 +225,13 @@ impl<E: Executor> GpuBackend<E> {
         map: &ClassMap,
     ) -> Result<PoolShape, GpuError> {
         let (layout, slot_bytes) = pool_layout_for(shape, V_GROUP, kv_memory, map)?;
+        let class_bytes =
+            KvClass::ALL.map(|c| layout.kv_heads * layout.geom(c).slab_bytes() * shape.layers);
         Ok(PoolShape {
             tokens: class_tokens(&layout),
             layout,
             slot_bytes,
+            class_bytes,
         })
     }
 
@@ -457,12 +463,18 @@ impl<E: Executor + Send + 'static> Backend for GpuBackend<E> {
         // Slots are as large as the largest class the pool uses: bytes held are slots held.
         let c = seq.blocks.counts();
         let b = self.shape.slot_bytes;
+        let held = c.blocks.iter().sum::<usize>() * b;
+        // What the tokens need at their class's full-block density.
+        let filled: usize = (0..4)
+            .map(|k| c.tokens[k] * self.shape.class_bytes[k] / self.shape.tokens.0[k])
+            .sum();
         KvUsage {
             half: c.blocks[0] * b,
             packed: c.blocks[1..].iter().sum::<usize>() * b,
             params: 0,
             full: 0,
             elements: seq.blocks.len() * self.elements_per_token,
+            unfilled: held.saturating_sub(filled),
         }
     }
 
@@ -474,6 +486,15 @@ impl<E: Executor + Send + 'static> Backend for GpuBackend<E> {
             .filter(|(_, n)| *n > 0)
             .map(|(&k, n)| (class_label(k).to_string(), n * self.layers))
             .collect()
+    }
+
+    fn pool(&self) -> Option<PoolOccupancy> {
+        let (free, slots) = self.pool_slots();
+        Some(PoolOccupancy {
+            slots,
+            free,
+            slot_bytes: self.shape.slot_bytes,
+        })
     }
 
     fn estimate_bytes(&self, tags: &[TokenTag]) -> usize {
@@ -704,6 +725,8 @@ mod tests {
                             "client {i} after feeding {fed}..{end}"
                         );
                         seq.blocks.check(&tokens).unwrap();
+                        let u = backend.usage(seq);
+                        assert!(u.unfilled < u.total(), "{u:?}");
                         if end < c.upto {
                             assert!(l.is_empty());
                             continue;

@@ -32,6 +32,9 @@ pub struct KvUsage {
     pub full: usize,
     /// K and V elements stored (tokens × layers × kv_heads × head_dim × 2).
     pub elements: usize,
+    /// Of the bytes above, those of allocated blocks that hold no token's data (a block's
+    /// empty tail, a slot larger than its class needs): internal fragmentation.
+    pub unfilled: usize,
 }
 
 impl KvUsage {
@@ -53,7 +56,24 @@ impl KvUsage {
         self.half += o.half;
         self.full += o.full;
         self.elements += o.elements;
+        self.unfilled += o.unfilled;
     }
+
+    /// Share of the bytes held that hold no token's data.
+    pub fn fragmentation(&self) -> f64 {
+        if self.total() == 0 {
+            return 0.0;
+        }
+        self.unfilled as f64 / self.total() as f64
+    }
+}
+
+/// A shared block pool's slots (backends that have one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolOccupancy {
+    pub slots: usize,
+    pub free: usize,
+    pub slot_bytes: usize,
 }
 
 /// One sequence's share of a scheduler step: feed `tokens` (tagged `tags`) after what its
@@ -94,6 +114,11 @@ pub trait Backend: Send + 'static {
 
     /// Token-layers stored per precision class, labelled like `k4v2`, `k16v16`, `f32`.
     fn class_tokens(&self, seq: &Self::Seq) -> Vec<(String, usize)>;
+
+    /// The shared block pool's occupancy, for backends that allocate from one.
+    fn pool(&self) -> Option<PoolOccupancy> {
+        None
+    }
 
     /// Bytes a cache holding exactly `tags` (a prompt) would take: what admission reserves.
     fn estimate_bytes(&self, tags: &[TokenTag]) -> usize;

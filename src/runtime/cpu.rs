@@ -136,6 +136,8 @@ impl Backend for CpuBackend {
                     half: b.half,
                     full: 0,
                     elements: b.elements,
+                    // Grown token by token: no block space sits empty.
+                    unfilled: 0,
                 }
             }
         }

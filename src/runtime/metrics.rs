@@ -1,7 +1,7 @@
 //! Counters and gauges of the engine, shared between the scheduler thread (which updates
 //! them) and the HTTP server (which renders them as Prometheus text).
 
-use super::backend::KvUsage;
+use super::backend::{KvUsage, PoolOccupancy};
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +21,8 @@ pub struct KvSnapshot {
     pub prefix: KvUsage,
     /// Token-layers per precision class over live and kept caches.
     pub classes: BTreeMap<String, usize>,
+    /// The backend's block pool, when it has one.
+    pub pool: Option<PoolOccupancy>,
 }
 
 #[derive(Debug, Default)]
@@ -249,6 +251,42 @@ impl Metrics {
                 ("kind=\"f32\"", total.full as f64),
             ],
         );
+        line(
+            "kv_fragmentation",
+            "gauge",
+            "Share of the KV bytes held (live and kept) in block space no token fills.",
+            &[("", total.fragmentation())],
+        );
+        if let Some(p) = s.pool {
+            line(
+                "kv_pool_slots",
+                "gauge",
+                "Slots of the block pool, by state.",
+                &[
+                    ("state=\"used\"", p.slots.saturating_sub(p.free) as f64),
+                    ("state=\"free\"", p.free as f64),
+                ],
+            );
+            line(
+                "kv_pool_occupancy",
+                "gauge",
+                "Share of the block pool's slots in use.",
+                &[(
+                    "",
+                    if p.slots == 0 {
+                        0.0
+                    } else {
+                        (p.slots - p.free.min(p.slots)) as f64 / p.slots as f64
+                    },
+                )],
+            );
+            line(
+                "kv_pool_slot_bytes",
+                "gauge",
+                "Bytes of one pool slot (a block in every layer).",
+                &[("", p.slot_bytes as f64)],
+            );
+        }
         line(
             "kv_effective_bits",
             "gauge",

@@ -458,6 +458,7 @@ impl<B: Backend> Worker<B> {
             live_sequences: self.live.len(),
             prefill_sequences: self.live.iter().filter(|s| s.fed < s.prompt_len).count(),
             prefix_entries: self.prefix.len(),
+            pool: self.backend.pool(),
             ..KvSnapshot::default()
         };
         for s in &self.live {
