@@ -44,6 +44,16 @@ impl std::fmt::Debug for Gemm {
     }
 }
 
+/// Make `gpu`'s context current on this thread (cuBLAS calls run in the current context).
+fn bind(gpu: &GpuContext) -> Result<(), GpuError> {
+    gpu.context()
+        .bind_to_thread()
+        .map_err(|source| GpuError::Driver {
+            what: "binding the context for cuBLAS".into(),
+            source,
+        })
+}
+
 fn during<T>(r: Result<T, blas::CublasError>, what: &str) -> Result<T, GpuError> {
     r.map_err(|source| GpuError::Cublas {
         what: what.to_string(),
@@ -56,12 +66,7 @@ impl Gemm {
         if !cublas_available() {
             return Err(GpuError::NoCublas);
         }
-        gpu.context()
-            .bind_to_thread()
-            .map_err(|source| GpuError::Driver {
-                what: "binding the context for cuBLAS".into(),
-                source,
-            })?;
+        bind(gpu)?;
         let handle = during(blas::create_handle(), "creating the cuBLAS handle")?;
         let g = Gemm { handle };
         // SAFETY: a live handle and the context's live stream.
@@ -102,12 +107,7 @@ impl Gemm {
         if [rows, k, n].iter().any(|&v| v > i32::MAX as usize) {
             return Err(GpuError::Shape("linear dimension over 2^31".into()));
         }
-        gpu.context()
-            .bind_to_thread()
-            .map_err(|source| GpuError::Driver {
-                what: "binding the context for cuBLAS".into(),
-                source,
-            })?;
+        bind(gpu)?;
         let stream = gpu.stream();
         let (xp, _sx) = x.device_ptr(stream);
         let (wp, _sw) = w.device_ptr(stream);

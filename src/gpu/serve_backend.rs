@@ -12,14 +12,13 @@
 //! through it).
 
 use super::decode_attention::PagedLayout;
-use super::decode_step::{DecodeStep, DeviceWeights, HostWeights, KvCaches, ModelShape};
+use super::decode_step::{DecodeStep, DeviceWeights, HostWeights, ModelShape};
 use super::prefill_attention::PrefillCall;
 use super::serve_bench::{
-    class_tokens, device_decode, device_logits, device_pool_ops, device_prefill, estimate_slots,
-    pool_layout_for, Executor, HostCheck, StepRows, PREFILL_ROWS,
+    class_tokens, estimate_slots, pool_layout_for, Executor, GpuExec, HostCheck, StepRows,
+    PREFILL_ROWS,
 };
-use super::token_moves::TokenMoves;
-use super::{DeviceCache, GpuContext, GpuError};
+use super::{GpuContext, GpuError};
 use crate::model::llama::Model;
 use crate::paged::pool::{ClassMap, ClassTokens, Ops, SeqBlocks, SlotPool, F16_TOKENS};
 use crate::quant::KvClass;
@@ -33,58 +32,8 @@ const V_GROUP: usize = 64;
 /// Token moves one launch takes (more are split).
 const MOVES_PER_LAUNCH: usize = 1024;
 
-/// The GPU: uploaded weights, one step's kernels and buffers, the stacked pool.
-pub struct GpuDevice {
-    gpu: GpuContext,
-    step: DecodeStep,
-    w: DeviceWeights,
-    kv: KvCaches,
-    moves: TokenMoves,
-    ctas_per_sm: [usize; 4],
-}
-
-impl Executor for GpuDevice {
-    fn pool_ops(&mut self, layout: &PagedLayout, ops: &Ops) -> Result<(), GpuError> {
-        device_pool_ops(&self.gpu, &mut self.kv, &mut self.moves, layout, ops)
-    }
-
-    fn prefill(
-        &mut self,
-        tables: &PagedLayout,
-        rows: &StepRows,
-        calls: Vec<PrefillCall>,
-    ) -> Result<(), GpuError> {
-        device_prefill(
-            &self.gpu,
-            &mut self.step,
-            &self.w,
-            &mut self.kv,
-            tables,
-            rows,
-            calls,
-        )
-    }
-
-    fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
-        device_decode(
-            &self.gpu,
-            &mut self.step,
-            &self.w,
-            &mut self.kv,
-            self.ctas_per_sm,
-            tables,
-            rows,
-        )
-    }
-
-    fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError> {
-        device_logits(&self.gpu, &self.step, rows, vocab)
-    }
-
-    fn sync(&mut self) -> Result<(), GpuError> {
-        self.gpu.synchronize()
-    }
-}
+/// The GPU, owning the uploaded weights, one step's kernels and buffers and the stacked pool.
+pub type GpuDevice = GpuExec<GpuContext, DecodeStep, DeviceWeights>;
 
 /// What the pool holds per slot and how many slots there are.
 #[derive(Debug, Clone)]
@@ -177,21 +126,8 @@ impl GpuBackend<GpuDevice> {
         drop(host);
         let max_rows = max_rows.clamp(1, PREFILL_ROWS);
         let step = DecodeStep::new(&gpu, &shape, max_rows, V_GROUP)?;
-        let ctas_per_sm = step.attention_kernels().ctas_per_sm()?;
         let pool = Self::pool_shape(&shape, kv_memory, &map)?;
-        let cache = DeviceCache::allocate_layers(&gpu, &pool.layout, shape.layers)?;
-        let moves = TokenMoves::new(&gpu, &pool.layout, shape.layers, MOVES_PER_LAUNCH)?;
-        let device = GpuDevice {
-            step,
-            w,
-            kv: KvCaches::Stacked {
-                cache: Box::new(cache),
-                layers: shape.layers,
-            },
-            moves,
-            ctas_per_sm,
-            gpu,
-        };
+        let device = GpuExec::new(gpu, step, w, &pool.layout, MOVES_PER_LAUNCH, false)?;
         Ok(GpuBackend::new(
             device, &shape, pool, map, max_rows, describe,
         ))

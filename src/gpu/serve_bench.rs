@@ -22,6 +22,7 @@ use crate::paged::pool::{ClassMap, ClassTokens, Ops, PoolError, SeqBlocks, SlotP
 use crate::paged::workload::Workload;
 use crate::quant::KvClass;
 use crate::tags::TokenTag;
+use std::borrow::{Borrow, BorrowMut};
 use std::time::Instant;
 
 /// Rows of one prefill step at most (activations and logits are sized for it).
@@ -204,14 +205,55 @@ pub trait Executor {
     }
 }
 
-/// The GPU: random weights, one decode step's kernels and buffers, the stacked pool.
-struct GpuExec<'a> {
-    gpu: &'a GpuContext,
-    step: &'a mut DecodeStep,
-    w: &'a DeviceWeights,
+/// The GPU: the model's weights, one decode step's kernels and buffers, the stacked pool —
+/// owned (`serve --gpu`'s `GpuDevice`) or borrowed (`bench serve` reuses one step and one set
+/// of weights for every cache).
+pub struct GpuExec<G, S, W> {
+    gpu: G,
+    step: S,
+    w: W,
     kv: KvCaches,
     moves: TokenMoves,
     ctas_per_sm: [usize; 4],
+    /// Copy each decode step's greedy tokens back, as a server sampling on the GPU would
+    /// (`bench serve`; `serve --gpu` reads logits instead).
+    read_next_ids: bool,
+}
+
+impl<G, S, W> GpuExec<G, S, W>
+where
+    G: Borrow<GpuContext>,
+    S: BorrowMut<DecodeStep>,
+    W: Borrow<DeviceWeights>,
+{
+    /// A stacked pool of `layout` for `step`'s model, with token moves of up to
+    /// `moves_per_launch` per launch.
+    pub fn new(
+        gpu: G,
+        step: S,
+        w: W,
+        layout: &PagedLayout,
+        moves_per_launch: usize,
+        read_next_ids: bool,
+    ) -> Result<Self, GpuError> {
+        let g = gpu.borrow();
+        let layers = step.borrow().shape.layers;
+        let cache = DeviceCache::allocate_layers(g, layout, layers)?;
+        let moves = TokenMoves::new(g, layout, layers, moves_per_launch)?;
+        let ctas_per_sm = step.borrow().attention_kernels().ctas_per_sm()?;
+        Ok(GpuExec {
+            kv: KvCaches::Stacked {
+                cache: Box::new(cache),
+                layers,
+            },
+            moves,
+            ctas_per_sm,
+            read_next_ids,
+            gpu,
+            step,
+            w,
+        })
+    }
 }
 
 impl<E: Executor> Executor for &mut E {
@@ -248,9 +290,15 @@ fn stacked(kv: &mut KvCaches) -> Result<&mut DeviceCache, GpuError> {
     }
 }
 
-impl Executor for GpuExec<'_> {
+impl<G, S, W> Executor for GpuExec<G, S, W>
+where
+    G: Borrow<GpuContext>,
+    S: BorrowMut<DecodeStep>,
+    W: Borrow<DeviceWeights>,
+{
     fn pool_ops(&mut self, layout: &PagedLayout, ops: &Ops) -> Result<(), GpuError> {
-        device_pool_ops(self.gpu, &mut self.kv, &mut self.moves, layout, ops)
+        let pool = &mut stacked(&mut self.kv)?.pool;
+        self.moves.run(self.gpu.borrow(), layout, pool, ops)
     }
 
     fn prefill(
@@ -259,99 +307,48 @@ impl Executor for GpuExec<'_> {
         rows: &StepRows,
         calls: Vec<PrefillCall>,
     ) -> Result<(), GpuError> {
-        device_prefill(
-            self.gpu,
-            self.step,
-            self.w,
-            &mut self.kv,
-            tables,
-            rows,
-            calls,
-        )
+        let (gpu, step) = (self.gpu.borrow(), self.step.borrow_mut());
+        stacked(&mut self.kv)?.set_tables(gpu, tables)?;
+        step.set_inputs(gpu, &rows.ids, &rows.pos)?;
+        step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
+        step.run_prefills(gpu, self.w.borrow(), &self.kv, calls)
     }
 
     fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
-        let gpu = self.gpu;
-        device_decode(
-            gpu,
-            self.step,
-            self.w,
-            &mut self.kv,
+        let (gpu, step) = (self.gpu.borrow(), self.step.borrow_mut());
+        let cache = stacked(&mut self.kv)?;
+        cache.set_tables(gpu, tables)?;
+        let bpw = DecodePlan::default_blocks_per_work(
+            &cache.layout,
+            gpu.multiprocessors,
             self.ctas_per_sm,
-            tables,
-            rows,
+        );
+        let mut plan = DecodePlan::new(gpu, cache, bpw)?;
+        step.set_inputs(gpu, &rows.ids, &rows.pos)?;
+        step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
+        step.run(
+            gpu,
+            self.w.borrow(),
+            &self.kv,
+            &mut plan,
+            StepOptions::default(),
         )?;
-        // A server reads the sampled tokens back every step.
-        gpu.download_prefix(&self.step.next_ids, rows.ids.len())?;
+        if self.read_next_ids {
+            gpu.download_prefix(&step.next_ids, rows.ids.len())?;
+        }
         Ok(())
     }
 
     fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError> {
-        device_logits(self.gpu, self.step, rows, vocab)
+        let (gpu, step) = (self.gpu.borrow(), self.step.borrow());
+        rows.iter()
+            .map(|&r| gpu.download_range(&step.logits, r * vocab, vocab))
+            .collect()
     }
 
     fn sync(&mut self) -> Result<(), GpuError> {
-        self.gpu.synchronize()
+        self.gpu.borrow().synchronize()
     }
-}
-
-/// Queue the pool's device work of one pass on the stacked cache.
-pub(crate) fn device_pool_ops(
-    gpu: &GpuContext,
-    kv: &mut KvCaches,
-    moves: &mut TokenMoves,
-    layout: &PagedLayout,
-    ops: &Ops,
-) -> Result<(), GpuError> {
-    let pool = &mut stacked(kv)?.pool;
-    moves.run(gpu, layout, pool, ops)
-}
-
-/// Queue one prefill step of chunks of the sequences of `tables` (one per call).
-pub(crate) fn device_prefill(
-    gpu: &GpuContext,
-    step: &mut DecodeStep,
-    w: &DeviceWeights,
-    kv: &mut KvCaches,
-    tables: &PagedLayout,
-    rows: &StepRows,
-    calls: Vec<PrefillCall>,
-) -> Result<(), GpuError> {
-    stacked(kv)?.set_tables(gpu, tables)?;
-    step.set_inputs(gpu, &rows.ids, &rows.pos)?;
-    step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
-    step.run_prefills(gpu, w, kv, calls)
-}
-
-/// Queue one decode step: a row per sequence of `tables`.
-pub(crate) fn device_decode(
-    gpu: &GpuContext,
-    step: &mut DecodeStep,
-    w: &DeviceWeights,
-    kv: &mut KvCaches,
-    ctas_per_sm: [usize; 4],
-    tables: &PagedLayout,
-    rows: &StepRows,
-) -> Result<(), GpuError> {
-    let cache = stacked(kv)?;
-    cache.set_tables(gpu, tables)?;
-    let bpw = DecodePlan::default_blocks_per_work(&cache.layout, gpu.multiprocessors, ctas_per_sm);
-    let mut plan = DecodePlan::new(gpu, cache, bpw)?;
-    step.set_inputs(gpu, &rows.ids, &rows.pos)?;
-    step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
-    step.run(gpu, w, kv, &mut plan, StepOptions::default())
-}
-
-/// Copy the logits of `rows` of the last step to the host (waits for the step).
-pub(crate) fn device_logits(
-    gpu: &GpuContext,
-    step: &DecodeStep,
-    rows: &[usize],
-    vocab: usize,
-) -> Result<Vec<Vec<f32>>, GpuError> {
-    rows.iter()
-        .map(|&r| gpu.download_range(&step.logits, r * vocab, vocab))
-        .collect()
 }
 
 /// A host model of the device for `bench serve --host-check` and the tests: no kernels run,
@@ -986,14 +983,17 @@ pub fn serve_cache<E: Executor>(
     };
     run.row.slots = run.layout.slots;
     run.row.kv_bytes = run.layout.slots * slot_bytes;
+    let length = match iterations {
+        Some(n) => format!("{n} iterations"),
+        None => format!("{:.0} s", cfg.duration_s),
+    };
     progress(&format!(
-        "{}: {} slots of {:.2} MB ({:.2} GiB), {} clients, {:.0} s",
+        "{}: {} slots of {:.2} MB ({:.2} GiB), {} clients, {length}",
         bc.name,
         run.layout.slots,
         slot_bytes as f64 / 1e6,
         run.row.kv_bytes as f64 / (1u64 << 30) as f64,
         cfg.clients,
-        cfg.duration_s
     ));
     let start = Instant::now();
     let mut measured_from: Option<Instant> = None;
@@ -1121,22 +1121,10 @@ pub fn run(
     let w = DeviceWeights::random(gpu, shape, cfg.seed)?;
     let max_rows = cfg.chunk.min(PREFILL_ROWS).max(cfg.max_batch);
     let mut step = DecodeStep::new(gpu, shape, max_rows, cfg.v_group)?;
-    let ctas_per_sm = step.attention_kernels().ctas_per_sm()?;
     let mut rows = Vec::new();
     for bc in &cfg.caches {
         let (layout, _) = pool_layout(cfg, &bc.map)?;
-        let cache = DeviceCache::allocate_layers(gpu, &layout, shape.layers)?;
-        let exec = GpuExec {
-            gpu,
-            step: &mut step,
-            w: &w,
-            kv: KvCaches::Stacked {
-                cache: Box::new(cache),
-                layers: shape.layers,
-            },
-            moves: TokenMoves::new(gpu, &layout, shape.layers, 1024)?,
-            ctas_per_sm,
-        };
+        let exec = GpuExec::new(gpu, &mut step, &w, &layout, 1024, true)?;
         rows.push(serve_cache(
             exec,
             cfg,
