@@ -1,7 +1,8 @@
-//! Qwen2-VL preprocessing and vision tower against the reference implementation: a tiny
-//! random-weight checkpoint and reference outputs made by `scripts/vlm/make_fixture.py` with
-//! PyPI `transformers` 5.17 + `torch` 2.11 (CPU, f32) — `tests/fixtures/tiny-qwen2vl/`.
-//! Random weights: this proves the machinery, not any model's quality.
+//! Qwen2-VL and Qwen2.5-VL preprocessing, vision towers and language models against the
+//! reference implementation: tiny random-weight checkpoints and reference outputs made by
+//! `scripts/vlm/make_fixture.py` with PyPI `transformers` 5.17 + `torch` 2.11 (CPU, f32) —
+//! `tests/fixtures/tiny-qwen2vl/` and `tests/fixtures/tiny-qwen2_5vl/`. Random weights: this
+//! proves the machinery, not any model's quality.
 
 use safetensors::SafeTensors;
 use std::path::PathBuf;
@@ -11,6 +12,13 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2vl")
 }
 
+/// Both reference checkpoints: Qwen2-VL, and Qwen2.5-VL (RMSNorm, SwiGLU, windowed attention
+/// in block 0 with windows of 2×2 merged patches, full attention in block 1).
+fn fixtures() -> [PathBuf; 2] {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    [root.join("tiny-qwen2vl"), root.join("tiny-qwen2_5vl")]
+}
+
 struct Reference {
     json: serde_json::Value,
     bytes: Vec<u8>,
@@ -18,7 +26,10 @@ struct Reference {
 
 impl Reference {
     fn load() -> Self {
-        let d = dir();
+        Self::load_from(&dir())
+    }
+
+    fn load_from(d: &std::path::Path) -> Self {
         let json =
             serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap())
                 .unwrap();
@@ -88,10 +99,16 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// upscaled, one downscaled under a small pixel budget (Pillow's bicubic, bit-exact).
 #[test]
 fn preprocessing_matches_the_reference_processor() {
-    let r = Reference::load();
+    for d in fixtures() {
+        preprocessing_matches(&d);
+    }
+}
+
+fn preprocessing_matches(d: &std::path::Path) {
+    let r = Reference::load_from(d);
     let cfg = r.config();
     for (i, img) in r.json["images"].as_array().unwrap().iter().enumerate() {
-        let file = dir().join(img["file"].as_str().unwrap());
+        let file = d.join(img["file"].as_str().unwrap());
         let decoded = vision::decode(&std::fs::read(&file).unwrap()).unwrap();
         let p = preprocess(&decoded, &cfg).unwrap();
         let grid = grid_of(img);
@@ -110,10 +127,14 @@ fn preprocessing_matches_the_reference_processor() {
 /// Vision tower + merger on the reference processor's pixel values: max |Δ| < 1e-3.
 #[test]
 fn vision_tower_matches_the_reference_features() {
-    let r = Reference::load();
-    let tower = vision::load_tower(&dir())
-        .unwrap()
-        .expect("a vision_config");
+    for d in fixtures() {
+        tower_matches(&d);
+    }
+}
+
+fn tower_matches(d: &std::path::Path) {
+    let r = Reference::load_from(d);
+    let tower = vision::load_tower(d).unwrap().expect("a vision_config");
     for (i, img) in r.json["images"].as_array().unwrap().iter().enumerate() {
         let grid = grid_of(img);
         let (shape, pixels) = r.tensor(&format!("pixel_values.{i}"));
@@ -125,10 +146,13 @@ fn vision_tower_matches_the_reference_features() {
         let got = tower.forward(&patches).unwrap();
         let (fshape, want) = r.tensor(&format!("features.{i}"));
         assert_eq!(fshape, vec![patches.tokens(2), tower.config.hidden_size]);
-        let d = max_abs_diff(&got, &want);
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        eprintln!("image {i} grid {grid:?}: max |Δ feature| {d:.2e} (max |feature| {scale:.3})");
-        assert!(d < 1e-3, "image {i}: {d}");
+        let name = d.display();
+        let d = max_abs_diff(&got, &want);
+        eprintln!(
+            "{name} image {i} grid {grid:?}: max |Δ feature| {d:.2e} (max |feature| {scale:.3})"
+        );
+        assert!(d < 1e-3, "{name} image {i}: {d}");
     }
 }
 
@@ -194,12 +218,18 @@ fn bicubic_resize_is_bit_exact_with_pillow() {
 /// `get_rope_index`, logits within 1e-3 of the reference model's.
 #[test]
 fn language_model_with_an_image_matches_the_reference_logits() {
+    for d in fixtures() {
+        language_model_matches(&d);
+    }
+}
+
+fn language_model_matches(dir: &std::path::Path) {
     use triaxkv::kvcache::KvCache;
     use triaxkv::model::llama::{Logits, Model};
     use triaxkv::model::safetensors::load_dir;
     use triaxkv::tags::{Modality, Role, TokenTag};
-    let r = Reference::load();
-    let (config, weights) = load_dir(&dir()).unwrap();
+    let r = Reference::load_from(dir);
+    let (config, weights) = load_dir(dir).unwrap();
     assert!(matches!(
         config.rope_scaling,
         triaxkv::model::config::RopeScaling::MRope {
@@ -207,7 +237,7 @@ fn language_model_with_an_image_matches_the_reference_logits() {
         }
     ));
     let model = Model { config, weights };
-    let tower = vision::load_tower(&dir()).unwrap().unwrap();
+    let tower = vision::load_tower(dir).unwrap().unwrap();
     let prompt = &r.json["prompt"];
     let ids: Vec<u32> = prompt["ids"]
         .as_array()
@@ -217,7 +247,7 @@ fn language_model_with_an_image_matches_the_reference_logits() {
         .collect();
     let img = &r.json["images"][prompt["image"].as_u64().unwrap() as usize];
     let decoded =
-        vision::decode(&std::fs::read(dir().join(img["file"].as_str().unwrap())).unwrap()).unwrap();
+        vision::decode(&std::fs::read(dir.join(img["file"].as_str().unwrap())).unwrap()).unwrap();
     let patches = preprocess(&decoded, &r.config()).unwrap();
     let feats = tower.forward(&patches).unwrap();
     let image_token = 300;
@@ -266,7 +296,7 @@ fn language_model_with_an_image_matches_the_reference_logits() {
         .collect();
     let mut cache = model.new_cache();
     let got = model.forward_embedded(
-        x,
+        x.clone(),
         Some(&pos),
         &tags,
         &mut cache as &mut dyn KvCache,
@@ -276,7 +306,10 @@ fn language_model_with_an_image_matches_the_reference_logits() {
     assert_eq!(shape, vec![n, model.config.vocab_size]);
     let d = max_abs_diff(&got, &want);
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    eprintln!("prompt with an image: max |Δ logit| {d:.2e} (max |logit| {scale:.3})");
+    eprintln!(
+        "{}: prompt with an image: max |Δ logit| {d:.2e} (max |logit| {scale:.3})",
+        dir.display()
+    );
     assert!(d < 1e-3, "{d}");
     // Text-only positions are plain RoPE: the M-RoPE model's `forward` on text equals
     // `forward_embedded` at positions (p, p, p).
@@ -492,6 +525,12 @@ fn calibrate_cache_sees_a_changed_image() {
 /// tokens at positions after the image's largest, as transformers continues).
 #[test]
 fn serve_engine_feeds_images_to_a_vision_model() {
+    for d in fixtures() {
+        serve_engine_feeds_images(&d);
+    }
+}
+
+fn serve_engine_feeds_images(dir: &std::path::Path) {
     use base64::Engine as _;
     use std::sync::Arc;
     use triaxkv::kvcache::FullCache;
@@ -501,12 +540,12 @@ fn serve_engine_feeds_images_to_a_vision_model() {
     };
     use triaxkv::trace::schema::Trajectory;
 
-    let mut loaded = triaxkv::model::load::load(&dir()).unwrap();
+    let mut loaded = triaxkv::model::load::load(dir).unwrap();
     let tower = Arc::new(loaded.vision.take().expect("a vision tower"));
     let tokenizer = Arc::new(loaded.tokenizer);
     let model = Arc::new(loaded.model);
     let prompter = Prompter::new(tokenizer.clone()).unwrap().with_vision(tower);
-    let png = std::fs::read(dir().join("img1.png")).unwrap();
+    let png = std::fs::read(dir.join("img1.png")).unwrap();
     let (w, h) = image::load_from_memory(&png)
         .unwrap()
         .to_rgb8()

@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
-"""Tiny random-weight Qwen2-VL reference fixture, made with the reference implementation
-(PyPI `transformers` + `torch`, CPU, float32).
+"""Tiny random-weight Qwen2-VL / Qwen2.5-VL reference fixture, made with the reference
+implementation (PyPI `transformers` + `torch`, CPU, float32).
 
-    python3 scripts/vlm/make_fixture.py OUT_DIR
+    python3 -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.11.0 torchvision \
+        transformers==5.17.0 pillow numpy safetensors          # PyPI, CPU use only
+    /tmp/tv/bin/python scripts/vlm/make_fixture.py OUT_DIR [qwen2_vl | qwen2_5_vl]
+
+Qwen2.5-VL's tower differs from Qwen2-VL's: RMSNorm, a SiLU gate/up/down MLP, and attention
+within windows of merged patches except in the `fullatt_block_indexes` blocks (here a 2×2
+window of merged tokens in block 0, full attention in block 1, so both paths are checked).
 
 Writes OUT_DIR/{config.json, model.safetensors} (save_pretrained of a 2-layer model with a
 2-block vision tower, random weights: machinery only, no fidelity claim), test images
@@ -24,6 +30,8 @@ import transformers
 from safetensors.torch import save_file
 
 out = sys.argv[1]
+family = sys.argv[2] if len(sys.argv) > 2 else "qwen2_vl"
+assert family in ("qwen2_vl", "qwen2_5_vl"), family
 os.makedirs(out, exist_ok=True)
 torch.manual_seed(0)
 np.random.seed(0)
@@ -66,10 +74,31 @@ config = {
         "temporal_patch_size": 2,
     },
 }
+if family == "qwen2_5_vl":
+    config["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    config["model_type"] = "qwen2_5_vl"
+    config["vision_config"] = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "out_hidden_size": config["hidden_size"],
+        "hidden_act": "silu",
+        "num_heads": 4,
+        "in_channels": 3,
+        "in_chans": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+        "tokens_per_second": 2,
+    }
 with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
 cfg = transformers.AutoConfig.from_pretrained(out)
-model = transformers.Qwen2VLForConditionalGeneration(cfg).eval().float()
+cls = (transformers.Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl"
+       else transformers.Qwen2VLForConditionalGeneration)
+model = cls(cfg).eval().float()
 # Default init leaves norms at 1 and biases at 0; perturb every parameter so each one matters.
 with torch.no_grad():
     for name, p in model.named_parameters():
@@ -93,7 +122,7 @@ def pattern(w, h, seed):
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 sizes = [(56, 56), (140, 84), (100, 75), (300, 200)]  # (width, height)
-tensors, meta = {}, {"images": [], "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
+tensors, meta = {}, {"family": family, "images": [], "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
                      "transformers": transformers.__version__, "torch": torch.__version__,
                      "processor": [c.__module__ + "." + c.__name__ for c in type(proc).__mro__[:3]]}
 visual = model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") else model.visual
@@ -140,16 +169,24 @@ with torch.no_grad():
     mask = torch.ones_like(input_ids)
     mm = (input_ids == IMAGE).long()  # 1 = image token (transformers 5 asks for the types)
     try:
-        pos, _ = model.model.get_rope_index(input_ids, grid, None, mask)
-    except TypeError:
+        pos, _ = model.model.get_rope_index(input_ids=input_ids, image_grid_thw=grid,
+                                            attention_mask=mask)
+    except (TypeError, ValueError):
         pos, _ = model.model.get_rope_index(input_ids=input_ids, image_grid_thw=grid,
                                             attention_mask=mask, mm_token_type_ids=mm)
     kw = dict(input_ids=input_ids, attention_mask=mask, pixel_values=b["pixel_values"].float(),
               image_grid_thw=grid)
+    # transformers 5 finds image tokens by `mm_token_type_ids` (what its processor returns);
+    # without them Qwen2.5-VL silently gives every token a text position.
     try:
-        o = model(**kw)
-    except ValueError:
         o = model(**kw, mm_token_type_ids=mm)
+    except (TypeError, ValueError):
+        o = model(**kw)
+    # The forward's own positions must be the ones saved: the same logits with them explicit.
+    o2 = model(**kw, position_ids=pos)
+    gap = (o.logits - o2.logits).abs().max().item()
+    print(f"logits with the saved position ids: max |diff| {gap:.2e}")
+    assert gap < 1e-5, "the forward used other positions than get_rope_index's"
     tensors["prompt.position_ids"] = pos[:, 0, :].to(torch.int64).contiguous()
     tensors["prompt.logits"] = o.logits[0].float().contiguous()
     meta["prompt"] = {"ids": ids, "image": 1}

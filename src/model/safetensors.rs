@@ -277,15 +277,17 @@ fn detect_arch(raw: &RawConfig, path: &Path) -> Result<Arch> {
                 "LlamaForCausalLM" => return Ok(Arch::Llama),
                 "Qwen2ForCausalLM" => return Ok(Arch::Qwen2),
                 "Qwen3ForCausalLM" => return Ok(Arch::Qwen3),
-                // The language model of Qwen2-VL is Qwen2 with multimodal RoPE.
-                "Qwen2VLForConditionalGeneration" => return Ok(Arch::Qwen2),
+                // The language model of Qwen2-VL and Qwen2.5-VL is Qwen2 with multimodal RoPE.
+                "Qwen2VLForConditionalGeneration" | "Qwen2_5_VLForConditionalGeneration" => {
+                    return Ok(Arch::Qwen2)
+                }
                 _ => {}
             }
         }
     }
     match raw.model_type.as_deref() {
         Some("llama") => Ok(Arch::Llama),
-        Some("qwen2") | Some("qwen2_vl") => Ok(Arch::Qwen2),
+        Some("qwen2") | Some("qwen2_vl") | Some("qwen2_5_vl") => Ok(Arch::Qwen2),
         Some("qwen3") => Ok(Arch::Qwen3),
         other => {
             if raw.architectures.is_none() && other.is_none() {

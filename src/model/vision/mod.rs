@@ -1,6 +1,6 @@
-//! Vision-language models: image preprocessing and the vision tower of the Qwen2-VL family
-//! (DESIGN §9). The language model side (M-RoPE positions, image tokens in the chat template)
-//! is not built yet: images still render as their `alt` text.
+//! Vision-language models of the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL; DESIGN §9): image
+//! preprocessing, the vision tower, and the multimodal RoPE positions of a sequence holding
+//! image tokens (the language model itself is `model::llama` with M-RoPE).
 
 pub mod preprocess;
 pub mod qwen2vl;
@@ -20,7 +20,7 @@ pub fn has_vision_config(dir: &Path) -> bool {
         .is_some_and(|v| v.get("vision_config").is_some())
 }
 
-/// The vision tower of a Qwen2-VL model directory, or `None` when its config has no
+/// The vision tower of a Qwen2-VL or Qwen2.5-VL model directory, or `None` when its config has no
 /// `vision_config` (a text-only model).
 pub fn load_tower(dir: &Path) -> Result<Option<VisionTower>, SafetensorsError> {
     let path = dir.join("config.json");
