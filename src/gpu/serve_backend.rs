@@ -56,9 +56,8 @@ pub struct GpuBackend<E> {
     elements_per_token: usize,
     layers: usize,
     vocab: usize,
-    /// Rows of one prefill pass and of one decode step at most.
-    prefill_rows: usize,
-    decode_rows: usize,
+    /// Rows of one device step at most (prompt chunks and decode tokens alike).
+    max_rows: usize,
     describe: String,
 }
 
@@ -191,14 +190,9 @@ impl<E: Executor> GpuBackend<E> {
             elements_per_token: shape.layers * shape.kv_heads * shape.head_dim * 2,
             layers: shape.layers,
             vocab: shape.vocab,
-            prefill_rows: max_rows,
-            decode_rows: max_rows,
+            max_rows,
             shape: pool,
         }
-    }
-
-    pub fn pool_shape_of(&self) -> &PoolShape {
-        &self.shape
     }
 
     /// Bytes the engine may admit: the pool less a headroom for one step's growth (a new
@@ -249,11 +243,11 @@ impl<E: Executor> GpuBackend<E> {
                 w.tags.len()
             )));
         }
-        if w.tokens.len() > self.prefill_rows {
+        if w.tokens.len() > self.max_rows {
             return Err(BackendError::Failed(format!(
                 "a chunk of {} tokens: at most {} per step",
                 w.tokens.len(),
-                self.prefill_rows
+                self.max_rows
             )));
         }
         if let Some((index, &id)) = w
@@ -462,11 +456,11 @@ impl<E: Executor + Send + 'static> Backend for GpuBackend<E> {
             .map_err(|e| e.to_string());
         pool.commit();
         let mut ran: Vec<usize> = Vec::new();
-        let groups = Self::groups(chunks, self.prefill_rows)
+        let groups = Self::groups(chunks, self.max_rows)
             .into_iter()
             .map(|g| (g, true))
             .chain(
-                Self::groups(tokens, self.decode_rows)
+                Self::groups(tokens, self.max_rows)
                     .into_iter()
                     .map(|g| (g, false)),
             );
