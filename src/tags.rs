@@ -137,6 +137,17 @@ pub struct TokenTag {
 }
 
 impl TokenTag {
+    /// A text token of `role` in turn `turn` (its agent step numbered alike): tests' shorthand.
+    #[cfg(test)]
+    pub(crate) fn text(role: Role, turn: u32) -> Self {
+        TokenTag {
+            role,
+            modality: Modality::Text,
+            turn,
+            step: turn,
+        }
+    }
+
     /// Resolve recency relative to the unit now being generated.
     pub fn at(&self, unit: RecencyUnit, now_turn: u32, now_step: u32) -> Tag {
         let back = match unit {

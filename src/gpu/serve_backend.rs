@@ -519,12 +519,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn tag(role: Role, turn: u32) -> TokenTag {
-        TokenTag {
-            role,
-            modality: Modality::Text,
-            turn,
-            step: turn,
-        }
+        TokenTag::text(role, turn)
     }
 
     /// Observations INT4 while current, everything else INT2 past 4 sinks and a 32-token window.

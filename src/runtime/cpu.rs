@@ -301,16 +301,11 @@ pub fn estimate_quant_bytes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tags::{Modality, Role, Tag};
+    use crate::tags::{Role, Tag};
     use rand::{Rng, SeedableRng};
 
     fn tag(role: Role, turn: u32) -> TokenTag {
-        TokenTag {
-            role,
-            modality: Modality::Text,
-            turn,
-            step: turn,
-        }
+        TokenTag::text(role, turn)
     }
 
     /// The estimate equals what a `QuantCache` holding the same tokens counts, for
