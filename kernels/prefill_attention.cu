@@ -1,15 +1,16 @@
 // Prefill attention: a chunk of consecutive query tokens of one sequence attends to that
-// sequence's paged cache read directly from the packed blocks of every precision class
-// (docs/KV_LAYOUT.md) — no 16-bit scratch copy of the history. The chunk's own K/V are already
+// sequence's paged cache, every precision class (docs/KV_LAYOUT.md) decoded once per call into
+// an fp16 scratch (docs/ARCHITECTURE.md says why not in place). The chunk's own K/V are already
 // in the sequence's 16-bit blocks (appended in order before the launch), so causality is one
 // rule: query row r (of the chunk) sees every quantized token and the first `f16_base + r + 1`
 // tokens of the 16-bit class in table order. Launched from src/gpu/prefill_attention.rs; CPU
 // reference: tests/gpu.rs (prefill_attention_matches_cpu_reference).
 //
-// Two launches per layer: tkv_gather_tokens decodes every token of the sequence once (any class,
-// to f32: quantized classes first, then the 16-bit tokens in table order), then one CTA =
-// (64 / GQA query tokens, one KV head): 64 rows = the tokens x the GQA group's query heads, 16
-// per warp. A tile of 64 decoded tokens goes to shared memory as fp16 (keys [token][dim],
+// Two launches per layer: tkv_gather_tokens_f16 decodes every token of the sequence once (any
+// class, to fp16: quantized classes first, then the 16-bit tokens in table order), then one CTA =
+// (128 / GQA query tokens, one KV head): 128 rows = the tokens x the GQA group's query heads,
+// 16 per warp (8 warps share each tile load: half the history reads of 64-row CTAs), reading
+// the decoded tokens only up to its last query token. A tile of 64 decoded tokens goes to shared memory as fp16 (keys [token][dim],
 // values [dim][token]) and is read by every warp: S = Q K^T and O += P V on tensor cores
 // (mma.m16n8k16, fp32 accumulate), Q, S/P and O in registers (FlashAttention-2 style online
 // softmax). Decoding once per call, not once per CTA, keeps the packed classes as cheap as
@@ -22,7 +23,7 @@
 
 namespace tkp {
 
-enum { D = 128, KT = 64, NWARPS = 4, ROWS = NWARPS * 16, MAX_GQA = 8 };
+enum { D = 128, KT = 64, NWARPS = 8, ROWS = NWARPS * 16, MAX_GQA = 8 };
 enum { CLASS_F16 = 0, CLASS_INT4 = 1, CLASS_INT2 = 2, CLASS_FP8 = 3, NUM_CLASSES = 4 };
 
 struct ClassTable {
@@ -34,8 +35,9 @@ struct ClassTable {
 };
 
 struct PrefillParams {
-  const float* k;  // f32 [n][kv_heads][128]: the sequence's tokens decoded by tkv_gather_tokens,
-  const float* v;  // every quantized token first, then the 16-bit tokens in table order
+  const __half* k;  // fp16 [n][kv_heads][128]: the sequence's tokens decoded by
+  const __half* v;  // tkv_gather_tokens_f16, every quantized token first, then the 16-bit
+                    // tokens in table order
   int n, n_quant;
   int kv_heads, q_heads, gqa, rows;  // rows: query tokens of the chunk
   int f16_base;                      // 16-bit tokens in the table before the chunk's first
@@ -195,20 +197,22 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
   for (int j = 0; j < 16; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m_run[2] = {-TKP_INF, -TKP_INF}, l_run[2] = {0.f, 0.f};
 
-  for (int base = 0; base < p.n; base += KT) {
+  // Tokens past the CTA's last query token are masked for every row: stop before them.
+  const int n_seen = min(p.n, p.n_quant + p.f16_base + tok0 + qtoks);
+  for (int base = 0; base < n_seen; base += KT) {
     {
-      const int n = min(KT, p.n - base);
+      const int n = min(KT, n_seen - base);
       __syncthreads();  // the previous tile is consumed
       for (int i = tid; i < KT * D; i += blockDim.x) {
         const int t = i / D, d = i % D;
-        float k = 0.f, v = 0.f;
+        __half k = __float2half_rn(0.f), v = k;
         if (t < n) {
           const long long at = ((long long)(base + t) * p.kv_heads + kvh) * D + d;
           k = p.k[at];
           v = p.v[at];
         }
-        ks[t][d] = __float2half_rn(k);
-        vt[d][t] = __float2half_rn(v);
+        ks[t][d] = k;
+        vt[d][t] = v;
       }
       __syncthreads();
       // S = Q K^T: 8 n-tiles of 8 tokens.
@@ -330,6 +334,19 @@ extern "C" __global__ void __launch_bounds__(128) tkv_gather_tokens(const MovePa
   const long long o = (((long long)l * p.n + i) * p.kv_heads + h) * D + d;
   p.k[o] = load_k(c, slab, p.ct[c], p.tok[i], d);
   p.v[o] = load_v(c, slab, p.ct[c], p.v_group, p.tok[i], d);
+}
+
+// The same decoded to fp16 (round to nearest: what the prefill attention's tiles hold), for
+// the prefill attention's scratch (half the bytes every CTA of a chunk reads).
+extern "C" __global__ void __launch_bounds__(128) tkv_gather_tokens_f16(const MoveParams p) {
+  const int i = blockIdx.x, h = blockIdx.y, l = blockIdx.z, d = threadIdx.x;
+  const int c = p.cls[i];
+  const unsigned char* slab =
+      p.pool + ((l * p.layer_slots + p.slot[i]) * p.kv_heads + h) * p.slab_bytes;
+  const long long o = (((long long)l * p.n + i) * p.kv_heads + h) * D + d;
+  reinterpret_cast<__half*>(p.k)[o] = __float2half_rn(load_k(c, slab, p.ct[c], p.tok[i], d));
+  reinterpret_cast<__half*>(p.v)[o] =
+      __float2half_rn(load_v(c, slab, p.ct[c], p.v_group, p.tok[i], d));
 }
 
 // Grid (n, kv_heads, layers) x 128 threads: f32 k/v of token i -> fp16 into token tok[i] of the

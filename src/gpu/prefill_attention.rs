@@ -1,6 +1,6 @@
 //! Launcher of `kernels/prefill_attention.cu`: a chunk of consecutive query tokens of one
-//! sequence attends to that sequence's paged cache, every class read from its packed blocks
-//! (no 16-bit scratch copy of the history); the chunk's own K/V sit in the sequence's 16-bit
+//! sequence attends to that sequence's paged cache, every class decoded once per call into an
+//! f32 scratch (`TokenMoves::decode`); the chunk's own K/V sit in the sequence's 16-bit
 //! blocks, masked causally (query row `r` sees the first `f16_base + r + 1` 16-bit tokens).
 
 use super::decode_attention::{class_index, DeviceCache, PagedLayout, HEAD_DIM, MAX_GQA};
@@ -12,8 +12,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfi
 
 /// Query rows (tokens × the GQA group) per CTA and threads per CTA (`ROWS`, `NWARPS * 32` in
 /// the kernel).
-const ROWS: usize = 64;
-const THREADS: u32 = 128;
+const ROWS: usize = 128;
+const THREADS: u32 = 256;
 
 /// `#[repr(C)]` mirror of `tkp::ClassTable` (48 bytes).
 #[repr(C)]

@@ -47,6 +47,10 @@ pub struct TokenMoves {
     /// Tokens (per layer) the scratch holds.
     pub tokens: usize,
     layers: usize,
+    /// A decoder's scratch: fp16 bits (`decode`), not the pool moves' f32.
+    k16: CudaSlice<u16>,
+    v16: CudaSlice<u16>,
+    gather16: Option<CudaFunction>,
 }
 
 impl TokenMoves {
@@ -72,10 +76,13 @@ impl TokenMoves {
             v: gpu.zeros(n)?,
             tokens: tokens.max(1),
             layers,
+            k16: gpu.zeros(1)?,
+            v16: gpu.zeros(1)?,
+            gather16: None,
         })
     }
 
-    /// A decoder for one layer's pool (prefill attention: a sequence's tokens to f32); its
+    /// A decoder for one layer's pool (prefill attention: a sequence's tokens to fp16); its
     /// scratch grows to the longest sequence decoded.
     pub fn decoder(gpu: &GpuContext) -> Result<Self, GpuError> {
         Ok(TokenMoves {
@@ -87,11 +94,14 @@ impl TokenMoves {
             v: gpu.zeros(1)?,
             tokens: 0,
             layers: 1,
+            k16: gpu.zeros(1)?,
+            v16: gpu.zeros(1)?,
+            gather16: Some(gpu.function(&PREFILL_ATTENTION, &[], "tkv_gather_tokens_f16")?),
         })
     }
 
     /// Queue the decoding of `items` (slot, class index, token) of the layer pool at
-    /// `pool_offset` in `pool` to f32 `[item][kv_head][128]` keys and values.
+    /// `pool_offset` in `pool` to fp16 `[item][kv_head][128]` keys and values (a decoder's).
     pub fn decode(
         &mut self,
         gpu: &GpuContext,
@@ -99,7 +109,12 @@ impl TokenMoves {
         pool: &CudaSlice<u8>,
         pool_offset: usize,
         items: &[(i32, i32, i32)],
-    ) -> Result<(&CudaSlice<f32>, &CudaSlice<f32>), GpuError> {
+    ) -> Result<(&CudaSlice<u16>, &CudaSlice<u16>), GpuError> {
+        if self.gather16.is_none() {
+            return Err(GpuError::Shape(
+                "decode needs a decoder (TokenMoves::decoder)".into(),
+            ));
+        }
         if pool_offset + layout.pool_bytes() > pool.len() {
             return Err(GpuError::Shape(format!(
                 "a pool of {} bytes at offset {pool_offset} in a buffer of {}",
@@ -109,13 +124,13 @@ impl TokenMoves {
         }
         if items.len() > self.tokens {
             let n = items.len().next_power_of_two() * layout.kv_heads * HEAD_DIM;
-            self.k = gpu.zeros(n)?;
-            self.v = gpu.zeros(n)?;
+            self.k16 = gpu.zeros(n)?;
+            self.v16 = gpu.zeros(n)?;
             self.tokens = items.len().next_power_of_two();
         }
         let ptr = pool.device_ptr(gpu.stream()).0 + pool_offset as u64;
         self.launch(gpu, layout, ptr, items, true)?;
-        Ok((&self.k, &self.v))
+        Ok((&self.k16, &self.v16))
     }
 
     fn check_pool(&self, layout: &PagedLayout, pool: &CudaSlice<u8>) -> Result<(), GpuError> {
@@ -282,9 +297,24 @@ impl TokenMoves {
             slot: d_slot.device_ptr(&stream).0,
             cls: d_cls.device_ptr(&stream).0,
             tok: d_tok.device_ptr(&stream).0,
-            k: self.k.device_ptr(&stream).0,
-            v: self.v.device_ptr(&stream).0,
             ..Default::default()
+        };
+        // A decoder gathers into its fp16 scratch; the pool moves use the f32 one.
+        let f = match (&self.gather16, gather) {
+            (Some(g16), true) => {
+                p.k = self.k16.device_ptr(&stream).0;
+                p.v = self.v16.device_ptr(&stream).0;
+                g16
+            }
+            _ => {
+                p.k = self.k.device_ptr(&stream).0;
+                p.v = self.v.device_ptr(&stream).0;
+                if gather {
+                    &self.gather
+                } else {
+                    &self.store
+                }
+            }
         };
         for c in KvClass::ALL {
             p.ct[class_index(c)] = class_offsets(layout, c);
@@ -298,7 +328,6 @@ impl TokenMoves {
             block_dim: (HEAD_DIM as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let f = if gather { &self.gather } else { &self.store };
         let mut b = stream.launch_builder(f);
         b.arg(&p);
         // SAFETY: slots lie in each layer's pool and token indices in their blocks (checked);
