@@ -1,6 +1,6 @@
 //! Launcher of `kernels/prefill_attention.cu`: a chunk of consecutive query tokens of one
 //! sequence attends to that sequence's paged cache, every class decoded once per call into an
-//! f32 scratch (`TokenMoves::decode`); the chunk's own K/V sit in the sequence's 16-bit
+//! fp16 scratch (`TokenMoves::decode`); the chunk's own K/V sit in the sequence's 16-bit
 //! blocks, masked causally (query row `r` sees the first `f16_base + r + 1` 16-bit tokens).
 
 use super::decode_attention::{class_index, DeviceCache, PagedLayout, HEAD_DIM, MAX_GQA};

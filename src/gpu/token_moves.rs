@@ -36,7 +36,8 @@ const _: () = assert!(std::mem::size_of::<MoveParams>() == 272);
 // SAFETY: plain old data with the exact C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for MoveParams {}
 
-/// Launchers and an f32 scratch of `tokens` tokens × every layer.
+/// Launchers and a scratch of `tokens` tokens × every layer: f32 for the pool's moves, fp16
+/// for a decoder's (prefill attention).
 pub struct TokenMoves {
     gather: CudaFunction,
     store: CudaFunction,
