@@ -215,7 +215,7 @@ pub struct Profile {
     /// Short name, e.g. "triaxial-2.5" or "kivi2".
     pub name: String,
     /// The policy that made it: triaxial, uniform-int4, uniform-int2, kivi2, kivi4,
-    /// role-only, recency-only, modality-only.
+    /// role-only, recency-only, modality-only, layer-only, tag-only.
     pub policy: String,
     pub model: ModelIdentity,
     pub cache: CacheSettings,

@@ -240,7 +240,13 @@ fn every_policy_writes_a_profile_and_no_ablation_beats_triaxial() {
     let (tri, best) = objective("triaxial");
     assert!(tri.budget.achieved_bits <= 4.2 + 1e-9);
     let mut strictly_worse = 0;
-    for ablation in ["role-only", "recency-only", "modality-only", "layer-only"] {
+    for ablation in [
+        "role-only",
+        "recency-only",
+        "modality-only",
+        "layer-only",
+        "tag-only",
+    ] {
         let (p, o) = objective(ablation);
         assert!(p.budget.achieved_bits <= 4.2 + 1e-9, "{ablation}");
         assert!(best <= o + 1e-12 * o, "{ablation}: {o} < triaxial {best}");
@@ -251,9 +257,11 @@ fn every_policy_writes_a_profile_and_no_ablation_beats_triaxial() {
                 let same = match ablation {
                     "role-only" => a.role == b.role,
                     "recency-only" => a.recency == b.recency,
+                    "tag-only" => a.tag() == b.tag(),
                     _ => true,
                 };
-                if a.layer == b.layer && a.kv == b.kv && same {
+                let same_place = ablation == "tag-only" || (a.layer == b.layer && a.kv == b.kv);
+                if same_place && same {
                     assert_eq!(a.bits, b.bits, "{ablation}: {a:?} vs {b:?}");
                 }
             }

@@ -26,6 +26,9 @@ pub enum Policy {
     ModalityOnly,
     /// One bit width per (layer, K|V): no tag axis at all.
     LayerOnly,
+    /// One bit width per tag, shared by every layer and K and V: no layer axis. What the GPU
+    /// block pool serves exactly (a block holds a token's K and V in every layer).
+    TagOnly,
     /// Every token at 4 (2) bits; no sinks, no window.
     UniformInt4,
     UniformInt2,
@@ -35,12 +38,13 @@ pub enum Policy {
 }
 
 impl Policy {
-    pub const ALL: [Policy; 9] = [
+    pub const ALL: [Policy; 10] = [
         Policy::Triaxial,
         Policy::RoleOnly,
         Policy::RecencyOnly,
         Policy::ModalityOnly,
         Policy::LayerOnly,
+        Policy::TagOnly,
         Policy::UniformInt4,
         Policy::UniformInt2,
         Policy::Kivi4,
@@ -54,6 +58,7 @@ impl Policy {
             Policy::RecencyOnly => "recency-only",
             Policy::ModalityOnly => "modality-only",
             Policy::LayerOnly => "layer-only",
+            Policy::TagOnly => "tag-only",
             Policy::UniformInt4 => "uniform-int4",
             Policy::UniformInt2 => "uniform-int2",
             Policy::Kivi4 => "kivi4",
@@ -90,9 +95,13 @@ impl Policy {
             Policy::LayerOnly => (None, None, None),
             _ => (Some(t.role), Some(t.modality), Some(t.recency)),
         };
+        let (layer, kv) = match self {
+            Policy::TagOnly => (0, Kv::K),
+            _ => (k.layer, k.kv),
+        };
         GroupKey {
-            layer: k.layer,
-            kv: k.kv,
+            layer,
+            kv,
             role,
             modality,
             recency,

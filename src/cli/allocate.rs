@@ -23,6 +23,9 @@ enum PolicyArg {
     ModalityOnly,
     /// Solved, with one bit width per (layer, K|V).
     LayerOnly,
+    /// Solved, with one bit width per tag for all layers, K and V alike (what
+    /// `serve --gpu` stores exactly).
+    TagOnly,
     /// Every token at INT4: no sinks, no 16-bit window.
     UniformInt4,
     /// Every token at INT2: no sinks, no 16-bit window.
@@ -41,6 +44,7 @@ impl From<PolicyArg> for Policy {
             PolicyArg::RecencyOnly => Policy::RecencyOnly,
             PolicyArg::ModalityOnly => Policy::ModalityOnly,
             PolicyArg::LayerOnly => Policy::LayerOnly,
+            PolicyArg::TagOnly => Policy::TagOnly,
             PolicyArg::UniformInt4 => Policy::UniformInt4,
             PolicyArg::UniformInt2 => Policy::UniformInt2,
             PolicyArg::Kivi4 => Policy::Kivi4,

@@ -116,6 +116,10 @@ fn cache(name: &str, profile: &std::path::Path) -> Result<BenchCache> {
         "profile" => {
             let p = Profile::read(profile)?;
             let map = ClassMap::from_profile(&p);
+            let fit = map.fit(&p);
+            if !fit.exact() {
+                eprintln!("note: profile {}: {fit}", p.name);
+            }
             let name = format!("profile {}", p.name);
             return Ok(BenchCache { name, map });
         }

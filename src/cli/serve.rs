@@ -156,7 +156,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let (map, label) = match &args.profile {
             Some(path) => {
                 let p = Profile::read(path)?;
-                (ClassMap::from_profile(&p), p.name.clone())
+                let map = ClassMap::from_profile(&p);
+                let fit = map.fit(&p);
+                if !fit.exact() {
+                    eprintln!("warning: profile {}: {fit}", p.name);
+                }
+                (map, p.name.clone())
             }
             None => (ClassMap::uniform(KvClass::F16, 0, 0), "f16".to_string()),
         };

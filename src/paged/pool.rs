@@ -165,9 +165,61 @@ impl ClassMap {
         }
     }
 
+    /// How far `from_profile(p)` is from `p`: its (layer, K|V, tag) entries served at more or
+    /// fewer bits than the profile gives them. Zero for a `tag-only` profile.
+    pub fn fit(&self, p: &crate::profile::Profile) -> ProfileFit {
+        let mut f = ProfileFit {
+            entries: p.assignments.len(),
+            ..Default::default()
+        };
+        for a in &p.assignments {
+            let served = self.classes.get(&a.tag()).copied().unwrap_or(self.default);
+            let served = served.bits() as u8;
+            if served > a.bits {
+                f.raised += 1;
+            } else if served < a.bits {
+                f.lowered += 1;
+            }
+        }
+        f
+    }
+
     /// Whether any token can leave 16 bits.
     pub fn quantizes(&self) -> bool {
         self.default != KvClass::F16 || self.classes.values().any(|&c| c != KvClass::F16)
+    }
+}
+
+/// Entries of a profile a `ClassMap` serves at other bits than the profile's (`ClassMap::fit`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProfileFit {
+    pub entries: usize,
+    pub raised: usize,
+    pub lowered: usize,
+}
+
+impl ProfileFit {
+    pub fn exact(&self) -> bool {
+        self.raised == 0 && self.lowered == 0
+    }
+}
+
+impl std::fmt::Display for ProfileFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.exact() {
+            return write!(
+                f,
+                "all {} entries served at the profile's bits",
+                self.entries
+            );
+        }
+        write!(
+            f,
+            "the GPU pool keeps one class per tag for every layer and K/V alike: {} of {} \
+             (layer, K|V, tag) entries are served at fewer bits than the profile's and {} at \
+             more (a profile made with `allocate --policy tag-only` fits exactly)",
+            self.lowered, self.entries, self.raised
+        )
     }
 }
 
@@ -838,6 +890,34 @@ mod tests {
             KvClass::Int2,
             "two turns later"
         );
+    }
+
+    /// The triaxial profile's per-layer choices do not survive one class per tag (most of its
+    /// INT4 keys are served at INT2) and the fit says so; a tag-only profile fits exactly,
+    /// with the INT4 tags it chose.
+    #[test]
+    fn the_fit_counts_entries_served_at_other_bits() {
+        let read = |name: &str| {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
+            crate::profile::Profile::read(&path).expect("shipped profile")
+        };
+        let tri = read("profiles/triaxial-2.97.json");
+        let fit = ClassMap::from_profile(&tri).fit(&tri);
+        assert_eq!(fit.entries, tri.assignments.len());
+        let int4 = tri.assignments.iter().filter(|a| a.bits == 4).count();
+        assert!(fit.lowered > 0 && fit.lowered <= int4, "{fit:?}");
+        assert!(
+            fit.raised > 0,
+            "current assistant: INT2 layers served at INT4"
+        );
+        assert!(!fit.exact() && fit.to_string().contains("tag-only"));
+
+        let tag_only = read("profiles/tag-only-2.97.json");
+        let map = ClassMap::from_profile(&tag_only);
+        let fit = map.fit(&tag_only);
+        assert!(fit.exact(), "{fit}");
+        assert!(map.classes.values().any(|&c| c == KvClass::Int4));
+        assert!(map.classes.values().any(|&c| c == KvClass::Int2));
     }
 
     #[test]
