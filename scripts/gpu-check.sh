@@ -20,7 +20,8 @@
 # SERVE_ARGS adds arguments, e.g. "--kv-memory 4GiB --duration 60"). SERVE_GPU=1 runs
 # `triaxkv serve --gpu` on MODEL (scripts/gpu/serve_check.py: greedy answers vs the CPU
 # server, then concurrent multi-turn clients; SERVE_GPU_ARGS adds arguments, e.g.
-# "--clients 64 --duration 60"), once 16-bit and once with profiles/triaxial-2.97.json.
+# "--clients 64 --duration 60"), once per entry of SERVE_GPU_PROFILES (default "f16
+# tag-only-2.97": 16-bit, then profiles/tag-only-2.97.json, which the GPU pool stores exactly).
 set -uo pipefail
 
 if [ "${1:-}" = "--pack" ]; then
@@ -146,7 +147,7 @@ fi
 
 if [ "${SERVE_GPU:-0}" = 1 ]; then
   echo "== serve --gpu (real model: greedy vs the CPU server, concurrent clients)"
-  for p in f16 triaxial-2.97; do
+  for p in ${SERVE_GPU_PROFILES:-f16 tag-only-2.97}; do
     prof=()
     [ "$p" = f16 ] || prof=(--profile "$HERE/profiles/$p.json")
     # shellcheck disable=SC2086

@@ -93,6 +93,21 @@ pub struct ServeBenchRow {
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub settle_ms: f64,
+    /// Every ~10 s from the start (warm-up included): what the rates were since the last
+    /// point, to tell the admission burst from the steady state.
+    pub timeline: Vec<TimelinePoint>,
+}
+
+/// One point of `ServeBenchRow::timeline`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TimelinePoint {
+    /// Seconds since the cache's run started.
+    pub t_s: f64,
+    pub resident: usize,
+    /// Over the interval since the previous point.
+    pub decode_tokens_per_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub mean_decode_batch: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -521,6 +536,9 @@ struct Run<'a, E> {
     prefill_tokens: usize,
     /// What the means are over: measured seconds, or iterations when not timed.
     weight: f64,
+    /// Since the last timeline point (warm-up included): generated and prefilled tokens,
+    /// decode rows, iterations.
+    span: [usize; 4],
 }
 
 impl<E: Executor> Run<'_, E> {
@@ -797,8 +815,10 @@ impl<E: Executor> Run<'_, E> {
             if measure {
                 self.prefill_tokens += n;
             }
+            self.span[1] += n;
             let (start, gen) = self.turn(c);
             if fed + n == start {
+                self.span[0] += 1;
                 if measure {
                     self.ttft
                         .push(t1.duration_since(self.clients[c].sent).as_secs_f64() * 1e3);
@@ -815,8 +835,11 @@ impl<E: Executor> Run<'_, E> {
                 }
             }
         }
+        self.span[2] += dec.len();
+        self.span[3] += 1;
         for &(c, _, _) in &dec {
             let (_, gen) = self.turn(c);
+            self.span[0] += 1;
             if measure {
                 self.itl
                     .push(t1.duration_since(self.clients[c].last_token).as_secs_f64() * 1e3);
@@ -980,6 +1003,7 @@ pub fn serve_cache<E: Executor>(
         itl: Vec::new(),
         prefill_tokens: 0,
         weight: 0.0,
+        span: [0; 4],
     };
     run.row.slots = run.layout.slots;
     run.row.kv_bytes = run.layout.slots * slot_bytes;
@@ -1008,15 +1032,28 @@ pub fn serve_cache<E: Executor>(
             measured_from = Some(Instant::now());
         }
         run.iterate(measure)?;
-        if last_report.elapsed().as_secs_f64() >= 10.0 {
+        let since = last_report.elapsed().as_secs_f64();
+        if since >= 10.0 {
             last_report = Instant::now();
+            let [gen, pre, rows, iters] = std::mem::take(&mut run.span);
+            let p = TimelinePoint {
+                t_s: start.elapsed().as_secs_f64(),
+                resident: run.resident(),
+                decode_tokens_per_s: gen as f64 / since,
+                prefill_tokens_per_s: pre as f64 / since,
+                mean_decode_batch: rows as f64 / iters.max(1) as f64,
+            };
+            run.row.timeline.push(p);
             progress(&format!(
-                "{}: {el:.0} s, {} resident, {} free slots of {}, {} tokens generated, {} preemptions",
+                "{}: {el:.0} s, {} resident, {} free slots of {}; last {since:.0} s: {:.0} decode \
+                 tok/s, {:.0} prefill tok/s, decode batch {:.1}; {} preemptions",
                 bc.name,
-                run.resident(),
+                p.resident,
                 run.pool.free(),
                 run.pool.total(),
-                run.row.generated_tokens,
+                p.decode_tokens_per_s,
+                p.prefill_tokens_per_s,
+                p.mean_decode_batch,
                 run.row.preemptions
             ));
         }
