@@ -6,8 +6,9 @@
 // tokens of the 16-bit class in table order. Launched from src/gpu/prefill_attention.rs; CPU
 // reference: tests/gpu.rs (prefill_attention_matches_cpu_reference).
 //
-// Two launches per layer: tkv_gather_tokens_f16 decodes every token of the sequence once (any
-// class, to fp16: quantized classes first, then the 16-bit tokens in table order), then one CTA =
+// Two launches per layer for all the step's sequences: tkv_gather_tokens_f16 decodes every
+// token of each sequence once (any class, to fp16: quantized classes first, then the 16-bit
+// tokens in table order), then tkv_prefill_attention runs every call's CTAs; one CTA =
 // (128 / GQA query tokens, one KV head): 128 rows = the tokens x the GQA group's query heads,
 // 16 per warp (8 warps share each tile load: half the history reads of 64-row CTAs), reading
 // the decoded tokens only up to its last query token. A tile of 64 decoded tokens goes to shared memory as fp16 (keys [token][dim],
@@ -151,8 +152,8 @@ __device__ __forceinline__ unsigned pack_h2(float lo, float hi) {
   return *reinterpret_cast<unsigned*>(&h);
 }
 
-extern "C" __global__ void __launch_bounds__(NWARPS * 32)
-    tkv_prefill_attention(const PrefillParams p) {
+// One CTA of one call: (128 / GQA query tokens from blockIdx.x, KV head blockIdx.y).
+__device__ __forceinline__ void prefill_cta(const PrefillParams& p) {
   // Context tile: keys [token][dim], values transposed [dim][token], fp16, padded rows so the
   // fragment loads hit 32 distinct banks.
   __shared__ __align__(16) __half ks[KT][D + 8];
@@ -203,16 +204,20 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
     {
       const int n = min(KT, n_seen - base);
       __syncthreads();  // the previous tile is consumed
-      for (int i = tid; i < KT * D; i += blockDim.x) {
-        const int t = i / D, d = i % D;
-        __half k = __float2half_rn(0.f), v = k;
+      // 16-byte loads: 8 dims of one token (the scratch rows and the padded tile rows are
+      // 16-byte aligned).
+      for (int i = tid; i < KT * (D / 8); i += blockDim.x) {
+        const int t = i / (D / 8), d8 = (i % (D / 8)) * 8;
+        uint4 kk = make_uint4(0u, 0u, 0u, 0u), vv = kk;
         if (t < n) {
-          const long long at = ((long long)(base + t) * p.kv_heads + kvh) * D + d;
-          k = p.k[at];
-          v = p.v[at];
+          const long long at = ((long long)(base + t) * p.kv_heads + kvh) * D + d8;
+          kk = *reinterpret_cast<const uint4*>(p.k + at);
+          vv = *reinterpret_cast<const uint4*>(p.v + at);
         }
-        ks[t][d] = k;
-        vt[d][t] = v;
+        *reinterpret_cast<uint4*>(&ks[t][d8]) = kk;
+        const __half* vh = reinterpret_cast<const __half*>(&vv);
+#pragma unroll
+        for (int e = 0; e < 8; e++) vt[d8 + e][t] = vh[e];
       }
       __syncthreads();
       // S = Q K^T: 8 n-tiles of 8 tokens.
@@ -301,6 +306,16 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
       *reinterpret_cast<float2*>(out + 8 * j + 2 * t4) = v2;
     }
   }
+}
+
+// Grid (row tiles of the longest call, kv_heads, calls) x NWARPS * 32 threads: the chunks of
+// every sequence of a step in one launch (one call's CTAs alone leave most SMs idle when its
+// chunk is short); CTAs past their call's rows return at once.
+extern "C" __global__ void __launch_bounds__(NWARPS * 32)
+    tkv_prefill_attention(const PrefillParams* __restrict__ calls) {
+  const PrefillParams p = calls[blockIdx.z];
+  if ((int)blockIdx.x * (ROWS / p.gqa) >= p.rows) return;
+  prefill_cta(p);
 }
 
 // ---- Token moves of the serving runtime's block pool (src/gpu/token_moves.rs) --------------

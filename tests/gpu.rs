@@ -1253,6 +1253,51 @@ fn prefill_attention_matches_cpu_reference() {
         if e >= TOL {
             failures.push(format!("{toks:?} rows {rows}: {e:.2e}"));
         }
+        // Both sequences' chunks prepared as one step (one decode, one attention launch, the
+        // calls' rows side by side): each call's rows equal its launch alone, bit for bit.
+        let rows0 = 5;
+        let q0: Vec<f32> = (0..rows0 * qh * HEAD_DIM)
+            .map(|_| half::f16::from_f32(rng.random_range(-2.0..2.0)).to_f32())
+            .collect();
+        let call0 = PrefillCall {
+            seq: 0,
+            f16_base: other[0] - rows0,
+            row0: 0,
+            rows: rows0,
+            sm_scale,
+        };
+        let both_q: Vec<f32> = q.iter().chain(&q0).copied().collect();
+        let dq_both = gpu
+            .upload(&triaxkv::gpu::decode_attention::to_f16_bits(&both_q))
+            .unwrap();
+        let out_both = gpu.upload(&vec![f32::NAN; both_q.len()]).unwrap();
+        let calls = [
+            call,
+            PrefillCall {
+                row0: rows,
+                ..call0
+            },
+        ];
+        let prep = kernel
+            .prepare(&gpu, &cache.layout, &calls, &dq_both, &out_both)
+            .unwrap();
+        kernel.launch_prepared(&gpu, &cache, 0, &prep).unwrap();
+        let dq0 = gpu
+            .upload(&triaxkv::gpu::decode_attention::to_f16_bits(&q0))
+            .unwrap();
+        let mut out0 = gpu.upload(&vec![f32::NAN; q0.len()]).unwrap();
+        kernel
+            .launch(&gpu, &cache, 0, call0, &dq0, &mut out0)
+            .unwrap();
+        gpu.synchronize().unwrap();
+        let both = gpu.download(&out_both).unwrap();
+        let alone0 = gpu.download(&out0).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        if bits(&both[..got.len()]) != bits(&got) || bits(&both[got.len()..]) != bits(&alone0) {
+            failures.push(format!(
+                "{toks:?} rows {rows}: batched calls differ from alone"
+            ));
+        }
         // A chunk longer than the sequence's 16-bit tokens is refused.
         let too_many = PrefillCall {
             seq,

@@ -20,7 +20,7 @@ pub const MAX_GQA: usize = 8;
 /// Value group sizes with a compiled entry point.
 pub const V_GROUPS: [usize; 3] = [32, 64, 128];
 const NWARPS: u32 = 4;
-const NUM_CLASSES: usize = 4;
+pub(super) const NUM_CLASSES: usize = 4;
 
 /// Index of a class in the kernel's order (`CLASS_F16, CLASS_INT4, CLASS_INT2, CLASS_FP8`).
 pub fn class_index(c: KvClass) -> usize {

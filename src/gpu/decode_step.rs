@@ -17,7 +17,7 @@ use super::gemm::Gemm;
 use super::layer_ops::{Bf16, LayerOps};
 use super::membench::{fill_random, median, EventTimer, L2Flush};
 use super::nvrtc::KernelSource;
-use super::prefill_attention::{PrefillAttention, PrefillCall};
+use super::prefill_attention::{PrefillAttention, PrefillCall, PreparedPrefill};
 use super::sampling::GpuSampler;
 use super::{DriverResult, GpuError};
 use crate::model::config::{ModelConfig, RopeScaling};
@@ -733,6 +733,7 @@ impl DecodeStep {
         let qkv_row = s.qkv_dim() as i32;
         let head_dim32 = s.head_dim as i32;
         let null_norm: u64 = 0;
+        let mut prepared: Option<PreparedPrefill> = None;
         for (li, lw) in w.layers.iter().enumerate() {
             self.ops
                 .rmsnorm(gpu, &self.x, &lw.attn_norm, &mut self.h, b, s.rms_eps)?;
@@ -810,9 +811,22 @@ impl DecodeStep {
                         let Some((kernel, out)) = &mut self.prefill else {
                             return Err(GpuError::Shape("prefill kernel not loaded".into()));
                         };
-                        for call in calls.iter_mut() {
-                            call.sm_scale = sm_scale;
-                            kernel.launch(gpu, cache, pool_offset, *call, &self.q16, out)?;
+                        // The token lists are the same in every layer of a stacked or shared
+                        // cache: built and uploaded once per step (an upload from pageable
+                        // memory waits for the stream).
+                        let fresh = match &prepared {
+                            Some(p) => p.tables_differ(&cache.layout),
+                            None => true,
+                        };
+                        if fresh {
+                            for call in calls.iter_mut() {
+                                call.sm_scale = sm_scale;
+                            }
+                            prepared =
+                                Some(kernel.prepare(gpu, &cache.layout, calls, &self.q16, out)?);
+                        }
+                        if let Some(prep) = &prepared {
+                            kernel.launch_prepared(gpu, cache, pool_offset, prep)?;
                         }
                     }
                 }

@@ -3,12 +3,16 @@
 //! fp16 scratch (`TokenMoves::decode`); the chunk's own K/V sit in the sequence's 16-bit
 //! blocks, masked causally (query row `r` sees the first `f16_base + r + 1` 16-bit tokens).
 
-use super::decode_attention::{class_index, DeviceCache, PagedLayout, HEAD_DIM, MAX_GQA};
+use super::decode_attention::{
+    class_index, BlockRef, DeviceCache, PagedLayout, HEAD_DIM, MAX_GQA, NUM_CLASSES,
+};
 use super::nvrtc::PREFILL_ATTENTION;
-use super::token_moves::TokenMoves;
+use super::token_moves::{DeviceItems, TokenMoves};
 use super::{DriverResult, GpuContext, GpuError};
 use crate::quant::KvClass;
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 
 /// Query rows (tokens × the GQA group) per CTA and threads per CTA (`ROWS`, `NWARPS * 32` in
 /// the kernel).
@@ -54,8 +58,10 @@ struct PrefillParams {
 const _: () = assert!(std::mem::size_of::<ClassTable>() == 48);
 const _: () = assert!(std::mem::size_of::<PrefillParams>() == 72);
 
-// SAFETY: plain old data with the exact C layout of the kernel's parameter struct.
+// SAFETY: plain old data with the exact C layout of the kernel's parameter struct; all zeros
+// is a valid value (null pointers, zero counts).
 unsafe impl DeviceRepr for PrefillParams {}
+unsafe impl ValidAsZeroBits for PrefillParams {}
 
 /// A class's block capacity and byte offsets inside a slab (no table).
 pub(super) fn class_offsets(l: &PagedLayout, c: KvClass) -> ClassTable {
@@ -109,7 +115,22 @@ impl PrefillAttention {
         q: &CudaSlice<u16>,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        let l = &cache.layout;
+        let prep = self.prepare(gpu, &cache.layout, &[call], q, out)?;
+        self.launch_prepared(gpu, cache, pool_offset, &prep)
+    }
+
+    /// Check `calls` against `layout` and the buffers `q` (fp16 bits `[rows][q_heads][128]`)
+    /// and `out` (f32, same shape), and upload each call's token list (its sequence's tokens,
+    /// quantized classes first, then 16-bit in table order) and launch parameters once, for
+    /// every layer whose cache has these tables (`launch_prepared`).
+    pub fn prepare(
+        &mut self,
+        gpu: &GpuContext,
+        l: &PagedLayout,
+        calls: &[PrefillCall],
+        q: &CudaSlice<u16>,
+        out: &CudaSlice<f32>,
+    ) -> Result<PreparedPrefill, GpuError> {
         let bad = |m: String| Err(GpuError::Shape(m));
         if l.head_dim() != HEAD_DIM || l.gqa() > MAX_GQA {
             return bad(format!(
@@ -118,22 +139,132 @@ impl PrefillAttention {
                 l.gqa()
             ));
         }
-        if call.seq >= l.seqs || call.rows == 0 {
-            return bad(format!(
-                "sequence {} of {}, {} rows",
-                call.seq, l.seqs, call.rows
-            ));
-        }
         let row_len = l.q_heads * HEAD_DIM;
-        let need = (call.row0 + call.rows) * row_len;
-        if q.len() < need || out.len() < need {
-            return bad(format!(
-                "q {} / out {} values for {} rows × {} heads × {HEAD_DIM}",
-                q.len(),
-                out.len(),
-                call.rows,
-                l.q_heads
-            ));
+        let mut items: Vec<(i32, i32, i32)> = Vec::new();
+        // Per call: its items and how many of them are quantized.
+        let mut spans = Vec::with_capacity(calls.len());
+        for &call in calls {
+            if call.seq >= l.seqs || call.rows == 0 {
+                return bad(format!(
+                    "sequence {} of {}, {} rows",
+                    call.seq, l.seqs, call.rows
+                ));
+            }
+            let need = (call.row0 + call.rows) * row_len;
+            if q.len() < need || out.len() < need {
+                return bad(format!(
+                    "q {} / out {} values for rows {}..{} × {} heads × {HEAD_DIM}",
+                    q.len(),
+                    out.len(),
+                    call.row0,
+                    call.row0 + call.rows,
+                    l.q_heads
+                ));
+            }
+            let f16_seq_tokens: usize = l
+                .table(KvClass::F16)
+                .iter()
+                .filter(|b| b.seq == call.seq)
+                .map(|b| b.tokens)
+                .sum();
+            if f16_seq_tokens < call.f16_base + call.rows {
+                return bad(format!(
+                    "the 16-bit blocks of sequence {} hold fewer than the {} + {} tokens the \
+                     chunk needs (append the chunk first)",
+                    call.seq, call.f16_base, call.rows
+                ));
+            }
+            let first = items.len();
+            for c in [KvClass::Int4, KvClass::Int2, KvClass::Fp8, KvClass::F16] {
+                for b in l.table(c).iter().filter(|b| b.seq == call.seq) {
+                    for t in 0..b.tokens {
+                        items.push((b.slot as i32, class_index(c) as i32, t as i32));
+                    }
+                }
+            }
+            let n = items.len() - first;
+            spans.push((first..items.len(), n - f16_seq_tokens));
+        }
+        // Calls in groups whose decoded tokens share one scratch (a call longer than the cap
+        // alone), so the scratch stays bounded whatever the step holds.
+        let cap = (SCRATCH_BYTES / (l.kv_heads * HEAD_DIM * 4)).max(1);
+        let mut bounds: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut start = 0;
+        for i in 0..calls.len() {
+            let group_items = spans[i].0.end - spans[start].0.start;
+            if i > start && group_items > cap {
+                bounds.push(start..i);
+                start = i;
+            }
+        }
+        if start < calls.len() {
+            bounds.push(start..calls.len());
+        }
+        let largest = bounds
+            .iter()
+            .map(|b| spans[b.end - 1].0.end - spans[b.start].0.start)
+            .max()
+            .unwrap_or(0);
+        self.moves.reserve_f16(gpu, l, largest)?;
+        let (k, v) = self.moves.f16_scratch();
+        let stream = gpu.stream();
+        let (k, v) = (k.device_ptr(stream).0, v.device_ptr(stream).0);
+        let (q_ptr, out_ptr) = (q.device_ptr(stream).0, out.device_ptr(stream).0);
+        let mut groups = Vec::with_capacity(bounds.len());
+        for b in bounds {
+            let first = spans[b.start].0.start;
+            let mut params = Vec::with_capacity(b.len());
+            let mut tiles = 0;
+            for i in b.clone() {
+                let (call, (range, n_quant)) = (calls[i], &spans[i]);
+                // The call's decoded tokens start `range.start - first` tokens into the scratch.
+                let at = ((range.start - first) * l.kv_heads * HEAD_DIM * 2) as u64;
+                params.push(PrefillParams {
+                    k: k + at,
+                    v: v + at,
+                    n: range.len() as i32,
+                    n_quant: *n_quant as i32,
+                    kv_heads: l.kv_heads as i32,
+                    q_heads: l.q_heads as i32,
+                    gqa: l.gqa() as i32,
+                    rows: call.rows as i32,
+                    f16_base: call.f16_base as i32,
+                    q: q_ptr + (call.row0 * row_len * 2) as u64,
+                    out: out_ptr + (call.row0 * row_len * 4) as u64,
+                    scale_log2: call.sm_scale * std::f32::consts::LOG2_E,
+                    ..Default::default()
+                });
+                tiles = tiles.max(call.rows.div_ceil(ROWS / l.gqa()));
+            }
+            groups.push(PreparedGroup {
+                items: first..spans[b.end - 1].0.end,
+                params: gpu.upload(&params)?,
+                calls: b.len(),
+                tiles,
+            });
+        }
+        Ok(PreparedPrefill {
+            items: TokenMoves::upload_items(gpu, l, &items, true)?,
+            groups,
+            tables: l.tables.clone(),
+            scratch: k,
+        })
+    }
+
+    /// Queue every call of `prep` on `gpu.stream()` for the layer whose pool is `cache.pool`
+    /// from byte `pool_offset` on (its tables must be those `prep` was made from): per group
+    /// of calls, one decode of their tokens and one attention launch.
+    pub fn launch_prepared(
+        &mut self,
+        gpu: &GpuContext,
+        cache: &DeviceCache,
+        pool_offset: usize,
+        prep: &PreparedPrefill,
+    ) -> Result<(), GpuError> {
+        let l = &cache.layout;
+        let bad = |m: String| Err(GpuError::Shape(m));
+        if prep.tables_differ(l) {
+            return bad("a prefill prepared for other block tables".into());
         }
         if pool_offset % 16 != 0 || pool_offset + l.pool_bytes() > cache.pool.len() {
             return bad(format!(
@@ -142,62 +273,60 @@ impl PrefillAttention {
                 cache.pool.len()
             ));
         }
-        let f16 = l.table(KvClass::F16);
-        let f16_seq_tokens: usize = f16
-            .iter()
-            .filter(|b| b.seq == call.seq)
-            .map(|b| b.tokens)
-            .sum();
-        if f16_seq_tokens < call.f16_base + call.rows {
-            return bad(format!(
-                "the 16-bit blocks of sequence {} hold fewer than the {} + {} tokens the chunk \
-                 needs (append the chunk first)",
-                call.seq, call.f16_base, call.rows
-            ));
-        }
-        // The sequence's tokens, quantized classes first, then 16-bit in table order.
-        let mut items: Vec<(i32, i32, i32)> = Vec::new();
-        for c in [KvClass::Int4, KvClass::Int2, KvClass::Fp8, KvClass::F16] {
-            for b in l.table(c).iter().filter(|b| b.seq == call.seq) {
-                for t in 0..b.tokens {
-                    items.push((b.slot as i32, class_index(c) as i32, t as i32));
-                }
+        for g in &prep.groups {
+            let (k, _) = self.moves.decode_items(
+                gpu,
+                l,
+                &cache.pool,
+                pool_offset,
+                &prep.items,
+                g.items.clone(),
+            )?;
+            if k.device_ptr(gpu.stream()).0 != prep.scratch {
+                return bad("the prefill scratch moved after prepare".into());
             }
+            let cfg = LaunchConfig {
+                grid_dim: (g.tiles as u32, l.kv_heads as u32, g.calls as u32),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = gpu.stream().launch_builder(&self.f);
+            b.arg(&g.params);
+            // SAFETY: each call's q and out rows lie in the buffers (checked by prepare), its k
+            // and v point at its `n` decoded tokens of every KV head in the scratch (decoded
+            // just above, the scratch unmoved since prepare); the kernel writes
+            // `rows × q_heads × 128` outputs per call.
+            unsafe { b.launch(cfg) }.during("launching tkv_prefill_attention")?;
         }
-        let n_quant = items.len() - f16_seq_tokens;
-        let (k, v) = self
-            .moves
-            .decode(gpu, l, &cache.pool, pool_offset, &items)?;
-        let stream = gpu.stream();
-        let p = PrefillParams {
-            k: k.device_ptr(stream).0,
-            v: v.device_ptr(stream).0,
-            n: items.len() as i32,
-            n_quant: n_quant as i32,
-            kv_heads: l.kv_heads as i32,
-            q_heads: l.q_heads as i32,
-            gqa: l.gqa() as i32,
-            rows: call.rows as i32,
-            f16_base: call.f16_base as i32,
-            q: q.device_ptr(stream).0 + (call.row0 * row_len * 2) as u64,
-            out: out.device_ptr(stream).0 + (call.row0 * row_len * 4) as u64,
-            scale_log2: call.sm_scale * std::f32::consts::LOG2_E,
-            ..Default::default()
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (
-                call.rows.div_ceil(ROWS / l.gqa()) as u32,
-                l.kv_heads as u32,
-                1,
-            ),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = stream.launch_builder(&self.f);
-        b.arg(&p);
-        // SAFETY: q and out hold `rows` rows (checked above), k and v the `n` decoded tokens of
-        // every KV head; the kernel writes `rows × q_heads × 128` outputs.
-        unsafe { b.launch(cfg) }.during("launching tkv_prefill_attention")?;
         Ok(())
     }
+}
+
+/// Bytes of decoded fp16 keys and values one attention launch reads at most (calls beyond it
+/// go to the next launch).
+const SCRATCH_BYTES: usize = 1 << 30;
+
+/// Calls sharing one decode and one attention launch.
+struct PreparedGroup {
+    items: std::ops::Range<usize>,
+    params: CudaSlice<PrefillParams>,
+    calls: usize,
+    tiles: usize,
+}
+
+impl PreparedPrefill {
+    /// Whether `l` has other block tables than the layout this was prepared for.
+    pub fn tables_differ(&self, l: &PagedLayout) -> bool {
+        l.tables != self.tables
+    }
+}
+
+/// Prefill calls checked and their token lists and launch parameters uploaded once
+/// (`PrefillAttention::prepare`), for every layer of a step.
+pub struct PreparedPrefill {
+    items: DeviceItems,
+    groups: Vec<PreparedGroup>,
+    tables: [Vec<BlockRef>; NUM_CLASSES],
+    /// The decoder scratch the parameters point into.
+    scratch: u64,
 }

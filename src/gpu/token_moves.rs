@@ -101,15 +101,47 @@ impl TokenMoves {
         })
     }
 
-    /// Queue the decoding of `items` (slot, class index, token) of the layer pool at
-    /// `pool_offset` in `pool` to fp16 `[item][kv_head][128]` keys and values (a decoder's).
-    pub fn decode(
+    /// Check `items` (slot, class index, token) against `layout` and upload them once: a
+    /// decoder then decodes any range of them in any layer with the same tables
+    /// (`decode_items`), and the pool moves gather or store them.
+    pub fn upload_items(
+        gpu: &GpuContext,
+        layout: &PagedLayout,
+        items: &[(i32, i32, i32)],
+        gather: bool,
+    ) -> Result<DeviceItems, GpuError> {
+        let slots: Vec<i32> = items.iter().map(|x| x.0).collect();
+        Self::check_slots(layout, &slots)?;
+        for &(_, c, t) in items {
+            let cap = layout.geoms.get(c as usize).map_or(0, |g| g.tokens);
+            let cap = if gather { cap } else { F16_TOKENS };
+            if t < 0 || t as usize >= cap {
+                return Err(GpuError::Shape(format!(
+                    "token {t} of a block of {cap} (class {c})"
+                )));
+            }
+        }
+        // One buffer, one copy: [slot; n] [class; n] [token; n].
+        let mut flat = slots;
+        flat.extend(items.iter().map(|x| x.1));
+        flat.extend(items.iter().map(|x| x.2));
+        Ok(DeviceItems {
+            buf: gpu.upload(&flat)?,
+            n: items.len(),
+        })
+    }
+
+    /// Queue the decoding of `items[range]` (uploaded by `upload_items` for this layout's
+    /// tables) of the layer pool at `pool_offset` in `pool` to fp16 `[item][kv_head][128]`
+    /// keys and values (a decoder's).
+    pub fn decode_items(
         &mut self,
         gpu: &GpuContext,
         layout: &PagedLayout,
         pool: &CudaSlice<u8>,
         pool_offset: usize,
-        items: &[(i32, i32, i32)],
+        items: &DeviceItems,
+        range: std::ops::Range<usize>,
     ) -> Result<(&CudaSlice<u16>, &CudaSlice<u16>), GpuError> {
         if self.gather16.is_none() {
             return Err(GpuError::Shape(
@@ -123,15 +155,31 @@ impl TokenMoves {
                 pool.len()
             )));
         }
-        if items.len() > self.tokens {
-            let n = items.len().next_power_of_two() * layout.kv_heads * HEAD_DIM;
-            self.k16 = gpu.zeros(n)?;
-            self.v16 = gpu.zeros(n)?;
-            self.tokens = items.len().next_power_of_two();
-        }
+        self.reserve_f16(gpu, layout, range.len())?;
         let ptr = pool.device_ptr(gpu.stream()).0 + pool_offset as u64;
-        self.launch(gpu, layout, ptr, items, true)?;
+        self.launch_items(gpu, layout, ptr, items, range, true)?;
         Ok((&self.k16, &self.v16))
+    }
+
+    /// Grow a decoder's fp16 scratch to hold `n` tokens (a power of two of them).
+    pub fn reserve_f16(
+        &mut self,
+        gpu: &GpuContext,
+        layout: &PagedLayout,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        if n > self.tokens {
+            let len = n.next_power_of_two() * layout.kv_heads * HEAD_DIM;
+            self.k16 = gpu.zeros(len)?;
+            self.v16 = gpu.zeros(len)?;
+            self.tokens = n.next_power_of_two();
+        }
+        Ok(())
+    }
+
+    /// A decoder's fp16 scratch: keys and values `[token][kv_head][128]`.
+    pub fn f16_scratch(&self) -> (&CudaSlice<u16>, &CudaSlice<u16>) {
+        (&self.k16, &self.v16)
     }
 
     fn check_pool(&self, layout: &PagedLayout, pool: &CudaSlice<u8>) -> Result<(), GpuError> {
@@ -266,38 +314,42 @@ impl TokenMoves {
         if items.is_empty() {
             return Ok(());
         }
-        if items.len() > self.tokens {
+        let d = Self::upload_items(gpu, layout, items, gather)?;
+        self.launch_items(gpu, layout, pool, &d, 0..items.len(), gather)
+    }
+
+    /// `launch` of `items[range]`, already checked and uploaded.
+    fn launch_items(
+        &self,
+        gpu: &GpuContext,
+        layout: &PagedLayout,
+        pool: u64,
+        items: &DeviceItems,
+        range: std::ops::Range<usize>,
+        gather: bool,
+    ) -> Result<(), GpuError> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        if range.end > items.n || range.len() > self.tokens {
             return Err(GpuError::Shape(format!(
-                "{} tokens for a scratch of {}",
-                items.len(),
-                self.tokens
+                "items {range:?} of {} for a scratch of {} tokens",
+                items.n, self.tokens
             )));
         }
-        let slots: Vec<i32> = items.iter().map(|x| x.0).collect();
-        Self::check_slots(layout, &slots)?;
-        for &(_, c, t) in items {
-            let cap = layout.geoms.get(c as usize).map_or(0, |g| g.tokens);
-            let cap = if gather { cap } else { F16_TOKENS };
-            if t < 0 || t as usize >= cap {
-                return Err(GpuError::Shape(format!(
-                    "token {t} of a block of {cap} (class {c})"
-                )));
-            }
-        }
-        let cls: Vec<i32> = items.iter().map(|x| x.1).collect();
-        let tok: Vec<i32> = items.iter().map(|x| x.2).collect();
-        let (d_slot, d_cls, d_tok) = (gpu.upload(&slots)?, gpu.upload(&cls)?, gpu.upload(&tok)?);
         let stream = gpu.stream().clone();
+        let base = items.buf.device_ptr(&stream).0;
+        let at = |array: usize| base + ((array * items.n + range.start) * 4) as u64;
         let mut p = MoveParams {
             pool,
             slab_bytes: layout.slab_bytes as i64,
             layer_slots: layout.slots as i64,
             kv_heads: layout.kv_heads as i32,
-            n: items.len() as i32,
+            n: range.len() as i32,
             v_group: layout.v_group() as i32,
-            slot: d_slot.device_ptr(&stream).0,
-            cls: d_cls.device_ptr(&stream).0,
-            tok: d_tok.device_ptr(&stream).0,
+            slot: at(0),
+            cls: at(1),
+            tok: at(2),
             ..Default::default()
         };
         // A decoder gathers into its fp16 scratch; the pool moves use the f32 one.
@@ -322,7 +374,7 @@ impl TokenMoves {
         }
         let cfg = LaunchConfig {
             grid_dim: (
-                items.len() as u32,
+                range.len() as u32,
                 layout.kv_heads as u32,
                 self.layers as u32,
             ),
@@ -331,9 +383,17 @@ impl TokenMoves {
         };
         let mut b = stream.launch_builder(f);
         b.arg(&p);
-        // SAFETY: slots lie in each layer's pool and token indices in their blocks (checked);
-        // the scratch holds `items.len()` tokens of every layer and KV head.
+        // SAFETY: slots lie in each layer's pool and token indices in their blocks (checked
+        // by `upload_items`); the scratch holds `range.len()` tokens of every layer and KV
+        // head; the item buffer outlives the launch on this stream (dropped after it, and
+        // device frees are stream-ordered).
         unsafe { b.launch(cfg) }.during("launching a token move")?;
         Ok(())
     }
+}
+
+/// Token items (slot, class, token) on the device (`TokenMoves::upload_items`).
+pub struct DeviceItems {
+    buf: CudaSlice<i32>,
+    n: usize,
 }
