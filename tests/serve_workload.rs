@@ -164,3 +164,54 @@ fn host_check_serves_recorded_sessions() {
     let bits = rows[1]["effective_bits"].as_f64().unwrap();
     assert!(bits > 2.0 && bits < 4.0, "{bits}");
 }
+
+/// `bench serve-plot` draws every cache's timeline of several `--json` files (one polyline
+/// and legend entry per cache) and refuses files without a timeline, naming the file.
+#[test]
+fn serve_plot_draws_each_cache_and_names_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let row = |cache: &str, rates: &[f64]| {
+        let timeline: Vec<serde_json::Value> = rates
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                serde_json::json!({"t_s": 10.0 * (i + 1) as f64, "resident": 3 + i,
+                    "decode_tokens_per_s": r, "prefill_tokens_per_s": 100.0,
+                    "mean_decode_batch": 2.0})
+            })
+            .collect();
+        let mut v =
+            serde_json::to_value(triaxkv::gpu::serve_bench::ServeBenchRow::default()).unwrap();
+        v["cache"] = cache.into();
+        v["timeline"] = timeline.into();
+        v
+    };
+    let write = |name: &str, rows: Vec<serde_json::Value>| {
+        let p = dir.path().join(name);
+        let j = serde_json::json!({"setup": "test run", "rows": rows});
+        std::fs::write(&p, j.to_string()).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let a = write("a.json", vec![row("bf16", &[100.0, 200.0, 300.0])]);
+    let b = write("b.json", vec![row("profile x", &[150.0, 900.0])]);
+    let out = dir.path().join("plots");
+    let o = triaxkv(&["bench", "serve-plot", &a, &b, "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let svg = std::fs::read_to_string(out.join("timeline-decode.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    assert!(svg.contains(">bf16<") && svg.contains(">profile x<"));
+    for f in [
+        "timeline-decode.png",
+        "timeline-sessions.svg",
+        "timeline-sessions.png",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let empty = write("empty.json", vec![row("fp8", &[])]);
+    let o = triaxkv(&["bench", "serve-plot", &empty, "-o", out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("empty.json") && err.contains("fp8"),
+        "{err}"
+    );
+}

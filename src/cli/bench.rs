@@ -31,6 +31,9 @@ pub enum BenchCommand {
     /// Concurrent multi-turn agent sessions served on the GPU from a fixed KV memory, per
     /// cache: sessions held, decode tokens/s, time to first token, inter-token latency.
     Serve(super::bench_serve::ServeArgs),
+    /// Plots of `bench serve --json` timelines (several runs together): decode tokens/s and
+    /// resident sessions over time per cache.
+    ServePlot(super::bench_serve::PlotArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,6 +65,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::DecodeStep(args) => super::bench_decode_step::run(args),
         BenchCommand::ServeWorkload(args) => super::bench_serve::workload(args),
         BenchCommand::Serve(args) => super::bench_serve::run(args),
+        BenchCommand::ServePlot(args) => super::bench_serve::plot(args),
     }
 }
 

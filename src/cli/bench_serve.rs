@@ -1,12 +1,14 @@
 //! `triaxkv bench serve-workload`: render agent traces into a serving workload (here, with
 //! the tokenizer). `triaxkv bench serve`: replay it as concurrent multi-turn sessions on the
-//! GPU from a fixed KV memory, one row per cache (`gpu::serve_bench`).
+//! GPU from a fixed KV memory, one row per cache (`gpu::serve_bench`). `triaxkv bench
+//! serve-plot`: the timelines of such runs as plots.
 
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use triaxkv::eval::plot::{self, Line, Scatter};
 use triaxkv::gpu::decode_step::ModelShape;
-use triaxkv::gpu::serve_bench::{self, BenchCache, ServeBenchConfig, ServeBenchRow};
+use triaxkv::gpu::serve_bench::{self, BenchCache, ServeBenchConfig, ServeBenchRow, TimelinePoint};
 use triaxkv::gpu::GpuContext;
 use triaxkv::paged::pool::ClassMap;
 use triaxkv::paged::workload::Workload;
@@ -102,6 +104,10 @@ pub struct ServeArgs {
     host_check: Option<usize>,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Folder for plots of each cache's timeline (decode tokens/s and resident sessions over
+    /// time, warm-up included): timeline-decode.svg/.png, timeline-sessions.svg/.png.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     #[arg(long)]
     markdown: Option<PathBuf>,
 }
@@ -313,8 +319,111 @@ fn report(rows: &[ServeBenchRow], head: &str, args: &ServeArgs, timed: bool) -> 
         triaxkv::util::write_atomic(p, |w| w.write_all(md.as_bytes()))
             .with_context(|| format!("writing {}", p.display()))?;
     }
+    if let Some(dir) = &args.plot {
+        if rows.iter().any(|r| !r.timeline.is_empty()) {
+            write_plots(rows, head, dir)?;
+        } else {
+            eprintln!("note: no timeline points (runs shorter than 10 s): no plots");
+        }
+    }
     if rows.iter().any(|r| r.leaked_slots > 0) {
         bail!("blocks leaked: the pool was not whole after every session ended");
     }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// `bench serve --json` files: every cache's timeline in one plot.
+    #[arg(required = true, num_args = 1..)]
+    json: Vec<PathBuf>,
+    /// Folder for timeline-decode.svg/.png and timeline-sessions.svg/.png.
+    #[arg(short = 'o', long = "out")]
+    out: PathBuf,
+}
+
+#[derive(serde::Deserialize)]
+struct BenchFile {
+    setup: String,
+    rows: Vec<ServeBenchRow>,
+}
+
+/// `bench serve-plot`: the timelines of several `bench serve` runs (e.g. caches run in
+/// separate calls) drawn together.
+pub fn plot(args: PlotArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut setup = String::new();
+    for path in &args.json {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let f: BenchFile = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a `bench serve --json` file", path.display()))?;
+        if let Some(r) = f.rows.iter().find(|r| r.timeline.is_empty()) {
+            bail!(
+                "{}: cache {:?} has no timeline (bench serve from before the timeline, or a \
+                 run shorter than 10 s)",
+                path.display(),
+                r.cache
+            );
+        }
+        if setup.is_empty() {
+            setup = f.setup;
+        }
+        rows.extend(f.rows);
+    }
+    write_plots(&rows, &setup, &args.out)?;
+    eprintln!(
+        "wrote timeline-decode.svg/.png and timeline-sessions.svg/.png into {}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Decode tokens/s and resident sessions over time, one line per cache.
+fn timeline_plots(rows: &[ServeBenchRow]) -> [Scatter; 2] {
+    let lines = |f: fn(&TimelinePoint) -> f64| -> Vec<Line> {
+        rows.iter()
+            .map(|r| Line {
+                label: r.cache.clone(),
+                points: r.timeline.iter().map(|p| (p.t_s, f(p))).collect(),
+            })
+            .collect()
+    };
+    let plot = |title: &str, y: &str, lines: Vec<Line>| Scatter {
+        title: title.into(),
+        x_label: "seconds since the cache's run started (warm-up included)".into(),
+        y_label: y.into(),
+        log_x: false,
+        log_y: false,
+        points: Vec::new(),
+        lines,
+    };
+    [
+        plot(
+            "bench serve: decode tokens/s over the last ~10 s",
+            "decode tokens/s",
+            lines(|p| p.decode_tokens_per_s),
+        ),
+        plot(
+            "bench serve: sessions with their cache resident",
+            "resident sessions",
+            lines(|p| p.resident as f64),
+        ),
+    ]
+}
+
+fn write_plots(rows: &[ServeBenchRow], setup: &str, dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let [decode, sessions] = timeline_plots(rows);
+    for (s, name) in [(decode, "timeline-decode"), (sessions, "timeline-sessions")] {
+        let (svg, png) = (
+            dir.join(format!("{name}.svg")),
+            dir.join(format!("{name}.png")),
+        );
+        plot::write(&s, &svg, &png).with_context(|| format!("writing {}", svg.display()))?;
+    }
+    let note = dir.join("timeline.txt");
+    triaxkv::util::write_atomic(&note, |w| writeln!(w, "{setup}"))
+        .with_context(|| format!("writing {}", note.display()))?;
     Ok(())
 }

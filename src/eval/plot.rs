@@ -1,5 +1,6 @@
-//! Labelled scatter plots (the Pareto plot of `eval`, the proxy check's scatter): an SVG with
-//! axes, ticks and point labels, and a PNG of the same plot (text in an 8×8 bitmap font: no
+//! Labelled scatter plots (the Pareto plot of `eval`, the proxy check's scatter) and line
+//! series (`bench serve`'s timeline): an SVG with axes, ticks, point labels and a legend of the
+//! lines, and a PNG of the same plot (text in an 8×8 bitmap font: no
 //! font library, DESIGN §8b), encoded by the heatmaps' PNG writer.
 
 use crate::calibrate::plot::encode_png;
@@ -23,6 +24,28 @@ pub struct Scatter {
     pub log_x: bool,
     pub log_y: bool,
     pub points: Vec<Point>,
+    /// Polylines, each in its own colour with its label in the legend.
+    pub lines: Vec<Line>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Line colours (SVG and PNG), in series order.
+const PALETTE: [[u8; 3]; 6] = [
+    [59, 82, 139],
+    [214, 96, 77],
+    [33, 145, 140],
+    [153, 112, 171],
+    [230, 171, 2],
+    [102, 102, 102],
+];
+
+fn hex(c: [u8; 3]) -> String {
+    format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
 }
 
 const W: usize = 720;
@@ -136,35 +159,64 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// Plot positions of the points that can be drawn (positive values on log axes).
-fn placed(s: &Scatter) -> (Axis, Axis, Vec<(f64, f64, &str)>) {
+/// Plot positions of the points and line vertices that can be drawn (positive values on log
+/// axes).
+type Placed<'a> = (
+    Axis,
+    Axis,
+    Vec<(f64, f64, &'a str)>,
+    Vec<(&'a str, Vec<(f64, f64)>)>,
+);
+
+fn placed(s: &Scatter) -> Placed<'_> {
+    let ok = |x: f64, y: f64| {
+        let (x, y) = (tr(x, s.log_x)?, tr(y, s.log_y)?);
+        (x.is_finite() && y.is_finite()).then_some((x, y))
+    };
     let drawable: Vec<(f64, f64, &str)> = s
         .points
         .iter()
-        .filter_map(|p| {
-            let (x, y) = (tr(p.x, s.log_x)?, tr(p.y, s.log_y)?);
-            (x.is_finite() && y.is_finite()).then_some((p.x, p.y, p.label.as_str()))
+        .filter_map(|p| ok(p.x, p.y).map(|_| (p.x, p.y, p.label.as_str())))
+        .collect();
+    let vertices: Vec<(&str, Vec<(f64, f64)>)> = s
+        .lines
+        .iter()
+        .map(|l| {
+            let v = l.points.iter().filter(|p| ok(p.0, p.1).is_some());
+            (l.label.as_str(), v.copied().collect())
         })
         .collect();
-    let ax = Axis::of(drawable.iter().map(|p| p.0), s.log_x);
-    let ay = Axis::of(drawable.iter().map(|p| p.1), s.log_y);
+    let all_x = drawable
+        .iter()
+        .map(|p| p.0)
+        .chain(vertices.iter().flat_map(|l| l.1.iter().map(|p| p.0)));
+    let all_y = drawable
+        .iter()
+        .map(|p| p.1)
+        .chain(vertices.iter().flat_map(|l| l.1.iter().map(|p| p.1)));
+    let ax = Axis::of(all_x, s.log_x);
+    let ay = Axis::of(all_y, s.log_y);
     let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
+    let at = |x: f64, y: f64| {
+        let (x, y) = (tr(x, s.log_x)?, tr(y, s.log_y)?);
+        Some((
+            px(&ax, x, LEFT as f64, pw),
+            px(&ay, y, (H - BOTTOM) as f64, -ph),
+        ))
+    };
     let pts = drawable
         .into_iter()
-        .filter_map(|(x, y, label)| {
-            let (x, y) = (tr(x, s.log_x)?, tr(y, s.log_y)?);
-            Some((
-                px(&ax, x, LEFT as f64, pw),
-                px(&ay, y, (H - BOTTOM) as f64, -ph),
-                label,
-            ))
-        })
+        .filter_map(|(x, y, label)| at(x, y).map(|(x, y)| (x, y, label)))
         .collect();
-    (ax, ay, pts)
+    let lines = vertices
+        .into_iter()
+        .map(|(label, v)| (label, v.into_iter().filter_map(|(x, y)| at(x, y)).collect()))
+        .collect();
+    (ax, ay, pts, lines)
 }
 
 pub fn svg(s: &Scatter) -> String {
-    let (ax, ay, pts) = placed(s);
+    let (ax, ay, pts, lines) = placed(s);
     let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
     let mut o = String::new();
     let _ = writeln!(
@@ -228,13 +280,35 @@ pub fn svg(s: &Scatter) -> String {
             l = escape(label)
         );
     }
+    for (i, (label, v)) in lines.iter().enumerate() {
+        let c = hex(PALETTE[i % PALETTE.len()]);
+        let path: Vec<String> = v.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+        let _ = writeln!(
+            o,
+            r#"<polyline points="{}" fill="none" stroke="{c}" stroke-width="2"><title>{l}</title></polyline>"#,
+            path.join(" "),
+            l = escape(label)
+        );
+        // Legend: top left, one row per line.
+        let ly = TOP as f64 + 14.0 + 14.0 * i as f64;
+        let lx = LEFT as f64 + 10.0;
+        let _ = writeln!(
+            o,
+            r#"<line x1="{lx:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{c}" stroke-width="3"/><text x="{:.1}" y="{ly:.1}">{}</text>"#,
+            ly - 4.0,
+            lx + 18.0,
+            ly - 4.0,
+            lx + 24.0,
+            escape(label)
+        );
+    }
     o.push_str("</svg>\n");
     o
 }
 
 /// RGB pixels of the SVG's plot: frame, grid lines, points, title, ticks and labels.
 pub fn raster(s: &Scatter) -> Vec<u8> {
-    let (ax, ay, pts) = placed(s);
+    let (ax, ay, pts, lines) = placed(s);
     let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
     let mut cv = Canvas::new(W, H);
     let grid = [221, 221, 221];
@@ -282,7 +356,28 @@ pub fn raster(s: &Scatter) -> Vec<u8> {
         };
         cv.text(lx, cy - 13, label, 1, anchor, BLACK);
     }
+    for (i, (label, v)) in lines.iter().enumerate() {
+        let c = PALETTE[i % PALETTE.len()];
+        for w in v.windows(2) {
+            segment(&mut cv, w[0], w[1], c);
+        }
+        let ly = TOP as i64 + 10 + 14 * i as i64;
+        let lx = LEFT as i64 + 10;
+        cv.fill_rect(lx, ly - 1, 18, 3, c);
+        cv.text(lx + 24, ly - 4, label, 1, Anchor::Start, BLACK);
+    }
     cv.px
+}
+
+/// A 2-pixel-wide straight segment from `a` to `b`.
+fn segment(cv: &mut Canvas, a: (f64, f64), b: (f64, f64), c: [u8; 3]) {
+    let steps = (b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil().max(1.0) as i64;
+    for k in 0..=steps {
+        let t = k as f64 / steps as f64;
+        let x = (a.0 + t * (b.0 - a.0)).round() as i64;
+        let y = (a.1 + t * (b.1 - a.1)).round() as i64;
+        cv.fill_rect(x, y, 2, 2, c);
+    }
 }
 
 /// Write the SVG and the PNG atomically.
@@ -321,7 +416,47 @@ mod tests {
                     label: "zero".into(),
                 },
             ],
+            lines: Vec::new(),
         }
+    }
+
+    /// Lines: one polyline and one legend entry each, in its own colour; vertices that cannot
+    /// sit on a log axis are left out; the axes cover every line.
+    #[test]
+    fn lines_are_drawn_with_a_legend() {
+        let s = Scatter {
+            title: "timeline".into(),
+            x_label: "s".into(),
+            y_label: "tok/s".into(),
+            log_x: false,
+            log_y: true,
+            points: Vec::new(),
+            lines: vec![
+                Line {
+                    label: "bf16".into(),
+                    points: vec![(10.0, 100.0), (20.0, 0.0), (30.0, 500.0)],
+                },
+                Line {
+                    label: "profile".into(),
+                    points: vec![(10.0, 50.0), (20.0, 2000.0)],
+                },
+            ],
+        };
+        let svg = svg(&s);
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains(">bf16<") && svg.contains(">profile<"));
+        assert!(svg.contains(&hex(PALETTE[0])) && svg.contains(&hex(PALETTE[1])));
+        let (_, ay, _, lines) = placed(&s);
+        assert_eq!(lines[0].1.len(), 2, "the zero is dropped");
+        assert!(ay.lo <= 50f64.log10() && ay.hi >= 2000f64.log10());
+        // The higher rate is drawn higher (y grows downwards).
+        assert!(lines[1].1[1].1 < lines[1].1[0].1);
+        let px = raster(&s);
+        assert_eq!(px.len(), W * H * 3);
+        assert!(
+            px.chunks(3).any(|c| c == PALETTE[1]),
+            "the second line is drawn"
+        );
     }
 
     #[test]
@@ -337,7 +472,7 @@ mod tests {
     #[test]
     fn higher_kl_is_drawn_higher() {
         let s = sample();
-        let (_, _, pts) = placed(&s);
+        let (_, _, pts, _) = placed(&s);
         assert!(pts[0].1 < pts[1].1, "y grows downwards: {pts:?}");
         assert!(pts[0].0 < pts[1].0);
         assert_eq!(raster(&sample()).len(), W * H * 3);

@@ -598,6 +598,7 @@ pub fn write(r: &ProxyReport, dir: &Path) -> Result<(), EvalError> {
                 label: format!("{} {}", p.tag, p.kv.as_str()),
             })
             .collect(),
+        lines: Vec::new(),
     };
     let (svg, png) = (dir.join("proxy.svg"), dir.join("proxy.png"));
     plot::write(&scatter, &svg, &png).map_err(io(&svg))

@@ -156,6 +156,7 @@ pub fn pareto(r: &EvalReport) -> Scatter {
                 label: p.name.clone(),
             })
             .collect(),
+        lines: Vec::new(),
     }
 }
 

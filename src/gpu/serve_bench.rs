@@ -54,7 +54,7 @@ pub struct ServeBenchConfig {
     pub seed: u32,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ServeBenchRow {
     pub cache: String,
     pub slots: usize,
@@ -95,11 +95,12 @@ pub struct ServeBenchRow {
     pub settle_ms: f64,
     /// Every ~10 s from the start (warm-up included): what the rates were since the last
     /// point, to tell the admission burst from the steady state.
+    #[serde(default)]
     pub timeline: Vec<TimelinePoint>,
 }
 
 /// One point of `ServeBenchRow::timeline`.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct TimelinePoint {
     /// Seconds since the cache's run started.
     pub t_s: f64,
