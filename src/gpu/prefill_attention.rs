@@ -185,21 +185,9 @@ impl PrefillAttention {
             let n = items.len() - first;
             spans.push((first..items.len(), n - f16_seq_tokens));
         }
-        // Calls in groups whose decoded tokens share one scratch (a call longer than the cap
-        // alone), so the scratch stays bounded whatever the step holds.
         let cap = (SCRATCH_BYTES / (l.kv_heads * HEAD_DIM * 4)).max(1);
-        let mut bounds: Vec<std::ops::Range<usize>> = Vec::new();
-        let mut start = 0;
-        for i in 0..calls.len() {
-            let group_items = spans[i].0.end - spans[start].0.start;
-            if i > start && group_items > cap {
-                bounds.push(start..i);
-                start = i;
-            }
-        }
-        if start < calls.len() {
-            bounds.push(start..calls.len());
-        }
+        let lens: Vec<usize> = spans.iter().map(|s| s.0.len()).collect();
+        let bounds = group_calls(&lens, cap);
         let largest = bounds
             .iter()
             .map(|b| spans[b.end - 1].0.end - spans[b.start].0.start)
@@ -302,6 +290,25 @@ impl PrefillAttention {
     }
 }
 
+/// Consecutive calls (of `lens` decoded tokens each) in groups of at most `cap` tokens, a
+/// call longer than `cap` alone: the groups' decoded tokens share one scratch, so it stays
+/// bounded whatever the step holds.
+fn group_calls(lens: &[usize], cap: usize) -> Vec<std::ops::Range<usize>> {
+    let mut bounds = Vec::new();
+    let (mut start, mut held) = (0, 0);
+    for (i, &n) in lens.iter().enumerate() {
+        if i > start && held + n > cap {
+            bounds.push(start..i);
+            (start, held) = (i, 0);
+        }
+        held += n;
+    }
+    if start < lens.len() {
+        bounds.push(start..lens.len());
+    }
+    bounds
+}
+
 /// Bytes of decoded fp16 keys and values one attention launch reads at most (calls beyond it
 /// go to the next launch).
 const SCRATCH_BYTES: usize = 1 << 30;
@@ -329,4 +336,29 @@ pub struct PreparedPrefill {
     tables: [Vec<BlockRef>; NUM_CLASSES],
     /// The decoder scratch the parameters point into.
     scratch: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_calls;
+
+    #[test]
+    fn calls_group_up_to_the_cap_and_a_long_call_goes_alone() {
+        assert_eq!(group_calls(&[], 10), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(group_calls(&[3, 3, 4], 10), vec![0..3]);
+        assert_eq!(group_calls(&[3, 3, 5], 10), vec![0..2, 2..3]);
+        assert_eq!(
+            group_calls(&[25, 1, 1, 30, 2], 10),
+            vec![0..1, 1..3, 3..4, 4..5]
+        );
+        // Every call lands in exactly one group, in order.
+        let lens = [7, 2, 9, 1, 1, 1, 12, 3];
+        let g = group_calls(&lens, 10);
+        let flat: Vec<usize> = g.iter().flat_map(|r| r.clone()).collect();
+        assert_eq!(flat, (0..lens.len()).collect::<Vec<_>>());
+        for r in &g {
+            let sum: usize = lens[r.clone()].iter().sum();
+            assert!(sum <= 10 || r.len() == 1, "{r:?}: {sum}");
+        }
+    }
 }
