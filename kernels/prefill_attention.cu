@@ -11,8 +11,10 @@
 // tokens in table order), then tkv_prefill_attention runs every call's CTAs; one CTA =
 // (128 / GQA query tokens, one KV head): 128 rows = the tokens x the GQA group's query heads,
 // 16 per warp (8 warps share each tile load: half the history reads of 64-row CTAs), reading
-// the decoded tokens only up to its last query token. A tile of 64 decoded tokens goes to shared memory as fp16 (keys [token][dim],
-// values [dim][token]) and is read by every warp: S = Q K^T and O += P V on tensor cores
+// the decoded tokens only up to its last query token. A tile of 64 decoded tokens goes to shared
+// memory as fp16 (keys and values both [token][dim], stored with 16-byte writes; the next tile's
+// global loads are issued into registers before the current tile's math) and is read by every
+// warp through ldmatrix (.trans for the values): S = Q K^T and O += P V on tensor cores
 // (mma.m16n8k16, fp32 accumulate), Q, S/P and O in registers (FlashAttention-2 style online
 // softmax). Decoding once per call, not once per CTA, keeps the packed classes as cheap as
 // 16-bit (the CTAs of a chunk would otherwise each decode the whole history). Head dim 128
@@ -152,13 +154,54 @@ __device__ __forceinline__ unsigned pack_h2(float lo, float hi) {
   return *reinterpret_cast<unsigned*>(&h);
 }
 
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 fp16 matrices from shared memory, rows addressed by lanes 8m..8m+7 for matrix m.
+__device__ __forceinline__ void ldsm_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3,
+                                        const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(p)));
+}
+
+// The same, transposed: the B operand of P V from values stored [token][dim].
+__device__ __forceinline__ void ldsm_x4_trans(unsigned& r0, unsigned& r1, unsigned& r2,
+                                              unsigned& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(p)));
+}
+
+// 16-byte pieces (8 dims of one token) of a K or V tile each thread carries.
+enum { PIECES = KT * (D / 8) / (NWARPS * 32) };
+
+// This thread's pieces of the tile of decoded tokens from `base` on (zeros past `n_seen`),
+// into registers: issued before the current tile's math, so the loads are in flight during it.
+__device__ __forceinline__ void fetch_tile(const PrefillParams& p, int kvh, int base, int n_seen,
+                                           int tid, uint4 (&pk)[PIECES], uint4 (&pv)[PIECES]) {
+  const int n = min(KT, n_seen - base);
+#pragma unroll
+  for (int it = 0; it < PIECES; it++) {
+    const int i = tid + it * NWARPS * 32;
+    const int t = i / (D / 8), d8 = (i % (D / 8)) * 8;
+    pk[it] = make_uint4(0u, 0u, 0u, 0u);
+    pv[it] = pk[it];
+    if (t < n) {
+      const long long at = ((long long)(base + t) * p.kv_heads + kvh) * D + d8;
+      pk[it] = *reinterpret_cast<const uint4*>(p.k + at);
+      pv[it] = *reinterpret_cast<const uint4*>(p.v + at);
+    }
+  }
+}
+
 // One CTA of one call: (128 / GQA query tokens from blockIdx.x, KV head blockIdx.y).
 __device__ __forceinline__ void prefill_cta(const PrefillParams& p) {
-  // Context tile: keys [token][dim], values transposed [dim][token], fp16, padded rows so the
-  // fragment loads hit 32 distinct banks.
+  // Context tile, keys and values both [token][dim] fp16 (values reach the P V operand through
+  // ldmatrix.trans), rows padded by 16 bytes so the 8 rows of an ldmatrix hit 32 distinct banks.
   __shared__ __align__(16) __half ks[KT][D + 8];
-  __shared__ __align__(16) __half vt[D][KT + 8];
-
+  __shared__ __align__(16) __half vs[KT][D + 8];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
   const int kvh = blockIdx.y;
@@ -200,98 +243,98 @@ __device__ __forceinline__ void prefill_cta(const PrefillParams& p) {
 
   // Tokens past the CTA's last query token are masked for every row: stop before them.
   const int n_seen = min(p.n, p.n_quant + p.f16_base + tok0 + qtoks);
+  uint4 pk[PIECES], pv[PIECES];
+  if (n_seen > 0) fetch_tile(p, kvh, 0, n_seen, tid, pk, pv);
   for (int base = 0; base < n_seen; base += KT) {
-    {
-      const int n = min(KT, n_seen - base);
-      __syncthreads();  // the previous tile is consumed
-      // 16-byte loads: 8 dims of one token (the scratch rows and the padded tile rows are
-      // 16-byte aligned).
-      for (int i = tid; i < KT * (D / 8); i += blockDim.x) {
-        const int t = i / (D / 8), d8 = (i % (D / 8)) * 8;
-        uint4 kk = make_uint4(0u, 0u, 0u, 0u), vv = kk;
-        if (t < n) {
-          const long long at = ((long long)(base + t) * p.kv_heads + kvh) * D + d8;
-          kk = *reinterpret_cast<const uint4*>(p.k + at);
-          vv = *reinterpret_cast<const uint4*>(p.v + at);
-        }
-        *reinterpret_cast<uint4*>(&ks[t][d8]) = kk;
-        const __half* vh = reinterpret_cast<const __half*>(&vv);
+    const int n = min(KT, n_seen - base);
+    __syncthreads();  // the previous tile is consumed
 #pragma unroll
-        for (int e = 0; e < 8; e++) vt[d8 + e][t] = vh[e];
+    for (int it = 0; it < PIECES; it++) {
+      const int i = tid + it * NWARPS * 32;
+      const int t = i / (D / 8), d8 = (i % (D / 8)) * 8;
+      *reinterpret_cast<uint4*>(&ks[t][d8]) = pk[it];
+      *reinterpret_cast<uint4*>(&vs[t][d8]) = pv[it];
+    }
+    __syncthreads();
+    if (base + KT < n_seen) fetch_tile(p, kvh, base + KT, n_seen, tid, pk, pv);
+    // S = Q K^T: 8 n-tiles of 8 tokens; one ldmatrix.x4 = the B operand of two k-steps.
+    float sc[KT / 8][4];
+#pragma unroll
+    for (int j = 0; j < KT / 8; j++) {
+      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+      for (int sp = 0; sp < 4; sp++) {
+        unsigned b0, b1, b2, b3;
+        ldsm_x4(b0, b1, b2, b3, &ks[8 * j + (lane & 7)][32 * sp + 8 * (lane >> 3)]);
+        mma16816(sc[j], qa[2 * sp][0], qa[2 * sp][1], qa[2 * sp][2], qa[2 * sp][3], b0, b1);
+        mma16816(sc[j], qa[2 * sp + 1][0], qa[2 * sp + 1][1], qa[2 * sp + 1][2],
+                 qa[2 * sp + 1][3], b2, b3);
       }
-      __syncthreads();
-      // S = Q K^T: 8 n-tiles of 8 tokens.
-      float sc[KT / 8][4];
+    }
+    // Mask, scale, online softmax over this lane's rows (the quad t4 = 0..3 shares a row).
+    float mx[2] = {-TKP_INF, -TKP_INF};
 #pragma unroll
-      for (int j = 0; j < KT / 8; j++) {
-        sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-        const unsigned* krow = reinterpret_cast<const unsigned*>(&ks[8 * j + g][0]);
+    for (int j = 0; j < KT / 8; j++) {
 #pragma unroll
-        for (int s = 0; s < 8; s++)
-          mma16816(sc[j], qa[s][0], qa[s][1], qa[s][2], qa[s][3], krow[8 * s + t4],
-                   krow[8 * s + t4 + 4]);
+      for (int e = 0; e < 4; e++) {
+        const int h = e >> 1, t = 8 * j + 2 * t4 + (e & 1);
+        const int i = base + t;
+        const bool live = t < n && (i < p.n_quant || i - p.n_quant < limit[h]);
+        const float x = live ? sc[j][e] * p.scale_log2 : -TKP_INF;
+        sc[j][e] = x;
+        mx[h] = fmaxf(mx[h], x);
       }
-      // Mask, scale, online softmax over this lane's rows (the quad t4 = 0..3 shares a row).
-      float mx[2] = {-TKP_INF, -TKP_INF};
+    }
+    float corr[2];
 #pragma unroll
-      for (int j = 0; j < KT / 8; j++) {
+    for (int h = 0; h < 2; h++) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      const float m_new = fmaxf(m_run[h], mx[h]);
+      const float base = m_new == -TKP_INF ? 0.f : m_new;
+      corr[h] = exp2f(m_run[h] - base);
+      m_run[h] = m_new;
+      mx[h] = base;  // the exponent base from here on
+    }
+    float ls[2] = {0.f, 0.f};
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int h = e >> 1, t = 8 * j + 2 * t4 + (e & 1);
-          const int i = base + t;
-          const bool live = t < n && (i < p.n_quant || i - p.n_quant < limit[h]);
-          const float x = live ? sc[j][e] * p.scale_log2 : -TKP_INF;
-          sc[j][e] = x;
-          mx[h] = fmaxf(mx[h], x);
-        }
+    for (int j = 0; j < KT / 8; j++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int h = e >> 1;
+        const float pr = exp2f(sc[j][e] - mx[h]);
+        sc[j][e] = pr;
+        ls[h] += pr;
       }
-      float corr[2];
+    }
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        const float m_new = fmaxf(m_run[h], mx[h]);
-        const float base = m_new == -TKP_INF ? 0.f : m_new;
-        corr[h] = exp2f(m_run[h] - base);
-        m_run[h] = m_new;
-        mx[h] = base;  // the exponent base from here on
-      }
-      float ls[2] = {0.f, 0.f};
+    for (int h = 0; h < 2; h++) {
+      ls[h] += __shfl_xor_sync(0xffffffffu, ls[h], 1);
+      ls[h] += __shfl_xor_sync(0xffffffffu, ls[h], 2);
+      l_run[h] = l_run[h] * corr[h] + ls[h];
+    }
 #pragma unroll
-      for (int j = 0; j < KT / 8; j++) {
+    for (int j = 0; j < 16; j++) {
+      o[j][0] *= corr[0];
+      o[j][1] *= corr[0];
+      o[j][2] *= corr[1];
+      o[j][3] *= corr[1];
+    }
+    // O += P V: P (16 rows x KT tokens) from the score registers; one ldmatrix.x4.trans = the
+    // B operand of two n-tiles (16 dims) of one k-step (16 tokens).
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int h = e >> 1;
-          const float pr = exp2f(sc[j][e] - mx[h]);
-          sc[j][e] = pr;
-          ls[h] += pr;
-        }
-      }
+    for (int s = 0; s < KT / 16; s++) {
+      const unsigned a0 = pack_h2(sc[2 * s][0], sc[2 * s][1]);
+      const unsigned a1 = pack_h2(sc[2 * s][2], sc[2 * s][3]);
+      const unsigned a2 = pack_h2(sc[2 * s + 1][0], sc[2 * s + 1][1]);
+      const unsigned a3 = pack_h2(sc[2 * s + 1][2], sc[2 * s + 1][3]);
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        ls[h] += __shfl_xor_sync(0xffffffffu, ls[h], 1);
-        ls[h] += __shfl_xor_sync(0xffffffffu, ls[h], 2);
-        l_run[h] = l_run[h] * corr[h] + ls[h];
-      }
-#pragma unroll
-      for (int j = 0; j < 16; j++) {
-        o[j][0] *= corr[0];
-        o[j][1] *= corr[0];
-        o[j][2] *= corr[1];
-        o[j][3] *= corr[1];
-      }
-      // O += P V: P (16 rows x KT tokens) from the score registers, V^T from shared memory.
-#pragma unroll
-      for (int s = 0; s < KT / 16; s++) {
-        const unsigned a0 = pack_h2(sc[2 * s][0], sc[2 * s][1]);
-        const unsigned a1 = pack_h2(sc[2 * s][2], sc[2 * s][3]);
-        const unsigned a2 = pack_h2(sc[2 * s + 1][0], sc[2 * s + 1][1]);
-        const unsigned a3 = pack_h2(sc[2 * s + 1][2], sc[2 * s + 1][3]);
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-          const unsigned* vrow = reinterpret_cast<const unsigned*>(&vt[8 * j + g][0]);
-          mma16816(o[j], a0, a1, a2, a3, vrow[8 * s + t4], vrow[8 * s + t4 + 4]);
-        }
+      for (int jj = 0; jj < 8; jj++) {
+        unsigned b0, b1, b2, b3;
+        ldsm_x4_trans(b0, b1, b2, b3,
+                      &vs[16 * s + 8 * ((lane >> 3) & 1) + (lane & 7)][16 * jj + 8 * (lane >> 4)]);
+        mma16816(o[2 * jj], a0, a1, a2, a3, b0, b1);
+        mma16816(o[2 * jj + 1], a0, a1, a2, a3, b2, b3);
       }
     }
   }
@@ -352,16 +395,39 @@ extern "C" __global__ void __launch_bounds__(128) tkv_gather_tokens(const MovePa
 }
 
 // The same decoded to fp16 (round to nearest: what the prefill attention's tiles hold), for
-// the prefill attention's scratch (half the bytes every CTA of a chunk reads).
+// the prefill attention's scratch (half the bytes every CTA of a chunk reads). Grid
+// (ceil(n / GATHER16_TOKENS), kv_heads, layers): a CTA decodes GATHER16_TOKENS tokens, every
+// load issued before the first store, so a thread keeps that many reads in flight (one token
+// per CTA left the SMs waiting on one dependent chain of loads per thread).
+enum { GATHER16_TOKENS = 8 };
 extern "C" __global__ void __launch_bounds__(128) tkv_gather_tokens_f16(const MoveParams p) {
-  const int i = blockIdx.x, h = blockIdx.y, l = blockIdx.z, d = threadIdx.x;
-  const int c = p.cls[i];
-  const unsigned char* slab =
-      p.pool + ((l * p.layer_slots + p.slot[i]) * p.kv_heads + h) * p.slab_bytes;
-  const long long o = (((long long)l * p.n + i) * p.kv_heads + h) * D + d;
-  reinterpret_cast<__half*>(p.k)[o] = __float2half_rn(load_k(c, slab, p.ct[c], p.tok[i], d));
-  reinterpret_cast<__half*>(p.v)[o] =
-      __float2half_rn(load_v(c, slab, p.ct[c], p.v_group, p.tok[i], d));
+  const int h = blockIdx.y, l = blockIdx.z, d = threadIdx.x;
+  const int i0 = blockIdx.x * GATHER16_TOKENS;
+  int cls[GATHER16_TOKENS], slot[GATHER16_TOKENS], tok[GATHER16_TOKENS];
+#pragma unroll
+  for (int u = 0; u < GATHER16_TOKENS; u++) {
+    const int i = min(i0 + u, p.n - 1);
+    cls[u] = p.cls[i];
+    slot[u] = p.slot[i];
+    tok[u] = p.tok[i];
+  }
+  float kf[GATHER16_TOKENS], vf[GATHER16_TOKENS];
+#pragma unroll
+  for (int u = 0; u < GATHER16_TOKENS; u++) {
+    const unsigned char* slab =
+        p.pool + ((l * p.layer_slots + slot[u]) * p.kv_heads + h) * p.slab_bytes;
+    kf[u] = load_k(cls[u], slab, p.ct[cls[u]], tok[u], d);
+    vf[u] = load_v(cls[u], slab, p.ct[cls[u]], p.v_group, tok[u], d);
+  }
+#pragma unroll
+  for (int u = 0; u < GATHER16_TOKENS; u++) {
+    const int i = i0 + u;
+    if (i < p.n) {
+      const long long o = (((long long)l * p.n + i) * p.kv_heads + h) * D + d;
+      reinterpret_cast<__half*>(p.k)[o] = __float2half_rn(kf[u]);
+      reinterpret_cast<__half*>(p.v)[o] = __float2half_rn(vf[u]);
+    }
+  }
 }
 
 // Grid (n, kv_heads, layers) x 128 threads: f32 k/v of token i -> fp16 into token tok[i] of the

@@ -353,6 +353,7 @@ impl TokenMoves {
             ..Default::default()
         };
         // A decoder gathers into its fp16 scratch; the pool moves use the f32 one.
+        let gather16 = gather && self.gather16.is_some();
         let f = match (&self.gather16, gather) {
             (Some(g16), true) => {
                 p.k = self.k16.device_ptr(&stream).0;
@@ -372,9 +373,11 @@ impl TokenMoves {
         for c in KvClass::ALL {
             p.ct[class_index(c)] = class_offsets(layout, c);
         }
+        // The fp16 decoder's CTAs take `GATHER16_TOKENS` tokens each, the others one.
+        let per_cta = if gather16 { GATHER16_TOKENS } else { 1 };
         let cfg = LaunchConfig {
             grid_dim: (
-                range.len() as u32,
+                range.len().div_ceil(per_cta) as u32,
                 layout.kv_heads as u32,
                 self.layers as u32,
             ),
@@ -391,6 +394,9 @@ impl TokenMoves {
         Ok(())
     }
 }
+
+/// Tokens one CTA of `tkv_gather_tokens_f16` decodes (`GATHER16_TOKENS` in the kernel).
+const GATHER16_TOKENS: usize = 8;
 
 /// Token items (slot, class, token) on the device (`TokenMoves::upload_items`).
 pub struct DeviceItems {
