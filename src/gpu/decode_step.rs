@@ -657,6 +657,18 @@ impl DecodeStep {
         kv: &KvCaches,
         calls: Vec<PrefillCall>,
     ) -> Result<(), GpuError> {
+        self.run_prefills_with(gpu, w, kv, calls, StepOptions::default())
+    }
+
+    /// `run_prefills` with `opts` (e.g. `time_attention`, read back by `attention_ms`).
+    pub fn run_prefills_with(
+        &mut self,
+        gpu: &GpuContext,
+        w: &DeviceWeights,
+        kv: &KvCaches,
+        calls: Vec<PrefillCall>,
+        opts: StepOptions,
+    ) -> Result<(), GpuError> {
         let mut next = 0;
         for c in &calls {
             if c.row0 != next || c.rows == 0 {
@@ -680,13 +692,7 @@ impl DecodeStep {
                 gpu.zeros(self.batch * self.shape.q_heads * HEAD_DIM)?,
             ));
         }
-        self.run_inner(
-            gpu,
-            w,
-            kv,
-            Attention::Prefill(calls),
-            StepOptions::default(),
-        )
+        self.run_inner(gpu, w, kv, Attention::Prefill(calls), opts)
     }
 
     fn run_inner(

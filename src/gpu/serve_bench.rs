@@ -93,6 +93,12 @@ pub struct ServeBenchRow {
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub settle_ms: f64,
+    /// Of `prefill_ms` / `decode_ms`: device time of the attention launches (the history's
+    /// decode included), summed over layers by events; absent where not measured.
+    #[serde(default)]
+    pub prefill_attention_ms: Option<f64>,
+    #[serde(default)]
+    pub decode_attention_ms: Option<f64>,
     /// Every ~10 s from the start (warm-up included): what the rates were since the last
     /// point, to tell the admission burst from the steady state.
     #[serde(default)]
@@ -219,6 +225,19 @@ pub trait Executor {
     fn timed(&self) -> bool {
         true
     }
+    /// Device time of the attention (decoding the history included) in the last prefill and
+    /// decode step, in ms, where the executor measures it (waits for the steps).
+    fn attention_ms(&mut self) -> Result<Option<StepAttention>, GpuError> {
+        Ok(None)
+    }
+}
+
+/// `Executor::attention_ms`: the attention launches of every layer of the last steps (0 for a
+/// step that did not run).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepAttention {
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
 }
 
 /// The GPU: the model's weights, one decode step's kernels and buffers, the stacked pool —
@@ -234,6 +253,11 @@ pub struct GpuExec<G, S, W> {
     /// Copy each decode step's greedy tokens back, as a server sampling on the GPU would
     /// (`bench serve`; `serve --gpu` reads logits instead).
     read_next_ids: bool,
+    /// Record events around the attention launches of every layer (`bench serve`), and which
+    /// steps since the last `attention_ms` recorded them (prefill, decode).
+    time_attention: bool,
+    timed_steps: (bool, bool),
+    attention: StepAttention,
 }
 
 impl<G, S, W> GpuExec<G, S, W>
@@ -265,10 +289,26 @@ where
             moves,
             ctas_per_sm,
             read_next_ids,
+            time_attention: false,
+            timed_steps: (false, false),
+            attention: StepAttention::default(),
             gpu,
             step,
             w,
         })
+    }
+
+    /// Time each step's attention launches with events (`Executor::attention_ms`).
+    pub fn timing_attention(mut self) -> Self {
+        self.time_attention = true;
+        self
+    }
+
+    fn step_options(&self) -> StepOptions {
+        StepOptions {
+            time_attention: self.time_attention,
+            ..StepOptions::default()
+        }
     }
 }
 
@@ -295,6 +335,9 @@ impl<E: Executor> Executor for &mut E {
     }
     fn timed(&self) -> bool {
         (**self).timed()
+    }
+    fn attention_ms(&mut self) -> Result<Option<StepAttention>, GpuError> {
+        (**self).attention_ms()
     }
 }
 
@@ -323,14 +366,22 @@ where
         rows: &StepRows,
         calls: Vec<PrefillCall>,
     ) -> Result<(), GpuError> {
+        let opts = self.step_options();
         let (gpu, step) = (self.gpu.borrow(), self.step.borrow_mut());
         stacked(&mut self.kv)?.set_tables(gpu, tables)?;
         step.set_inputs(gpu, &rows.ids, &rows.pos)?;
         step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
-        step.run_prefills(gpu, self.w.borrow(), &self.kv, calls)
+        step.run_prefills_with(gpu, self.w.borrow(), &self.kv, calls, opts)?;
+        if opts.time_attention {
+            // The events are per layer of the step, so a decode step would overwrite them.
+            self.attention.prefill_ms = step.attention_ms()?;
+            self.timed_steps.0 = true;
+        }
+        Ok(())
     }
 
     fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
+        let opts = self.step_options();
         let (gpu, step) = (self.gpu.borrow(), self.step.borrow_mut());
         let cache = stacked(&mut self.kv)?;
         cache.set_tables(gpu, tables)?;
@@ -342,15 +393,13 @@ where
         let mut plan = DecodePlan::new(gpu, cache, bpw)?;
         step.set_inputs(gpu, &rows.ids, &rows.pos)?;
         step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
-        step.run(
-            gpu,
-            self.w.borrow(),
-            &self.kv,
-            &mut plan,
-            StepOptions::default(),
-        )?;
+        step.run(gpu, self.w.borrow(), &self.kv, &mut plan, opts)?;
         if self.read_next_ids {
             gpu.download_prefix(&step.next_ids, rows.ids.len())?;
+        }
+        if opts.time_attention {
+            self.attention.decode_ms = step.attention_ms()?;
+            self.timed_steps.1 = true;
         }
         Ok(())
     }
@@ -364,6 +413,17 @@ where
 
     fn sync(&mut self) -> Result<(), GpuError> {
         self.gpu.borrow().synchronize()
+    }
+
+    fn attention_ms(&mut self) -> Result<Option<StepAttention>, GpuError> {
+        if !self.time_attention {
+            return Ok(None);
+        }
+        let (p, d) = std::mem::take(&mut self.timed_steps);
+        Ok(Some(StepAttention {
+            prefill_ms: if p { self.attention.prefill_ms } else { 0.0 },
+            decode_ms: if d { self.attention.decode_ms } else { 0.0 },
+        }))
     }
 }
 
@@ -891,6 +951,10 @@ impl<E: Executor> Run<'_, E> {
             self.row.prefill_ms += ms(t_sched, t_prefill);
             self.row.decode_ms += ms(t_prefill, t1);
             self.row.settle_ms += ms(t1, Instant::now());
+            if let Some(a) = self.exec.attention_ms()? {
+                *self.row.prefill_attention_ms.get_or_insert(0.0) += a.prefill_ms;
+                *self.row.decode_attention_ms.get_or_insert(0.0) += a.decode_ms;
+            }
             self.row.iterations += 1;
             let dt = if self.exec.timed() {
                 Instant::now().duration_since(t0).as_secs_f64()
@@ -1082,6 +1146,12 @@ pub fn serve_cache<E: Executor>(
     row.prefill_ms /= iters;
     row.decode_ms /= iters;
     row.settle_ms /= iters;
+    for a in [&mut row.prefill_attention_ms, &mut row.decode_attention_ms]
+        .into_iter()
+        .flatten()
+    {
+        *a /= iters;
+    }
     row.ttft_p50_ms = percentile(&mut run.ttft, 0.5);
     row.ttft_p99_ms = percentile(&mut run.ttft, 0.99);
     row.itl_p50_ms = percentile(&mut run.itl, 0.5);
@@ -1092,9 +1162,17 @@ pub fn serve_cache<E: Executor>(
     }
     run.pool.commit();
     row.leaked_slots = run.pool.total() - run.pool.free();
+    let attention = match (row.prefill_attention_ms, row.decode_attention_ms) {
+        (Some(p), Some(d)) => {
+            format!(
+                "; attention (history decode included) {p:.1} ms of prefill, {d:.1} ms of decode"
+            )
+        }
+        _ => String::new(),
+    };
     progress(&format!(
         "{}: {:.0} decode tok/s, peak {} sessions ({:.1} mean), TTFT p50 {:.0} ms, ITL p50 {:.1} ms; \
-         per iteration: schedule {:.1} ms, prefill {:.1} ms, decode {:.1} ms, settle {:.1} ms",
+         per iteration: schedule {:.1} ms, prefill {:.1} ms, decode {:.1} ms, settle {:.1} ms{attention}",
         row.cache,
         row.decode_tokens_per_s,
         row.peak_sessions,
@@ -1162,7 +1240,7 @@ pub fn run(
     let mut rows = Vec::new();
     for bc in &cfg.caches {
         let (layout, _) = pool_layout(cfg, &bc.map)?;
-        let exec = GpuExec::new(gpu, &mut step, &w, &layout, 1024, true)?;
+        let exec = GpuExec::new(gpu, &mut step, &w, &layout, 1024, true)?.timing_attention();
         rows.push(serve_cache(
             exec,
             cfg,
