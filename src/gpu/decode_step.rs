@@ -452,6 +452,10 @@ pub struct StepOptions {
     pub attention: bool,
     /// Record events around each layer's attention launches (`attention_ms` sums them).
     pub time_attention: bool,
+    /// A prefill step computes the logits and greedy token of each call's last row only (what
+    /// a server samples from; the LM head of every prompt row is ~6% of a long prefill's
+    /// FLOPs): `DecodeStep::logits_row` maps a step row to its logits row.
+    pub last_row_logits: bool,
 }
 
 impl Default for StepOptions {
@@ -459,6 +463,7 @@ impl Default for StepOptions {
         StepOptions {
             attention: true,
             time_attention: false,
+            last_row_logits: false,
         }
     }
 }
@@ -499,9 +504,12 @@ pub struct DecodeStep {
     o: CudaSlice<f32>,
     gu: CudaSlice<Bf16>,
     m: CudaSlice<Bf16>,
-    /// `[batch][vocab]` f32 after a step.
+    /// `[batch][vocab]` f32 after a step: row `logits_row(r)` holds step row `r`'s.
     pub logits: CudaSlice<f32>,
     attn_events: Vec<(CudaEvent, CudaEvent)>,
+    /// The step rows whose logits (and `next_ids`) the last step computed, in order; `None`:
+    /// every row, in place.
+    logit_rows: Option<Vec<usize>>,
 }
 
 impl DecodeStep {
@@ -555,6 +563,7 @@ impl DecodeStep {
             m: gpu.zeros(b * shape.intermediate)?,
             logits: gpu.zeros(b * shape.vocab)?,
             attn_events,
+            logit_rows: None,
         })
     }
 
@@ -883,12 +892,43 @@ impl DecodeStep {
                 .linear(gpu, &self.m, &lw.wdown, &mut self.o, b, s.intermediate, hd)?;
             self.ops.add(gpu, &mut self.x, &self.o)?;
         }
+        // The LM head over the rows that are sampled: every row, or each prefill call's last
+        // (their residual rows copied to the front of the free O buffer).
+        self.logit_rows = match (&attention, opts.last_row_logits) {
+            (Attention::Prefill(calls), true) => {
+                Some(calls.iter().map(|c| c.row0 + c.rows - 1).collect())
+            }
+            _ => None,
+        };
+        let (final_x, n) = match &self.logit_rows {
+            Some(sel) => {
+                for (j, &r) in sel.iter().enumerate() {
+                    stream
+                        .memcpy_dtod(
+                            &self.x.slice(r * hd..(r + 1) * hd),
+                            &mut self.o.slice_mut(j * hd..(j + 1) * hd),
+                        )
+                        .during("copying a residual row")?;
+                }
+                (&self.o, sel.len())
+            }
+            None => (&self.x, b),
+        };
         self.ops
-            .rmsnorm(gpu, &self.x, &w.final_norm, &mut self.h, b, s.rms_eps)?;
+            .rmsnorm(gpu, final_x, &w.final_norm, &mut self.h, n, s.rms_eps)?;
         self.gemm
-            .linear(gpu, &self.h, &w.lm_head, &mut self.logits, b, hd, s.vocab)?;
+            .linear(gpu, &self.h, &w.lm_head, &mut self.logits, n, hd, s.vocab)?;
         self.sampler
-            .argmax(gpu, &self.logits, b, s.vocab, &mut self.next_ids)
+            .argmax(gpu, &self.logits, n, s.vocab, &mut self.next_ids)
+    }
+
+    /// The row of `logits` / `next_ids` holding step row `r`'s after the last step, if it
+    /// computed them (`StepOptions::last_row_logits`).
+    pub fn logits_row(&self, r: usize) -> Option<usize> {
+        match &self.logit_rows {
+            Some(sel) => sel.iter().position(|&x| x == r),
+            None => (r < self.rows).then_some(r),
+        }
     }
 
     /// Sum over layers of the attention time of the last step run with `time_attention`
@@ -1143,8 +1183,8 @@ pub fn run(
                 row.finite = logits.iter().all(|x| x.is_finite());
                 let (_, att) = timed(
                     StepOptions {
-                        attention: true,
                         time_attention: true,
+                        ..StepOptions::default()
                     },
                     &mut step,
                     &mut plan,
@@ -1152,7 +1192,7 @@ pub fn run(
                 let (tn, _) = timed(
                     StepOptions {
                         attention: false,
-                        time_attention: false,
+                        ..StepOptions::default()
                     },
                     &mut step,
                     &mut plan,

@@ -307,6 +307,7 @@ where
     fn step_options(&self) -> StepOptions {
         StepOptions {
             time_attention: self.time_attention,
+            last_row_logits: true,
             ..StepOptions::default()
         }
     }
@@ -407,7 +408,12 @@ where
     fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError> {
         let (gpu, step) = (self.gpu.borrow(), self.step.borrow());
         rows.iter()
-            .map(|&r| gpu.download_range(&step.logits, r * vocab, vocab))
+            .map(|&r| match step.logits_row(r) {
+                Some(at) => gpu.download_range(&step.logits, at * vocab, vocab),
+                None => Err(GpuError::Shape(format!(
+                    "logits of step row {r}: a prefill step computes each chunk's last row only"
+                ))),
+            })
             .collect()
     }
 
@@ -435,8 +441,9 @@ where
 #[derive(Debug, Default)]
 pub struct HostCheck {
     class: std::collections::HashMap<u32, KvClass>,
-    /// Input ids of the last step's rows: `logits` answers [`HostCheck::next_token`] of each.
-    last_ids: Vec<i32>,
+    /// Input ids of the last step's rows that have logits (a prefill: each call's last row,
+    /// as on the GPU): `logits` answers [`HostCheck::next_token`] of each.
+    last_ids: Vec<Option<i32>>,
     pub prefills: usize,
     pub decodes: usize,
     pub quantized: usize,
@@ -519,7 +526,15 @@ impl Executor for HostCheck {
                 rows.ids.len()
             )));
         }
+        let mut next = 0;
         for c in &calls {
+            if c.row0 != next || c.rows == 0 {
+                return Err(GpuError::Shape(format!(
+                    "a chunk of {} rows at row {} after {next}",
+                    c.rows, c.row0
+                )));
+            }
+            next += c.rows;
             let f16: usize = t
                 .table(KvClass::F16)
                 .iter()
@@ -535,7 +550,11 @@ impl Executor for HostCheck {
             }
         }
         self.prefills += 1;
-        self.last_ids = rows.ids.clone();
+        self.last_ids = vec![None; total];
+        for c in &calls {
+            let last = c.row0 + c.rows - 1;
+            self.last_ids[last] = Some(rows.ids[last]);
+        }
         Ok(())
     }
 
@@ -549,16 +568,17 @@ impl Executor for HostCheck {
             )));
         }
         self.decodes += 1;
-        self.last_ids = rows.ids.clone();
+        self.last_ids = rows.ids.iter().map(|&i| Some(i)).collect();
         Ok(())
     }
 
     fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError> {
         rows.iter()
             .map(|&r| {
-                let id = *self.last_ids.get(r).ok_or_else(|| {
+                let id = self.last_ids.get(r).copied().flatten().ok_or_else(|| {
                     GpuError::Shape(format!(
-                        "logits of row {r} after a step of {} rows",
+                        "logits of row {r} after a step of {} rows (a prefill computes each \
+                         chunk's last row only)",
                         self.last_ids.len()
                     ))
                 })?;
