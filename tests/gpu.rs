@@ -1672,3 +1672,138 @@ fn serve_backend_matches_gpu_forward() {
         assert!(d4 < 0.25 * max_ref, "{tag}: INT4 max |Δlogit| {d4:.3e}");
     }
 }
+
+/// `bench serve` (unless `--separate-steps`) runs an iteration's decode rows and prefill chunks as one step;
+/// the same schedule served in separate steps must generate the same greedy tokens (the
+/// GEMMs differ in rows only, so ties aside every token is equal).
+#[test]
+fn fused_step_generates_what_separate_steps_do() {
+    use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights, ModelShape};
+    use triaxkv::gpu::serve_bench::{
+        pool_layout, serve_cache, BenchCache, GpuExec, HostCheck, ServeBenchConfig,
+    };
+    use triaxkv::paged::pool::ClassMap;
+    use triaxkv::paged::workload::{Session, Turn, Workload, SCHEMA};
+    use triaxkv::tags::Role;
+    let Some(gpu) = gpu_or_skip("fused_step_generates_what_separate_steps_do") else {
+        return;
+    };
+    let shape = ModelShape {
+        name: "tiny".into(),
+        layers: 2,
+        hidden: 256,
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 128,
+        intermediate: 512,
+        vocab: 512,
+        rope_theta: 10_000.0,
+        rope_scaling: triaxkv::model::config::RopeScaling::None,
+        rms_eps: 1e-5,
+        qk_norm: false,
+    };
+    let role = |r: Role| Role::ALL.iter().position(|&x| x == r).unwrap_or(0) as u8;
+    let sessions = (0..6)
+        .map(|i| {
+            let mut s = Session {
+                id: format!("s{i}"),
+                file: "synthetic".into(),
+                ids: vec![],
+                role: vec![],
+                modality: vec![],
+                turn: vec![],
+                step: vec![],
+                turns: vec![],
+            };
+            let push = |s: &mut Session, r: Role, n: usize, t: u32| {
+                for _ in 0..n {
+                    let k = s.ids.len();
+                    s.ids.push(((k * 131 + i * 17 + 7) % 512) as u32);
+                    s.role.push(role(r));
+                    s.modality.push(0);
+                    s.turn.push(t);
+                    s.step.push(t);
+                }
+            };
+            push(&mut s, Role::System, 200 + 41 * i, 0);
+            for t in 1..=4u32 {
+                push(&mut s, Role::User, 30 + 9 * i, t);
+                let start = s.ids.len();
+                push(&mut s, Role::Assistant, 24, t);
+                s.turns.push(Turn { start, gen: 24 });
+                push(&mut s, Role::Observation, 120 + 13 * i, t);
+            }
+            s
+        })
+        .collect();
+    let work = Workload {
+        schema: SCHEMA.into(),
+        tokenizer: "synthetic".into(),
+        max_context: 1 << 20,
+        max_gen: 24,
+        sessions,
+    };
+    let w = DeviceWeights::random(&gpu, &shape, 7).unwrap();
+    for (name, map) in [
+        ("bf16", ClassMap::uniform(KvClass::F16, 0, 0)),
+        ("int4", ClassMap::uniform(KvClass::Int4, 4, 16)),
+    ] {
+        let bc = BenchCache {
+            name: name.into(),
+            map,
+        };
+        let mut ids = Vec::new();
+        let mut fused_steps = 0;
+        for fused_step in [false, true] {
+            let cfg = ServeBenchConfig {
+                shape: shape.clone(),
+                kv_memory: 64 << 20,
+                caches: vec![],
+                clients: 8,
+                chunk: 128,
+                max_batch: 16,
+                duration_s: 1e9,
+                warmup_s: 0.0,
+                v_group: 64,
+                seed: 7,
+                fused_step,
+            };
+            let max_rows = cfg.max_rows();
+            let mut step = DecodeStep::new(&gpu, &shape, max_rows, cfg.v_group).unwrap();
+            let (layout, _) = pool_layout(&cfg, &bc.map).unwrap();
+            let mut exec = GpuExec::new(&gpu, &mut step, &w, &layout, 1024, true)
+                .unwrap()
+                .recording_next_ids();
+            let row =
+                serve_cache(&mut exec, &cfg, &work, &bc, max_rows, Some(150), |_| {}).unwrap();
+            assert_eq!(row.leaked_slots, 0, "{name} fused {fused_step}");
+            ids.push(exec.recorded_next_ids().unwrap().to_vec());
+            if fused_step {
+                // The same schedule on the host checker counts the steps that were fused.
+                let mut check = HostCheck::default();
+                serve_cache(&mut check, &cfg, &work, &bc, max_rows, Some(150), |_| {}).unwrap();
+                fused_steps = check.mixed;
+            }
+        }
+        let (sep, fus) = (&ids[0], &ids[1]);
+        assert_eq!(sep.len(), fus.len(), "{name}: decode steps");
+        let mut total = 0;
+        let mut differ = 0;
+        for (a, b) in sep.iter().zip(fus) {
+            assert_eq!(a.len(), b.len(), "{name}: rows of a decode step");
+            total += a.len();
+            differ += a.iter().zip(b).filter(|(x, y)| x != y).count();
+        }
+        eprintln!(
+            "fused step {name}: {differ} of {total} greedy tokens differ from separate steps \
+             ({} decode steps, {fused_steps} of them fused)",
+            sep.len()
+        );
+        assert!(total > 500, "{name}: only {total} decode rows");
+        assert!(fused_steps >= 10, "{name}: {fused_steps} fused steps");
+        assert!(
+            differ * 100 <= total,
+            "{name}: {differ} of {total} tokens differ"
+        );
+    }
+}

@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// Most sequences per decode step.
     #[arg(long, default_value_t = 256)]
     max_batch: usize,
+    /// Run each iteration's prefill chunks and its decode rows as two device steps (two passes
+    /// over the weights). By default they run as one step, whose time is reported as prefill.
+    #[arg(long)]
+    separate_steps: bool,
     #[arg(long, default_value_t = 0)]
     device: usize,
     /// No GPU: run N scheduler iterations per cache against a host model of the device that
@@ -262,6 +266,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         warmup_s: args.warmup,
         v_group: 64,
         seed: 0x5eed,
+        fused_step: !args.separate_steps,
     };
     let (tokens, gen) = work.totals();
     if let Some(n) = args.host_check {
@@ -273,13 +278,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let head = format!(
             "bench serve --host-check {n}: no GPU, every device request checked; {} shape, \
              {:.1} GiB KV per cache, {} clients over {} recorded sessions ({tokens} tokens, \
-             {gen} generated per pass), chunk {}; sessions, bits and preemptions after {n} \
+             {gen} generated per pass), chunk {}{}; sessions, bits and preemptions after {n} \
              iterations (times and tokens/s are host bookkeeping, not speed)",
             cfg.shape.name,
             cfg.kv_memory as f64 / (1u64 << 30) as f64,
             cfg.clients,
             work.sessions.len(),
-            cfg.chunk
+            cfg.chunk,
+            steps(&cfg)
         );
         eprintln!("{head}");
         let rows = serve_bench::run_host_check(&cfg, &work, n, |m| eprintln!("{m}"))?;
@@ -289,7 +295,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let head = format!(
         "bench serve on {} ({}): {} with random bf16 weights (speed only), {:.1} GiB KV per \
          cache, {} clients over {} recorded sessions ({tokens} tokens, {gen} generated per \
-         pass), chunk {}, {:.0} s per cache, the first {:.0} s not counted",
+         pass), chunk {}{}, {:.0} s per cache, the first {:.0} s not counted",
         gpu.name,
         gpu.arch(),
         cfg.shape.name,
@@ -297,12 +303,22 @@ pub fn run(args: ServeArgs) -> Result<()> {
         cfg.clients,
         work.sessions.len(),
         cfg.chunk,
+        steps(&cfg),
         cfg.duration_s,
         cfg.warmup_s
     );
     eprintln!("{head}");
     let rows = serve_bench::run(&gpu, &cfg, &work, |m| eprintln!("{m}"))?;
     report(&rows, &head, &args, true)
+}
+
+/// How an iteration's prefill chunks and decode rows run (`--separate-steps`).
+fn steps(cfg: &ServeBenchConfig) -> &'static str {
+    if cfg.fused_step {
+        ", prefill chunks and decode rows fused in one step"
+    } else {
+        ", prefill and decode in separate steps"
+    }
 }
 
 fn report(rows: &[ServeBenchRow], head: &str, args: &ServeArgs, timed: bool) -> Result<()> {

@@ -474,6 +474,29 @@ pub fn split_work(l: &PagedLayout, bpw: usize) -> WorkSplit {
     }
 }
 
+/// `l` restricted to its first `seqs` sequences, whose entries must lead every class table
+/// (the entry indices stay those of `l`).
+pub fn prefix_layout(l: &PagedLayout, seqs: usize) -> Result<PagedLayout, GpuError> {
+    if seqs > l.seqs {
+        return Err(GpuError::Shape(format!(
+            "a prefix of {seqs} sequences of a layout of {}",
+            l.seqs
+        )));
+    }
+    let mut p = l.clone();
+    p.seqs = seqs;
+    for (c, t) in p.tables.iter_mut().enumerate() {
+        let n = t.iter().take_while(|b| b.seq < seqs).count();
+        if t[n..].iter().any(|b| b.seq < seqs) {
+            return Err(GpuError::Shape(format!(
+                "class table {c}: the first {seqs} sequences' entries do not lead it"
+            )));
+        }
+        t.truncate(n);
+    }
+    Ok(p)
+}
+
 /// The work of one decode call: work items (a run of at most `blocks_per_work` blocks of one
 /// class of one sequence), grouped by class, and the buffers for partials and the output.
 pub struct DecodePlan {
@@ -567,7 +590,27 @@ impl DecodePlan {
         cache: &DeviceCache,
         blocks_per_work: usize,
     ) -> Result<Self, GpuError> {
-        let l = &cache.layout;
+        Self::for_layout(gpu, &cache.layout, blocks_per_work)
+    }
+
+    /// A plan over the first `seqs` sequences of the cache only (a step whose later rows are
+    /// prefill chunks): their entries must lead every class table, so the plan's entry indices
+    /// are the cache's.
+    pub fn new_prefix(
+        gpu: &GpuContext,
+        cache: &DeviceCache,
+        blocks_per_work: usize,
+        seqs: usize,
+    ) -> Result<Self, GpuError> {
+        let l = prefix_layout(&cache.layout, seqs)?;
+        Self::for_layout(gpu, &l, blocks_per_work)
+    }
+
+    fn for_layout(
+        gpu: &GpuContext,
+        l: &PagedLayout,
+        blocks_per_work: usize,
+    ) -> Result<Self, GpuError> {
         let bpw = blocks_per_work.max(1);
         let split = split_work(l, bpw);
         if split.work.len() > i32::MAX as usize / l.q_heads.max(1) {
@@ -597,6 +640,11 @@ impl DecodePlan {
             seqs: l.seqs,
             q_heads: l.q_heads,
         })
+    }
+
+    /// Sequences (decode rows) the plan covers.
+    pub fn seqs(&self) -> usize {
+        self.seqs
     }
 
     /// Fill the output with NaN, so a test sees any element a launch did not write.
@@ -786,16 +834,17 @@ impl DecodeAttention {
                 self.v_group
             )));
         }
-        if plan.seqs != l.seqs || plan.q_heads != l.q_heads {
+        // A plan may cover a prefix of the sequences (`DecodePlan::new_prefix`).
+        if plan.seqs > l.seqs || plan.q_heads != l.q_heads {
             return Err(GpuError::Shape(
                 "the plan was made for another cache".into(),
             ));
         }
-        if q.len() < l.seqs * l.q_heads * HEAD_DIM {
+        if q.len() < plan.seqs * l.q_heads * HEAD_DIM {
             return Err(GpuError::Shape(format!(
                 "q has {} values, {} sequences × {} heads × {HEAD_DIM} needed",
                 q.len(),
-                l.seqs,
+                plan.seqs,
                 l.q_heads
             )));
         }
@@ -874,7 +923,7 @@ impl DecodeAttention {
         }
         let q_heads = l.q_heads as i32;
         let cfg = LaunchConfig {
-            grid_dim: (l.seqs as u32, l.q_heads as u32, 1),
+            grid_dim: (plan.seqs as u32, l.q_heads as u32, 1),
             block_dim: (HEAD_DIM as u32, 1, 1),
             shared_mem_bytes: 0,
         };

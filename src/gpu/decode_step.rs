@@ -24,7 +24,9 @@ use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::llama::{inv_freq_of, Model};
 use crate::quant::KvClass;
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaEvent, CudaFunction, CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
+};
 
 pub const DECODE_STEP: KernelSource = KernelSource {
     name: "decode_step.cu",
@@ -678,8 +680,44 @@ impl DecodeStep {
         calls: Vec<PrefillCall>,
         opts: StepOptions,
     ) -> Result<(), GpuError> {
-        let mut next = 0;
-        for c in &calls {
+        self.check_calls(gpu, &calls, 0)?;
+        self.run_inner(gpu, w, kv, Attention::Prefill(calls), opts)
+    }
+
+    /// One step over decode rows and prefill chunks together (one pass over the weights):
+    /// rows `0..plan's sequences` decode the first sequences of the tables (`plan` from
+    /// `DecodePlan::new_prefix`), the calls cover the rows after them in order (their sequences
+    /// after the decode ones). Logits: every decode row, and the prefill rows as
+    /// `opts.last_row_logits` says.
+    pub fn run_mixed(
+        &mut self,
+        gpu: &GpuContext,
+        w: &DeviceWeights,
+        kv: &KvCaches,
+        plan: &mut DecodePlan,
+        calls: Vec<PrefillCall>,
+        opts: StepOptions,
+    ) -> Result<(), GpuError> {
+        let d = plan.seqs();
+        if d == 0 || calls.iter().any(|c| c.seq < d) {
+            return Err(GpuError::Shape(format!(
+                "a mixed step needs decode rows first ({d}) and chunks of later sequences"
+            )));
+        }
+        self.check_calls(gpu, &calls, d)?;
+        self.run_inner(gpu, w, kv, Attention::Mixed(plan, calls), opts)
+    }
+
+    /// `calls` cover the step's rows from `first` on, in order, with K/V appended; loads the
+    /// prefill kernel.
+    fn check_calls(
+        &mut self,
+        gpu: &GpuContext,
+        calls: &[PrefillCall],
+        first: usize,
+    ) -> Result<(), GpuError> {
+        let mut next = first;
+        for c in calls {
             if c.row0 != next || c.rows == 0 {
                 return Err(GpuError::Shape(format!(
                     "prefill chunks must cover the rows in order: a chunk of {} at row {} after \
@@ -701,7 +739,7 @@ impl DecodeStep {
                 gpu.zeros(self.batch * self.shape.q_heads * HEAD_DIM)?,
             ));
         }
-        self.run_inner(gpu, w, kv, Attention::Prefill(calls), opts)
+        Ok(())
     }
 
     fn run_inner(
@@ -813,36 +851,30 @@ impl DecodeStep {
                 if opts.time_attention {
                     ev.0.record(&stream).during("recording an event")?;
                 }
-                match &mut attention {
-                    Attention::Decode(plan) => self.attention.launch_at(
-                        gpu,
-                        cache,
-                        pool_offset,
-                        plan,
-                        &self.q16,
-                        sm_scale,
-                    )?,
-                    Attention::Prefill(calls) => {
-                        let Some((kernel, out)) = &mut self.prefill else {
-                            return Err(GpuError::Shape("prefill kernel not loaded".into()));
-                        };
-                        // The token lists are the same in every layer of a stacked or shared
-                        // cache: built and uploaded once per step (an upload from pageable
-                        // memory waits for the stream).
-                        let fresh = match &prepared {
-                            Some(p) => p.tables_differ(&cache.layout),
-                            None => true,
-                        };
-                        if fresh {
-                            for call in calls.iter_mut() {
-                                call.sm_scale = sm_scale;
-                            }
-                            prepared =
-                                Some(kernel.prepare(gpu, &cache.layout, calls, &self.q16, out)?);
+                if let Attention::Decode(plan) | Attention::Mixed(plan, _) = &mut attention {
+                    self.attention
+                        .launch_at(gpu, cache, pool_offset, plan, &self.q16, sm_scale)?;
+                }
+                if let Some(calls) = attention.calls_mut() {
+                    let Some((kernel, out)) = &mut self.prefill else {
+                        return Err(GpuError::Shape("prefill kernel not loaded".into()));
+                    };
+                    // The token lists are the same in every layer of a stacked or shared
+                    // cache: built and uploaded once per step (an upload from pageable
+                    // memory waits for the stream).
+                    let fresh = match &prepared {
+                        Some(p) => p.tables_differ(&cache.layout),
+                        None => true,
+                    };
+                    if fresh {
+                        for call in calls.iter_mut() {
+                            call.sm_scale = sm_scale;
                         }
-                        if let Some(prep) = &prepared {
-                            kernel.launch_prepared(gpu, cache, pool_offset, prep)?;
-                        }
+                        prepared =
+                            Some(kernel.prepare(gpu, &cache.layout, calls, &self.q16, out)?);
+                    }
+                    if let Some(prep) = &prepared {
+                        kernel.launch_prepared(gpu, cache, pool_offset, prep)?;
                     }
                 }
                 if opts.time_attention {
@@ -850,20 +882,34 @@ impl DecodeStep {
                 }
             }
             {
-                let n = (b * s.q_dim()) as i64;
-                let att_out = match (&attention, &self.prefill) {
-                    (Attention::Decode(plan), _) => &plan.out,
-                    (Attention::Prefill(_), Some((_, out))) => out,
-                    (Attention::Prefill(_), None) => {
-                        return Err(GpuError::Shape("prefill output not allocated".into()))
-                    }
+                // Attention outputs (f32, 128 per head) to bf16 rows: the decode plan's for
+                // its rows, the prefill kernel's for the rest.
+                let decode_rows = match &attention {
+                    Attention::Decode(_) => b,
+                    Attention::Mixed(plan, _) => plan.seqs(),
+                    Attention::Prefill(_) => 0,
                 };
-                let mut lb = stream.launch_builder(&self.f_attn_out);
-                lb.arg(att_out).arg(&mut self.attn).arg(&head_dim32).arg(&n);
-                // SAFETY: plan.out holds `b × q_heads × 128` f32, attn `b × q_heads × head_dim`
-                // bf16 (head_dim <= 128).
-                unsafe { lb.launch(grid_stride(gpu, n as usize)) }
-                    .during("launching tkv_attn_out_bf16")?;
+                let (q_dim, row128) = (s.q_dim(), s.q_heads * HEAD_DIM);
+                let mut parts: Vec<(CudaView<'_, f32>, usize, usize)> = Vec::with_capacity(2);
+                if let Attention::Decode(plan) | Attention::Mixed(plan, _) = &attention {
+                    parts.push((plan.out.slice(..), 0, decode_rows));
+                }
+                if decode_rows < b {
+                    let Some((_, out)) = &self.prefill else {
+                        return Err(GpuError::Shape("prefill output not allocated".into()));
+                    };
+                    parts.push((out.slice(decode_rows * row128..), decode_rows, b));
+                }
+                for (src, r0, r1) in parts {
+                    let n = ((r1 - r0) * q_dim) as i64;
+                    let mut dst = self.attn.slice_mut(r0 * q_dim..r1 * q_dim);
+                    let mut lb = stream.launch_builder(&self.f_attn_out);
+                    lb.arg(&src).arg(&mut dst).arg(&head_dim32).arg(&n);
+                    // SAFETY: src holds `(r1 - r0) × q_heads × 128` f32 from its first row, dst
+                    // `(r1 - r0) × q_heads × head_dim` bf16 (head_dim <= 128).
+                    unsafe { lb.launch(grid_stride(gpu, n as usize)) }
+                        .during("launching tkv_attn_out_bf16")?;
+                }
             }
             self.gemm
                 .linear(gpu, &self.attn, &lw.wo, &mut self.o, b, s.q_dim(), hd)?;
@@ -898,6 +944,11 @@ impl DecodeStep {
             (Attention::Prefill(calls), true) => {
                 Some(calls.iter().map(|c| c.row0 + c.rows - 1).collect())
             }
+            (Attention::Mixed(plan, calls), true) => Some(
+                (0..plan.seqs())
+                    .chain(calls.iter().map(|c| c.row0 + c.rows - 1))
+                    .collect(),
+            ),
             _ => None,
         };
         let (final_x, n) = match &self.logit_rows {
@@ -947,6 +998,18 @@ impl DecodeStep {
 enum Attention<'a> {
     Decode(&'a mut DecodePlan),
     Prefill(Vec<PrefillCall>),
+    /// Decode rows first (one per sequence of the plan, a prefix of the tables), then the
+    /// prefill calls' rows: one pass over the weights for both.
+    Mixed(&'a mut DecodePlan, Vec<PrefillCall>),
+}
+
+impl Attention<'_> {
+    fn calls_mut(&mut self) -> Option<&mut Vec<PrefillCall>> {
+        match self {
+            Attention::Prefill(c) | Attention::Mixed(_, c) => Some(c),
+            Attention::Decode(_) => None,
+        }
+    }
 }
 
 /// How the layers' KV caches are allocated.

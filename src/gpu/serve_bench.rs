@@ -13,7 +13,7 @@
 //! runs out, the most recently admitted session is preempted (its blocks freed; it
 //! recomputes later).
 
-use super::decode_attention::{class_index, DecodePlan, PagedLayout};
+use super::decode_attention::{class_index, prefix_layout, DecodePlan, PagedLayout};
 use super::decode_step::{DecodeStep, DeviceWeights, KvCaches, ModelShape, StepOptions};
 use super::prefill_attention::PrefillCall;
 use super::token_moves::TokenMoves;
@@ -52,6 +52,21 @@ pub struct ServeBenchConfig {
     pub warmup_s: f64,
     pub v_group: usize,
     pub seed: u32,
+    /// Run an iteration's prefill chunks and decode rows as one step (one pass over the
+    /// weights) instead of two.
+    pub fused_step: bool,
+}
+
+impl ServeBenchConfig {
+    /// Rows of the largest step: a prefill budget, a decode batch, or both when fused.
+    pub fn max_rows(&self) -> usize {
+        let chunk = self.chunk.min(PREFILL_ROWS);
+        if self.fused_step {
+            chunk + self.max_batch
+        } else {
+            chunk.max(self.max_batch)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -217,6 +232,16 @@ pub trait Executor {
     ) -> Result<(), GpuError>;
     /// One decode step: one row per sequence of `tables`.
     fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError>;
+    /// One step of both (`bench serve`, unless `--separate-steps`): the first `decode` sequences of `tables`
+    /// decode one row each (rows `0..decode`), the calls (sequences and rows after them)
+    /// prefill.
+    fn mixed(
+        &mut self,
+        tables: &PagedLayout,
+        rows: &StepRows,
+        calls: Vec<PrefillCall>,
+        decode: usize,
+    ) -> Result<(), GpuError>;
     /// Next-token logits (`vocab` each) of rows of the last prefill or decode step.
     fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError>;
     /// Wait for the queued work (the phases' timing points).
@@ -258,6 +283,8 @@ pub struct GpuExec<G, S, W> {
     time_attention: bool,
     timed_steps: (bool, bool),
     attention: StepAttention,
+    /// The greedy tokens of every step's decode rows, in order (`recording_next_ids`).
+    next_ids: Option<Vec<Vec<i32>>>,
 }
 
 impl<G, S, W> GpuExec<G, S, W>
@@ -292,6 +319,7 @@ where
             time_attention: false,
             timed_steps: (false, false),
             attention: StepAttention::default(),
+            next_ids: None,
             gpu,
             step,
             w,
@@ -302,6 +330,18 @@ where
     pub fn timing_attention(mut self) -> Self {
         self.time_attention = true;
         self
+    }
+
+    /// Keep the greedy tokens of every step's decode rows (`next_ids`): a test compares runs.
+    pub fn recording_next_ids(mut self) -> Self {
+        self.read_next_ids = true;
+        self.next_ids = Some(Vec::new());
+        self
+    }
+
+    /// The greedy tokens of the decode rows of every step so far, if recording.
+    pub fn recorded_next_ids(&self) -> Option<&[Vec<i32>]> {
+        self.next_ids.as_deref()
     }
 
     fn step_options(&self) -> StepOptions {
@@ -327,6 +367,15 @@ impl<E: Executor> Executor for &mut E {
     }
     fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
         (**self).decode(tables, rows)
+    }
+    fn mixed(
+        &mut self,
+        tables: &PagedLayout,
+        rows: &StepRows,
+        calls: Vec<PrefillCall>,
+        decode: usize,
+    ) -> Result<(), GpuError> {
+        (**self).mixed(tables, rows, calls, decode)
     }
     fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError> {
         (**self).logits(rows, vocab)
@@ -396,11 +445,49 @@ where
         step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
         step.run(gpu, self.w.borrow(), &self.kv, &mut plan, opts)?;
         if self.read_next_ids {
-            gpu.download_prefix(&step.next_ids, rows.ids.len())?;
+            let ids = gpu.download_prefix(&step.next_ids, rows.ids.len())?;
+            if let Some(log) = &mut self.next_ids {
+                log.push(ids);
+            }
         }
         if opts.time_attention {
             self.attention.decode_ms = step.attention_ms()?;
             self.timed_steps.1 = true;
+        }
+        Ok(())
+    }
+
+    fn mixed(
+        &mut self,
+        tables: &PagedLayout,
+        rows: &StepRows,
+        calls: Vec<PrefillCall>,
+        decode: usize,
+    ) -> Result<(), GpuError> {
+        let opts = self.step_options();
+        let (gpu, step) = (self.gpu.borrow(), self.step.borrow_mut());
+        let cache = stacked(&mut self.kv)?;
+        cache.set_tables(gpu, tables)?;
+        let bpw = DecodePlan::default_blocks_per_work(
+            &prefix_layout(&cache.layout, decode)?,
+            gpu.multiprocessors,
+            self.ctas_per_sm,
+        );
+        let mut plan = DecodePlan::new_prefix(gpu, cache, bpw, decode)?;
+        step.set_inputs(gpu, &rows.ids, &rows.pos)?;
+        step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
+        step.run_mixed(gpu, self.w.borrow(), &self.kv, &mut plan, calls, opts)?;
+        if self.read_next_ids {
+            // The decode rows lead the logits rows (`StepOptions::last_row_logits`).
+            let ids = gpu.download_prefix(&step.next_ids, decode)?;
+            if let Some(log) = &mut self.next_ids {
+                log.push(ids);
+            }
+        }
+        if opts.time_attention {
+            // One step: its attention (decode and prefill launches) counts as the prefill's.
+            self.attention.prefill_ms = step.attention_ms()?;
+            self.timed_steps.0 = true;
         }
         Ok(())
     }
@@ -446,6 +533,8 @@ pub struct HostCheck {
     last_ids: Vec<Option<i32>>,
     pub prefills: usize,
     pub decodes: usize,
+    /// Steps of decode rows and prefill chunks together (counted in neither of the above).
+    pub mixed: usize,
     pub quantized: usize,
     pub moved: usize,
 }
@@ -464,6 +553,58 @@ impl HostCheck {
                 "{what}: slot {slot} holds {other:?}, expected {c:?}"
             ))),
         }
+    }
+
+    /// Check a step whose first `first` rows decode sequences `0..first` and whose calls
+    /// prefill the rest (one sequence each, after them); the input ids of the rows with
+    /// logits (each decode row, each chunk's last).
+    fn chunks(
+        &self,
+        t: &PagedLayout,
+        rows: &StepRows,
+        calls: &[PrefillCall],
+        first: usize,
+    ) -> Result<Vec<Option<i32>>, GpuError> {
+        let total = first + calls.iter().map(|c| c.rows).sum::<usize>();
+        if first + calls.len() != t.seqs || rows.ids.len() != total || rows.slots.len() != total {
+            return Err(GpuError::Shape(format!(
+                "{first} decode rows and {} calls, {total} rows in all, for {} sequences and {} \
+                 rows",
+                calls.len(),
+                t.seqs,
+                rows.ids.len()
+            )));
+        }
+        let mut next = first;
+        for c in calls {
+            if c.row0 != next || c.rows == 0 || c.seq < first {
+                return Err(GpuError::Shape(format!(
+                    "a chunk of {} rows of sequence {} at row {} after {next}",
+                    c.rows, c.seq, c.row0
+                )));
+            }
+            next += c.rows;
+            let f16: usize = t
+                .table(KvClass::F16)
+                .iter()
+                .filter(|b| b.seq == c.seq)
+                .map(|b| b.tokens)
+                .sum();
+            if f16 != c.f16_base + c.rows {
+                return Err(GpuError::Shape(format!(
+                    "sequence {}: {f16} 16-bit tokens, the chunk ends at {}",
+                    c.seq,
+                    c.f16_base + c.rows
+                )));
+            }
+        }
+        let mut ids: Vec<Option<i32>> = rows.ids[..first].iter().map(|&i| Some(i)).collect();
+        ids.resize(total, None);
+        for c in calls {
+            let last = c.row0 + c.rows - 1;
+            ids[last] = Some(rows.ids[last]);
+        }
+        Ok(ids)
     }
 
     fn tables(&self, t: &PagedLayout) -> Result<(), GpuError> {
@@ -517,47 +658,31 @@ impl Executor for HostCheck {
         calls: Vec<PrefillCall>,
     ) -> Result<(), GpuError> {
         self.tables(t)?;
-        let total: usize = calls.iter().map(|c| c.rows).sum();
-        if calls.len() != t.seqs || rows.ids.len() != total || rows.slots.len() != total {
-            return Err(GpuError::Shape(format!(
-                "{} calls of {total} rows for {} sequences and {} rows",
-                calls.len(),
-                t.seqs,
-                rows.ids.len()
-            )));
-        }
-        let mut next = 0;
-        for c in &calls {
-            if c.row0 != next || c.rows == 0 {
-                return Err(GpuError::Shape(format!(
-                    "a chunk of {} rows at row {} after {next}",
-                    c.rows, c.row0
-                )));
-            }
-            next += c.rows;
-            let f16: usize = t
-                .table(KvClass::F16)
-                .iter()
-                .filter(|b| b.seq == c.seq)
-                .map(|b| b.tokens)
-                .sum();
-            if f16 != c.f16_base + c.rows {
-                return Err(GpuError::Shape(format!(
-                    "sequence {}: {f16} 16-bit tokens, the chunk ends at {}",
-                    c.seq,
-                    c.f16_base + c.rows
-                )));
-            }
-        }
+        self.last_ids = self.chunks(t, rows, &calls, 0)?;
         self.prefills += 1;
-        self.last_ids = vec![None; total];
-        for c in &calls {
-            let last = c.row0 + c.rows - 1;
-            self.last_ids[last] = Some(rows.ids[last]);
-        }
         Ok(())
     }
 
+    fn mixed(
+        &mut self,
+        t: &PagedLayout,
+        rows: &StepRows,
+        calls: Vec<PrefillCall>,
+        decode: usize,
+    ) -> Result<(), GpuError> {
+        self.tables(t)?;
+        // The decode sequences' entries lead every class table (the plan is a prefix).
+        prefix_layout(t, decode)?;
+        if decode == 0 || calls.iter().any(|c| c.seq < decode) {
+            return Err(GpuError::Shape(format!(
+                "a mixed step of {decode} decode rows and chunks of sequences {:?}",
+                calls.iter().map(|c| c.seq).collect::<Vec<_>>()
+            )));
+        }
+        self.last_ids = self.chunks(t, rows, &calls, decode)?;
+        self.mixed += 1;
+        Ok(())
+    }
     fn decode(&mut self, t: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
         self.tables(t)?;
         if rows.ids.len() != t.seqs {
@@ -832,18 +957,38 @@ impl<E: Executor> Run<'_, E> {
         self.exec.sync()?;
         let t_sched = Instant::now();
 
+        // Decode rows (sequences `0..dec.len()` of a fused step's tables), then the chunks.
+        let dec_rows = |run: &Self| StepRows {
+            ids: dec
+                .iter()
+                .map(|&(c, p, _)| run.work.sessions[run.clients[c].session].ids[p] as i32)
+                .collect(),
+            pos: dec.iter().map(|d| d.1 as i32).collect(),
+            slots: dec.iter().map(|d| d.2 .0 as i32).collect(),
+            toks: dec.iter().map(|d| d.2 .1 as i32).collect(),
+        };
+        let fused = self.cfg.fused_step && !chunks.is_empty() && !dec.is_empty();
         if !chunks.is_empty() {
             // Every chunk in one step: one pass over the weights, one attention launch per
-            // chunk and layer.
-            let seqs: Vec<usize> = chunks.iter().map(|k| k.client).collect();
+            // layer for all chunks (and, fused, the decode rows in the same step).
+            let first = if fused { dec.len() } else { 0 };
+            let seqs: Vec<usize> = dec[..first]
+                .iter()
+                .map(|d| d.0)
+                .chain(chunks.iter().map(|k| k.client))
+                .collect();
             let l = self.tables(&seqs);
-            let mut rows = StepRows::default();
+            let mut rows = if fused {
+                dec_rows(self)
+            } else {
+                StepRows::default()
+            };
             let mut calls = Vec::with_capacity(chunks.len());
             for (i, k) in chunks.iter().enumerate() {
                 let s = &self.work.sessions[self.clients[k.client].session];
                 let n = k.targets.len();
                 calls.push(PrefillCall {
-                    seq: i,
+                    seq: first + i,
                     f16_base: k.f16_base,
                     row0: rows.ids.len(),
                     rows: n,
@@ -855,22 +1000,18 @@ impl<E: Executor> Run<'_, E> {
                 rows.slots.extend(k.targets.iter().map(|t| t.0 as i32));
                 rows.toks.extend(k.targets.iter().map(|t| t.1 as i32));
             }
-            self.exec.prefill(&l, &rows, calls)?;
+            if fused {
+                self.exec.mixed(&l, &rows, calls, first)?;
+            } else {
+                self.exec.prefill(&l, &rows, calls)?;
+            }
         }
         self.exec.sync()?;
         let t_prefill = Instant::now();
-        if !dec.is_empty() {
+        if !dec.is_empty() && !fused {
             let seqs: Vec<usize> = dec.iter().map(|d| d.0).collect();
             let l = self.tables(&seqs);
-            let rows = StepRows {
-                ids: dec
-                    .iter()
-                    .map(|&(c, p, _)| self.work.sessions[self.clients[c].session].ids[p] as i32)
-                    .collect(),
-                pos: dec.iter().map(|d| d.1 as i32).collect(),
-                slots: dec.iter().map(|d| d.2 .0 as i32).collect(),
-                toks: dec.iter().map(|d| d.2 .1 as i32).collect(),
-            };
+            let rows = dec_rows(self);
             self.exec.decode(&l, &rows)?;
         }
         self.exec.sync()?;
@@ -1216,7 +1357,7 @@ pub fn run_host_check(
     iterations: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<ServeBenchRow>, GpuError> {
-    let max_rows = cfg.chunk.min(PREFILL_ROWS).max(cfg.max_batch);
+    let max_rows = cfg.max_rows();
     let mut rows = Vec::new();
     for bc in &cfg.caches {
         let mut check = HostCheck::default();
@@ -1230,8 +1371,9 @@ pub fn run_host_check(
             &mut progress,
         )?;
         progress(&format!(
-            "{}: host check passed: {} prefill and {} decode steps, {} blocks quantized, {} tokens moved",
-            bc.name, check.prefills, check.decodes, check.quantized, check.moved
+            "{}: host check passed: {} prefill, {} decode and {} fused steps, {} blocks quantized, \
+             {} tokens moved",
+            bc.name, check.prefills, check.decodes, check.mixed, check.quantized, check.moved
         ));
         rows.push(row);
     }
@@ -1255,7 +1397,7 @@ pub fn run(
     }
     progress(&format!("random {} weights", shape.name));
     let w = DeviceWeights::random(gpu, shape, cfg.seed)?;
-    let max_rows = cfg.chunk.min(PREFILL_ROWS).max(cfg.max_batch);
+    let max_rows = cfg.max_rows();
     let mut step = DecodeStep::new(gpu, shape, max_rows, cfg.v_group)?;
     let mut rows = Vec::new();
     for bc in &cfg.caches {
@@ -1357,7 +1499,7 @@ mod tests {
     #[test]
     fn scheduler_serves_sessions_with_every_request_checked() {
         let work = workload(9, 6);
-        for bc in [
+        let caches = [
             BenchCache {
                 name: "bf16".into(),
                 map: ClassMap::uniform(KvClass::F16, 0, 0),
@@ -1366,7 +1508,9 @@ mod tests {
                 name: "mixed".into(),
                 map: mixed(),
             },
-        ] {
+        ];
+        // Separate prefill and decode steps, then both in one (the default).
+        for (bc, fused_step) in caches.iter().flat_map(|bc| [(bc, false), (bc, true)]) {
             let shape = crate::gpu::decode_step::ModelShape::llama3_8b();
             // 200 slots: room for a few sessions at 16 bits, many more mixed.
             let slot = shape.layers * shape.kv_heads * 9728;
@@ -1381,9 +1525,10 @@ mod tests {
                 warmup_s: 0.0,
                 v_group: 64,
                 seed: 0,
+                fused_step,
             };
             let mut checker = HostCheck::default();
-            let row = serve_cache(&mut checker, &cfg, &work, &bc, 512, Some(1500), |_| {})
+            let row = serve_cache(&mut checker, &cfg, &work, bc, 512, Some(1500), |_| {})
                 .expect("serves");
             assert_eq!(row.leaked_slots, 0, "{}", bc.name);
             assert!(row.turns_completed >= 40, "{}: {row:?}", bc.name);
@@ -1406,8 +1551,12 @@ mod tests {
                 );
                 assert!(row.peak_sessions > 6, "{row:?}");
             }
+            if fused_step {
+                assert!(checker.mixed > 0, "{}: no fused step", bc.name);
+            }
             eprintln!(
-                "{}: {} turns, peak {} sessions, {} preemptions, {} blocks quantized, {} tokens moved",
+                "{} (fused {fused_step}): {} turns, peak {} sessions, {} preemptions, {} blocks \
+                 quantized, {} tokens moved",
                 bc.name,
                 row.turns_completed,
                 row.peak_sessions,
