@@ -297,30 +297,37 @@ impl<E: Executor> GpuBackend<E> {
         l
     }
 
-    /// Run `group` (all prompt chunks or all decode tokens) in one device step; the logits
-    /// of the rows that want them, by work index.
+    /// Run `decode` (one token each) and `chunks` (prompt chunks) in one device step — decode
+    /// rows first, then the chunks' rows, one pass over the weights for both; the logits of
+    /// the rows that want them, by work index.
     fn run_group(
         &self,
         dev: &mut E,
         batch: &[Work<'_, GpuSeq>],
-        group: &[Fed],
-        prefill: bool,
+        decode: &[Fed],
+        chunks: &[Fed],
     ) -> Result<Vec<(usize, Vec<f32>)>, GpuError> {
-        let seqs: Vec<&SeqBlocks> = group.iter().map(|f| &batch[f.work].seq.blocks).collect();
+        let seqs: Vec<&SeqBlocks> = decode
+            .iter()
+            .chain(chunks)
+            .map(|f| &batch[f.work].seq.blocks)
+            .collect();
         let l = self.tables(&seqs);
         let mut rows = StepRows::default();
         let mut calls = Vec::new();
         let mut want = Vec::new();
-        for (i, f) in group.iter().enumerate() {
+        for (i, f) in decode.iter().chain(chunks).enumerate() {
             let w = &batch[f.work];
             let n = f.targets.len();
-            calls.push(PrefillCall {
-                seq: i,
-                f16_base: f.f16_base,
-                row0: rows.ids.len(),
-                rows: n,
-                sm_scale: 0.0,
-            });
+            if i >= decode.len() {
+                calls.push(PrefillCall {
+                    seq: i,
+                    f16_base: f.f16_base,
+                    row0: rows.ids.len(),
+                    rows: n,
+                    sm_scale: 0.0,
+                });
+            }
             if f.logits {
                 want.push((f.work, rows.ids.len() + n - 1));
             }
@@ -329,14 +336,36 @@ impl<E: Executor> GpuBackend<E> {
             rows.slots.extend(f.targets.iter().map(|t| t.0 as i32));
             rows.toks.extend(f.targets.iter().map(|t| t.1 as i32));
         }
-        if prefill {
-            dev.prefill(&l, &rows, calls)?;
-        } else {
-            dev.decode(&l, &rows)?;
+        match (decode.len(), calls.is_empty()) {
+            (0, _) => dev.prefill(&l, &rows, calls)?,
+            (_, true) => dev.decode(&l, &rows)?,
+            (d, false) => dev.mixed(&l, &rows, calls, d)?,
         }
         let rows: Vec<usize> = want.iter().map(|w| w.1).collect();
         let logits = dev.logits(&rows, self.vocab)?;
         Ok(want.into_iter().map(|w| w.0).zip(logits).collect())
+    }
+
+    /// The device steps of `tokens` (one row each) and `chunks`: one step for both when
+    /// their rows fit `max` (the engine's steps do: it runs at most `--step-tokens` rows),
+    /// else groups of chunks, then groups of tokens.
+    fn steps(tokens: Vec<Fed>, chunks: Vec<Fed>, max: usize) -> Vec<(Vec<Fed>, Vec<Fed>)> {
+        let rows: usize = tokens.iter().chain(&chunks).map(|f| f.targets.len()).sum();
+        if rows <= max {
+            if tokens.is_empty() && chunks.is_empty() {
+                return Vec::new();
+            }
+            return vec![(tokens, chunks)];
+        }
+        Self::groups(chunks, max)
+            .into_iter()
+            .map(|g| (Vec::new(), g))
+            .chain(
+                Self::groups(tokens, max)
+                    .into_iter()
+                    .map(|g| (g, Vec::new())),
+            )
+            .collect()
     }
 
     /// Groups of consecutive items whose rows fit `max` (an item alone always fits: chunks
@@ -456,30 +485,23 @@ impl<E: Executor + Send + 'static> Backend for GpuBackend<E> {
             .map_err(|e| e.to_string());
         pool.commit();
         let mut ran: Vec<usize> = Vec::new();
-        let groups = Self::groups(chunks, self.max_rows)
-            .into_iter()
-            .map(|g| (g, true))
-            .chain(
-                Self::groups(tokens, self.max_rows)
-                    .into_iter()
-                    .map(|g| (g, false)),
-            );
-        for (group, prefill) in groups {
+        for (decode, chunks) in Self::steps(tokens, chunks, self.max_rows) {
             let r = match &queued {
                 Ok(()) => self
-                    .run_group(&mut dev, &batch, &group, prefill)
+                    .run_group(&mut dev, &batch, &decode, &chunks)
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.clone()),
             };
+            let group = decode.iter().chain(&chunks);
             match r {
                 Ok(logits) => {
-                    ran.extend(group.iter().map(|f| f.work));
+                    ran.extend(group.map(|f| f.work));
                     for (i, l) in logits {
                         out[i] = Ok(l);
                     }
                 }
                 Err(e) => {
-                    for f in &group {
+                    for f in group {
                         out[f.work] = Err(BackendError::Failed(e.clone()));
                     }
                 }
@@ -692,7 +714,19 @@ mod tests {
         let dev = lock(&backend.device);
         assert!(dev.quantized > 20, "{} blocks quantized", dev.quantized);
         assert!(dev.moved > 0, "no token aged");
-        assert!(dev.prefills > 0 && dev.decodes > 0);
+        // Prompt chunks with decode tokens in one step where their rows fit 96, alone where
+        // not.
+        assert!(
+            dev.prefills > 0 && dev.decodes > 0 && dev.mixed > 0,
+            "{} prefill, {} decode, {} fused steps",
+            dev.prefills,
+            dev.decodes,
+            dev.mixed
+        );
+        eprintln!(
+            "{} prefill, {} decode, {} fused steps",
+            dev.prefills, dev.decodes, dev.mixed
+        );
         assert!(truncated >= 18, "{truncated} truncations");
         assert!(
             preempted > 0,
