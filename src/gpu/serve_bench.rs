@@ -344,6 +344,52 @@ where
         self.next_ids.as_deref()
     }
 
+    /// Upload `tables` and `rows` for a step whose first `decode` sequences decode; their
+    /// plan.
+    fn begin_decode(
+        &mut self,
+        tables: &PagedLayout,
+        rows: &StepRows,
+        decode: usize,
+    ) -> Result<DecodePlan, GpuError> {
+        let (gpu, step) = (self.gpu.borrow(), self.step.borrow_mut());
+        let cache = stacked(&mut self.kv)?;
+        cache.set_tables(gpu, tables)?;
+        let bpw = DecodePlan::default_blocks_per_work(
+            &prefix_layout(&cache.layout, decode)?,
+            gpu.multiprocessors,
+            self.ctas_per_sm,
+        );
+        let plan = DecodePlan::new_prefix(gpu, cache, bpw, decode)?;
+        step.set_inputs(gpu, &rows.ids, &rows.pos)?;
+        step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
+        Ok(plan)
+    }
+
+    /// After a step with `decode` leading decode rows: their greedy tokens (the leading
+    /// logits rows, `StepOptions::last_row_logits`) and the attention time, counted as the
+    /// prefill's when the step also prefilled.
+    fn finish_decode(&mut self, decode: usize, prefilled: bool) -> Result<(), GpuError> {
+        let (gpu, step) = (self.gpu.borrow(), self.step.borrow());
+        if self.read_next_ids {
+            let ids = gpu.download_prefix(&step.next_ids, decode)?;
+            if let Some(log) = &mut self.next_ids {
+                log.push(ids);
+            }
+        }
+        if self.time_attention {
+            let ms = step.attention_ms()?;
+            if prefilled {
+                self.attention.prefill_ms = ms;
+                self.timed_steps.0 = true;
+            } else {
+                self.attention.decode_ms = ms;
+                self.timed_steps.1 = true;
+            }
+        }
+        Ok(())
+    }
+
     fn step_options(&self) -> StepOptions {
         StepOptions {
             time_attention: self.time_attention,
@@ -432,29 +478,10 @@ where
 
     fn decode(&mut self, tables: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
         let opts = self.step_options();
+        let mut plan = self.begin_decode(tables, rows, tables.seqs)?;
         let (gpu, step) = (self.gpu.borrow(), self.step.borrow_mut());
-        let cache = stacked(&mut self.kv)?;
-        cache.set_tables(gpu, tables)?;
-        let bpw = DecodePlan::default_blocks_per_work(
-            &cache.layout,
-            gpu.multiprocessors,
-            self.ctas_per_sm,
-        );
-        let mut plan = DecodePlan::new(gpu, cache, bpw)?;
-        step.set_inputs(gpu, &rows.ids, &rows.pos)?;
-        step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
         step.run(gpu, self.w.borrow(), &self.kv, &mut plan, opts)?;
-        if self.read_next_ids {
-            let ids = gpu.download_prefix(&step.next_ids, rows.ids.len())?;
-            if let Some(log) = &mut self.next_ids {
-                log.push(ids);
-            }
-        }
-        if opts.time_attention {
-            self.attention.decode_ms = step.attention_ms()?;
-            self.timed_steps.1 = true;
-        }
-        Ok(())
+        self.finish_decode(tables.seqs, false)
     }
 
     fn mixed(
@@ -465,31 +492,11 @@ where
         decode: usize,
     ) -> Result<(), GpuError> {
         let opts = self.step_options();
+        let mut plan = self.begin_decode(tables, rows, decode)?;
         let (gpu, step) = (self.gpu.borrow(), self.step.borrow_mut());
-        let cache = stacked(&mut self.kv)?;
-        cache.set_tables(gpu, tables)?;
-        let bpw = DecodePlan::default_blocks_per_work(
-            &prefix_layout(&cache.layout, decode)?,
-            gpu.multiprocessors,
-            self.ctas_per_sm,
-        );
-        let mut plan = DecodePlan::new_prefix(gpu, cache, bpw, decode)?;
-        step.set_inputs(gpu, &rows.ids, &rows.pos)?;
-        step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
         step.run_mixed(gpu, self.w.borrow(), &self.kv, &mut plan, calls, opts)?;
-        if self.read_next_ids {
-            // The decode rows lead the logits rows (`StepOptions::last_row_logits`).
-            let ids = gpu.download_prefix(&step.next_ids, decode)?;
-            if let Some(log) = &mut self.next_ids {
-                log.push(ids);
-            }
-        }
-        if opts.time_attention {
-            // One step: its attention (decode and prefill launches) counts as the prefill's.
-            self.attention.prefill_ms = step.attention_ms()?;
-            self.timed_steps.0 = true;
-        }
-        Ok(())
+        // One step: its attention (decode and prefill launches) counts as the prefill's.
+        self.finish_decode(decode, true)
     }
 
     fn logits(&mut self, rows: &[usize], vocab: usize) -> Result<Vec<Vec<f32>>, GpuError> {
