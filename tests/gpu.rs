@@ -1569,7 +1569,7 @@ fn logit_gap(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> (f32, usize, usize) {
 ///   16-bit ones, nearer than INT2's, and the cache holds packed blocks.
 #[test]
 fn serve_backend_matches_gpu_forward() {
-    use triaxkv::gpu::{GpuBackend, GpuForward};
+    use triaxkv::gpu::{GpuBackend, GpuForward, PoolSpec};
     use triaxkv::model::config::Arch;
     use triaxkv::paged::pool::ClassMap;
     use triaxkv::tags::{Modality, Role, TokenTag};
@@ -1619,10 +1619,15 @@ fn serve_backend_matches_gpu_forward() {
             .flatten()
             .flatten()
             .fold(0f32, |m, &x| m.max(x.abs()));
-        let open = |map: ClassMap, label: &str| {
+        let open_vg = |map: ClassMap, v_group: usize, label: &str| {
             let ctx = GpuContext::open(0).unwrap();
-            GpuBackend::open(ctx, "tiny", &model, map, 64 << 20, 128, label).unwrap()
+            let spec = PoolSpec {
+                v_group,
+                ..PoolSpec::new(map, 64 << 20)
+            };
+            GpuBackend::open(ctx, "tiny", &model, spec, 128, label).unwrap()
         };
+        let open = |map: ClassMap, label: &str| open_vg(map, 64, label);
         let tag = format!("{arch:?} hd {head_dim}");
         for (label, map) in [
             ("f16", ClassMap::uniform(KvClass::F16, 0, 0)),
@@ -1659,6 +1664,31 @@ fn serve_backend_matches_gpu_forward() {
                 "{tag} {label}: batched vs alone {d_alone:.3e}"
             );
             quantized.push((d, same, rows));
+        }
+        if head_dim == 128 {
+            // Whole-head value groups: smaller INT2 slabs (9,216 bytes, not 9,728), the
+            // same batching invariance.
+            let label = "Int2, window 16, value group 128";
+            let backend = open_vg(ClassMap::uniform(KvClass::Int2, 4, 16), 128, label);
+            let (got, usage) = feed_backend(&backend, &seqs, label);
+            let (alone, _) = feed_backend(&backend, &seqs[..1], label);
+            let (d_alone, ..) = logit_gap(&alone, &got[..1]);
+            let (d, same, rows) = logit_gap(&got, &want);
+            eprintln!(
+                "serve backend {tag} {label}: max |Δlogit| vs 16-bit {d:.3e}, top-1 equal \
+                 {same}/{rows}; batched vs alone {d_alone:.3e}; {} packed bytes",
+                usage.packed
+            );
+            assert!(
+                d.is_finite() && d_alone < 1e-3 * max_ref,
+                "{tag} {label}: {d_alone:.3e}"
+            );
+            assert_eq!(
+                usage.packed % 9216,
+                0,
+                "{tag} {label}: {} packed bytes",
+                usage.packed
+            );
         }
         let ((d4, same4, rows), (d2, same2, _)) = (quantized[0], quantized[1]);
         assert!(

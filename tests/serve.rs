@@ -934,8 +934,7 @@ fn memory_pressure_preempts_and_recomputes() {
 fn gpu_pool_backend_serves_http_with_every_request_checked() {
     use triaxkv::gpu::decode_step::ModelShape;
     use triaxkv::gpu::serve_bench::HostCheck;
-    use triaxkv::gpu::GpuBackend;
-    use triaxkv::paged::pool::ClassMap;
+    use triaxkv::gpu::{GpuBackend, PoolSpec};
     let Some(s) = shared() else { return };
     let profile =
         triaxkv::profile::Profile::read(std::path::Path::new("profiles/triaxial-2.97.json"))
@@ -943,7 +942,7 @@ fn gpu_pool_backend_serves_http_with_every_request_checked() {
     let shape = ModelShape::of_config("smol", &s.model.config);
     // Slots of this pool: 3 KV heads × 30 layers × the largest class's slab.
     let backend =
-        GpuBackend::checked(&shape, ClassMap::from_profile(&profile), 110 << 20, 256).unwrap();
+        GpuBackend::checked(&shape, PoolSpec::of_profile(&profile, 110 << 20), 256).unwrap();
     let pool = backend.pool_handle();
     let (free0, total) = backend.pool_slots();
     assert_eq!(free0, total);

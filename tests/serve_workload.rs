@@ -103,6 +103,22 @@ fn bench_serve_refuses_bad_input_before_the_gpu() {
         "10",
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--warmup must be below --duration"));
+    let o = triaxkv(&[
+        "bench",
+        "serve",
+        "--workload",
+        bad.to_str().unwrap(),
+        "--caches",
+        "int2",
+        "--v-group",
+        "48",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("value group 48") && err.contains("--v-group"),
+        "{err}"
+    );
 }
 
 /// `bench serve --host-check`: the whole scheduler on recorded sessions without a GPU, every

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use triaxkv::eval::plot::{self, Line, Scatter};
+use triaxkv::gpu::decode_attention::V_GROUPS;
 use triaxkv::gpu::decode_step::ModelShape;
 use triaxkv::gpu::serve_bench::{self, BenchCache, ServeBenchConfig, ServeBenchRow, TimelinePoint};
 use triaxkv::gpu::GpuContext;
@@ -100,6 +101,12 @@ pub struct ServeArgs {
     /// over the weights). By default they run as one step, whose time is reported as prefill.
     #[arg(long)]
     separate_steps: bool,
+    /// Head-dimension elements per value scale and zero of the INT4 and INT2 blocks (32, 64
+    /// or 128), for every cache of the run. Default: the profile's `cache.value_group` when
+    /// the `profile` cache runs, else 64. Larger groups make smaller slots (INT2 at 128:
+    /// 2.25 bits for K and V, `docs/KV_LAYOUT.md`) and coarser values.
+    #[arg(long)]
+    v_group: Option<usize>,
     #[arg(long, default_value_t = 0)]
     device: usize,
     /// No GPU: run N scheduler iterations per cache against a host model of the device that
@@ -249,6 +256,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !(args.duration > 0.0 && args.warmup >= 0.0 && args.warmup < args.duration) {
         bail!("--warmup must be below --duration (seconds)");
     }
+    let v_group = v_group(&args)?;
     let work = Workload::read(&args.workload)?;
     let caches = args
         .caches
@@ -264,7 +272,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_batch: args.max_batch,
         duration_s: args.duration,
         warmup_s: args.warmup,
-        v_group: 64,
+        v_group,
         seed: 0x5eed,
         fused_step: !args.separate_steps,
     };
@@ -278,14 +286,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let head = format!(
             "bench serve --host-check {n}: no GPU, every device request checked; {} shape, \
              {:.1} GiB KV per cache, {} clients over {} recorded sessions ({tokens} tokens, \
-             {gen} generated per pass), chunk {}{}; sessions, bits and preemptions after {n} \
-             iterations (times and tokens/s are host bookkeeping, not speed)",
+             {gen} generated per pass), chunk {}{}, value group {}; sessions, bits and \
+             preemptions after {n} iterations (times and tokens/s are host bookkeeping, not \
+             speed)",
             cfg.shape.name,
             cfg.kv_memory as f64 / (1u64 << 30) as f64,
             cfg.clients,
             work.sessions.len(),
             cfg.chunk,
-            steps(&cfg)
+            steps(&cfg),
+            cfg.v_group
         );
         eprintln!("{head}");
         let rows = serve_bench::run_host_check(&cfg, &work, n, |m| eprintln!("{m}"))?;
@@ -295,7 +305,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let head = format!(
         "bench serve on {} ({}): {} with random bf16 weights (speed only), {:.1} GiB KV per \
          cache, {} clients over {} recorded sessions ({tokens} tokens, {gen} generated per \
-         pass), chunk {}{}, {:.0} s per cache, the first {:.0} s not counted",
+         pass), chunk {}{}, value group {}, {:.0} s per cache, the first {:.0} s not counted",
         gpu.name,
         gpu.arch(),
         cfg.shape.name,
@@ -304,12 +314,39 @@ pub fn run(args: ServeArgs) -> Result<()> {
         work.sessions.len(),
         cfg.chunk,
         steps(&cfg),
+        cfg.v_group,
         cfg.duration_s,
         cfg.warmup_s
     );
     eprintln!("{head}");
     let rows = serve_bench::run(&gpu, &cfg, &work, |m| eprintln!("{m}"))?;
     report(&rows, &head, &args, true)
+}
+
+/// `--v-group`, else the profile's value group when the profile cache runs, else 64.
+fn v_group(args: &ServeArgs) -> Result<usize> {
+    let profile = if args
+        .caches
+        .iter()
+        .any(|c| c.trim().eq_ignore_ascii_case("profile"))
+    {
+        Some(Profile::read(&args.profile)?.cache.value_group)
+    } else {
+        None
+    };
+    let g = args.v_group.or(profile).unwrap_or(64);
+    if !V_GROUPS.contains(&g) {
+        bail!("value group {g}: the kernels are compiled for {V_GROUPS:?} (--v-group)");
+    }
+    if let (Some(p), true) = (profile, args.v_group.is_some()) {
+        if p != g {
+            eprintln!(
+                "note: --v-group {g} stores the profile's classes with value groups of {g}; \
+                 it was allocated for groups of {p}"
+            );
+        }
+    }
+    Ok(g)
 }
 
 /// How an iteration's prefill chunks and decode rows run (`--separate-steps`).

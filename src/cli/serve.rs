@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use triaxkv::gpu::{GpuBackend, GpuContext};
+use triaxkv::gpu::{GpuBackend, GpuContext, PoolSpec};
 use triaxkv::model::load;
 use triaxkv::paged::pool::ClassMap;
 use triaxkv::profile::{ModelIdentity, Profile};
@@ -153,17 +153,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if args.kv == KvMode::F32 && args.profile.is_none() {
             bail!("--gpu stores keys and values at 16 bits or a profile's classes: --kv f32 is CPU only");
         }
-        let (map, label) = match &args.profile {
+        let (spec, label) = match &args.profile {
             Some(path) => {
                 let p = Profile::read(path)?;
-                let map = ClassMap::from_profile(&p);
-                let fit = map.fit(&p);
+                let spec = PoolSpec::of_profile(&p, args.kv_memory);
+                let fit = spec.map.fit(&p);
                 if !fit.exact() {
                     eprintln!("warning: profile {}: {fit}", p.name);
                 }
-                (map, p.name.clone())
+                (spec, p.name.clone())
             }
-            None => (ClassMap::uniform(KvClass::F16, 0, 0), "f16".to_string()),
+            None => (
+                PoolSpec::new(ClassMap::uniform(KvClass::F16, 0, 0), args.kv_memory),
+                "f16".to_string(),
+            ),
         };
         let gpu = GpuContext::open(0).context("opening the GPU (drop --gpu to serve on the CPU)")?;
         let rows = args.step_tokens.max(args.prefill_chunk).max(args.max_seqs);
@@ -171,8 +174,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             gpu,
             &loaded.name,
             &loaded.model,
-            map,
-            args.kv_memory,
+            spec,
             rows,
             &label,
         )

@@ -27,7 +27,7 @@ pub use nvrtc::{
 pub use prefill_attention::PrefillAttention;
 pub use quantize_append::{QuantizeAppend, QuantizeJob};
 pub use sampling::GpuSampler;
-pub use serve_backend::{GpuBackend, GpuDevice, GpuSeq};
+pub use serve_backend::{GpuBackend, GpuDevice, GpuSeq, PoolSpec};
 
 use cudarc::driver::DriverError;
 use std::path::PathBuf;

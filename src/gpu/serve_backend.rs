@@ -26,9 +26,6 @@ use crate::runtime::{Backend, BackendError, KvUsage, PoolOccupancy, Work};
 use crate::tags::TokenTag;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Value group of the packed classes (the head's 128 lanes in two groups; a 64-wide head,
-/// zero-padded to 128, keeps its real lanes in one group).
-const V_GROUP: usize = 64;
 /// Token moves one launch takes (more are split).
 const MOVES_PER_LAUNCH: usize = 1024;
 
@@ -36,6 +33,36 @@ const MOVES_PER_LAUNCH: usize = 1024;
 pub type GpuDevice = GpuExec<GpuContext, DecodeStep, DeviceWeights>;
 
 /// What the pool holds per slot and how many slots there are.
+/// What a pool is asked for: which class each token is stored at, its bytes (all layers),
+/// and the value group of its INT4 and INT2 blocks.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub map: ClassMap,
+    pub kv_memory: usize,
+    pub v_group: usize,
+}
+
+impl PoolSpec {
+    /// `map` in `kv_memory` bytes with 64-element value groups (the head's 128 lanes in two
+    /// groups; a 64-wide head, zero-padded to 128, keeps its real lanes in one group).
+    pub fn new(map: ClassMap, kv_memory: usize) -> Self {
+        PoolSpec {
+            map,
+            kv_memory,
+            v_group: 64,
+        }
+    }
+
+    /// A profile's classes, stored with the value group it was allocated for.
+    pub fn of_profile(p: &crate::profile::Profile, kv_memory: usize) -> Self {
+        PoolSpec {
+            map: ClassMap::from_profile(p),
+            kv_memory,
+            v_group: p.cache.value_group,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PoolShape {
     pub layout: PagedLayout,
@@ -107,14 +134,13 @@ fn class_label(c: KvClass) -> &'static str {
 }
 
 impl GpuBackend<GpuDevice> {
-    /// Upload `model` (weights rounded to bf16) and a pool of `kv_memory` bytes storing
-    /// tokens by `map`; steps of at most `max_rows` rows.
+    /// Upload `model` (weights rounded to bf16) and a pool as `spec` asks; steps of at most
+    /// `max_rows` rows.
     pub fn open(
         gpu: GpuContext,
         name: &str,
         model: &Model,
-        map: ClassMap,
-        kv_memory: usize,
+        spec: PoolSpec,
         max_rows: usize,
         describe: &str,
     ) -> Result<Self, GpuError> {
@@ -124,29 +150,24 @@ impl GpuBackend<GpuDevice> {
         let w = DeviceWeights::upload(&gpu, &shape, &host)?;
         drop(host);
         let max_rows = max_rows.clamp(1, PREFILL_ROWS);
-        let step = DecodeStep::new(&gpu, &shape, max_rows, V_GROUP)?;
-        let pool = Self::pool_shape(&shape, kv_memory, &map)?;
+        let step = DecodeStep::new(&gpu, &shape, max_rows, spec.v_group)?;
+        let pool = Self::pool_shape(&shape, &spec)?;
         let device = GpuExec::new(gpu, step, w, &pool.layout, MOVES_PER_LAUNCH, false)?;
         Ok(GpuBackend::new(
-            device, &shape, pool, map, max_rows, describe,
+            device, &shape, pool, spec.map, max_rows, describe,
         ))
     }
 }
 
 impl GpuBackend<HostCheck> {
     /// The same backend over `HostCheck` (no GPU): every device request is checked.
-    pub fn checked(
-        shape: &ModelShape,
-        map: ClassMap,
-        kv_memory: usize,
-        max_rows: usize,
-    ) -> Result<Self, GpuError> {
-        let pool = Self::pool_shape(shape, kv_memory, &map)?;
+    pub fn checked(shape: &ModelShape, spec: PoolSpec, max_rows: usize) -> Result<Self, GpuError> {
+        let pool = Self::pool_shape(shape, &spec)?;
         Ok(GpuBackend::new(
             HostCheck::default(),
             shape,
             pool,
-            map,
+            spec.map,
             max_rows.clamp(1, PREFILL_ROWS),
             "host check",
         ))
@@ -154,12 +175,8 @@ impl GpuBackend<HostCheck> {
 }
 
 impl<E: Executor> GpuBackend<E> {
-    fn pool_shape(
-        shape: &ModelShape,
-        kv_memory: usize,
-        map: &ClassMap,
-    ) -> Result<PoolShape, GpuError> {
-        let (layout, slot_bytes) = pool_layout_for(shape, V_GROUP, kv_memory, map)?;
+    fn pool_shape(shape: &ModelShape, spec: &PoolSpec) -> Result<PoolShape, GpuError> {
+        let (layout, slot_bytes) = pool_layout_for(shape, spec.v_group, spec.kv_memory, &spec.map)?;
         let class_bytes =
             KvClass::ALL.map(|c| layout.kv_heads * layout.geom(c).slab_bytes() * shape.layers);
         Ok(PoolShape {
@@ -605,7 +622,7 @@ mod tests {
         let mut shape = ModelShape::llama3_8b();
         shape.vocab = 1000;
         let slot = shape.layers * shape.kv_heads * 9728;
-        let backend = GpuBackend::checked(&shape, mixed(), 60 * slot, 96).unwrap();
+        let backend = GpuBackend::checked(&shape, PoolSpec::new(mixed(), 60 * slot), 96).unwrap();
         let tokens = backend.shape.tokens;
         let mut clients: Vec<Client> = (0..6)
             .map(|i| {
@@ -739,7 +756,7 @@ mod tests {
     fn admission_keeps_headroom() {
         let shape = ModelShape::llama3_8b();
         let slot = shape.layers * shape.kv_heads * 9728;
-        let b = GpuBackend::checked(&shape, mixed(), 1000 * slot, 512).unwrap();
+        let b = GpuBackend::checked(&shape, PoolSpec::new(mixed(), 1000 * slot), 512).unwrap();
         let bytes = b.admission_bytes(512, 64).unwrap();
         assert!(bytes < 1000 * slot && bytes > 700 * slot, "{bytes}");
         assert!(b.admission_bytes(4096, 256).is_err());

@@ -1597,6 +1597,21 @@ mod tests {
         );
     }
 
+    /// 128-element value groups shrink the INT2 slab to the INT4 one (9,216 bytes per KV
+    /// head at head dim 128, `docs/KV_LAYOUT.md`), so the same memory holds more slots.
+    #[test]
+    fn wider_value_groups_make_smaller_slots() {
+        let shape = ModelShape::llama3_8b();
+        let per_slab = shape.layers * shape.kv_heads;
+        let map = ClassMap::uniform(KvClass::Int2, 4, 64);
+        let mem = 1000 * per_slab * 9728;
+        let (l64, b64) = pool_layout_for(&shape, 64, mem, &map).unwrap();
+        let (l128, b128) = pool_layout_for(&shape, 128, mem, &map).unwrap();
+        assert_eq!((b64, b128), (per_slab * 9728, per_slab * 9216));
+        assert_eq!((l64.slots, l128.slots), (1000, mem / b128));
+        assert_eq!(l128.v_group(), 128);
+    }
+
     /// Sessions admitted in an earlier iteration that have not allocated yet (their prompts
     /// wait for prefill) still count: a third session does not enter on slots promised to them.
     #[test]
