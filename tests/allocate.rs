@@ -120,8 +120,15 @@ fn failed(o: &Output) -> String {
 /// tokens at 2 bits + 32/group (keys: blocks of 64 tokens, values: groups of 16) and the
 /// sinks and window at 16 bits, over all tokens.
 fn floor_bits() -> f64 {
-    let n: f64 = TAGS.iter().map(|t| t.2).sum();
-    let p = (SINKS + WINDOW) as f64;
+    floor_bits_protecting(SINKS + WINDOW)
+}
+
+/// `floor_bits` for a cache keeping `protected` sink and window tokens at 16 bits: the
+/// calibration's context (its tokens, sinks and window) stays, the rest of it is quantized.
+fn floor_bits_protecting(protected: usize) -> f64 {
+    let context = TAGS.iter().map(|t| t.2).sum::<f64>() + (SINKS + WINDOW) as f64;
+    let p = protected as f64;
+    let n = context - p;
     let k = n * (2.0 + 32.0 / 64.0) + 16.0 * p;
     let v = n * (2.0 + 32.0 / 16.0) + 16.0 * p;
     (k + v) / (2.0 * (n + p))
@@ -392,4 +399,43 @@ fn value_weight_moves_bits_to_values_and_is_recorded() {
         &["--budget", "4.6", "--value-weight", "0"],
     ));
     assert!(err.contains("--value-weight"), "{err}");
+}
+
+#[test]
+fn sinks_and_window_flags_set_the_cache_and_the_floor() {
+    let (dir, calib) = calib_dir();
+    let out = dir.path().join("w0.json");
+    // Without a window the all-INT2 floor drops to what the sinks alone cost.
+    let e = failed(&allocate(
+        &calib,
+        &out,
+        &["--budget", "2.0", "--policy", "tag-only", "--window", "0"],
+    ));
+    let floor = format!("{:.4}", floor_bits_protecting(SINKS));
+    assert!(e.contains(&floor), "{e} (floor {floor})");
+    let at = format!("{}", floor_bits_protecting(SINKS) + 1e-9);
+    let stdout = ok(&allocate(
+        &calib,
+        &out,
+        &["--budget", &at, "--policy", "tag-only", "--window", "0"],
+    ));
+    assert!(stdout.contains("estimate"), "{stdout}");
+    let p = Profile::read(&out).unwrap();
+    assert_eq!((p.cache.sinks, p.cache.window), (SINKS, 0));
+    assert!(p.assignments.iter().all(|a| a.bits == 2));
+    // A fixed baseline takes them too: uniform INT2 with sinks and a window.
+    let out = dir.path().join("int2-w.json");
+    ok(&allocate(
+        &calib,
+        &out,
+        &["--policy", "uniform-int2", "--sinks", "2", "--window", "7"],
+    ));
+    let p = Profile::read(&out).unwrap();
+    assert_eq!((p.cache.sinks, p.cache.window), (2, 7));
+    let want = floor_bits_protecting(9);
+    assert!(
+        (p.budget.achieved_bits - want).abs() < 1e-9,
+        "{}",
+        p.budget.achieved_bits
+    );
 }

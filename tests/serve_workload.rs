@@ -119,6 +119,23 @@ fn bench_serve_refuses_bad_input_before_the_gpu() {
         err.contains("value group 48") && err.contains("--v-group"),
         "{err}"
     );
+    // The profile cache reads --profile before anything else is loaded.
+    let o = triaxkv(&[
+        "bench",
+        "serve",
+        "--workload",
+        bad.to_str().unwrap(),
+        "--caches",
+        "bf16,profile",
+        "--profile",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("missing.json") && !err.contains("not a serve workload"),
+        "{err}"
+    );
 }
 
 /// `bench serve --host-check`: the whole scheduler on recorded sessions without a GPU, every

@@ -118,6 +118,10 @@ pub struct Request {
     /// Multiplies the objective weight of every value item: puts value distortion on the
     /// keys' scale of end-to-end damage (1.0 = the table as measured).
     pub value_weight: f64,
+    /// 16-bit sink tokens and newest-token window of the profile's cache, replacing the
+    /// policy's (the calibration's, or the fixed baseline's own).
+    pub sinks: Option<usize>,
+    pub window: Option<usize>,
 }
 
 /// The sensitivity table solved over, for the profile's provenance.
@@ -256,6 +260,7 @@ pub fn allocate(
 
     let mut cache = sens.cache.clone();
     let (sinks, window) = req.policy.protected(cache.sinks, cache.window);
+    let (sinks, window) = (req.sinks.unwrap_or(sinks), req.window.unwrap_or(window));
     if (sinks, window) != (cache.sinks, cache.window) {
         notes.push(format!(
             "{} keeps {sinks} sinks and a {window}-token 16-bit window (calibrated with {} and {}): \

@@ -96,6 +96,15 @@ pub struct AllocateArgs {
     /// numerically smaller than keys' for the same end-to-end damage; see profiles/README.md).
     #[arg(long, value_name = "W", default_value_t = 1.0)]
     value_weight: f64,
+    /// 16-bit sink tokens at the start of every sequence [default: the calibration's; 0 for
+    /// the uniform and KIVI baselines].
+    #[arg(long, value_name = "N")]
+    sinks: Option<usize>,
+    /// Newest tokens kept at 16 bits [default: the calibration's; 0 for uniform, 128 for
+    /// KIVI]. A smaller window frees memory for more sessions at a fidelity cost that
+    /// `triaxkv eval` measures (the objective reuses the calibrated distortions).
+    #[arg(long, value_name = "N")]
+    window: Option<usize>,
     /// The calibrated model (GGUF file or safetensors folder), for its identity and shape
     /// [default: the bundled SmolLM2 from scripts/setup.sh].
     #[arg(long)]
@@ -140,6 +149,8 @@ pub fn run(args: AllocateArgs) -> Result<()> {
         },
         name: args.name,
         value_weight: args.value_weight,
+        sinks: args.sinks,
+        window: args.window,
     };
     let calibration = Calibration {
         path: file.display().to_string(),

@@ -123,7 +123,7 @@ pub struct ServeArgs {
     markdown: Option<PathBuf>,
 }
 
-fn cache(name: &str, profile: &std::path::Path) -> Result<BenchCache> {
+fn cache(name: &str, profile: Option<&Profile>) -> Result<BenchCache> {
     let uniform = |c| ClassMap::uniform(c, 0, 0);
     let map = match name.trim().to_ascii_lowercase().as_str() {
         "bf16" | "f16" => uniform(KvClass::F16),
@@ -131,9 +131,11 @@ fn cache(name: &str, profile: &std::path::Path) -> Result<BenchCache> {
         "int4" => uniform(KvClass::Int4),
         "int2" => uniform(KvClass::Int2),
         "profile" => {
-            let p = Profile::read(profile)?;
-            let map = ClassMap::from_profile(&p);
-            let fit = map.fit(&p);
+            let Some(p) = profile else {
+                bail!("--caches: the profile cache needs --profile");
+            };
+            let map = ClassMap::from_profile(p);
+            let fit = map.fit(p);
             if !fit.exact() {
                 eprintln!("note: profile {}: {fit}", p.name);
             }
@@ -145,6 +147,19 @@ fn cache(name: &str, profile: &std::path::Path) -> Result<BenchCache> {
     Ok(BenchCache {
         name: name.trim().to_ascii_lowercase(),
         map,
+    })
+}
+
+/// `--profile`, read once, when the `profile` cache runs.
+fn profile(args: &ServeArgs) -> Result<Option<Profile>> {
+    let runs = args
+        .caches
+        .iter()
+        .any(|c| c.trim().eq_ignore_ascii_case("profile"));
+    Ok(if runs {
+        Some(Profile::read(&args.profile)?)
+    } else {
+        None
     })
 }
 
@@ -256,12 +271,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !(args.duration > 0.0 && args.warmup >= 0.0 && args.warmup < args.duration) {
         bail!("--warmup must be below --duration (seconds)");
     }
-    let v_group = v_group(&args)?;
+    let profile = profile(&args)?;
+    let v_group = v_group(&args, profile.as_ref())?;
     let work = Workload::read(&args.workload)?;
     let caches = args
         .caches
         .iter()
-        .map(|c| cache(c, &args.profile))
+        .map(|c| cache(c, profile.as_ref()))
         .collect::<Result<Vec<_>>>()?;
     let mut cfg = ServeBenchConfig {
         shape,
@@ -324,16 +340,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 /// `--v-group`, else the profile's value group when the profile cache runs, else 64.
-fn v_group(args: &ServeArgs) -> Result<usize> {
-    let profile = if args
-        .caches
-        .iter()
-        .any(|c| c.trim().eq_ignore_ascii_case("profile"))
-    {
-        Some(Profile::read(&args.profile)?.cache.value_group)
-    } else {
-        None
-    };
+fn v_group(args: &ServeArgs, profile: Option<&Profile>) -> Result<usize> {
+    let profile = profile.map(|p| p.cache.value_group);
     let g = args.v_group.or(profile).unwrap_or(64);
     if !V_GROUPS.contains(&g) {
         bail!("value group {g}: the kernels are compiled for {V_GROUPS:?} (--v-group)");
