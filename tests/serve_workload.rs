@@ -119,6 +119,36 @@ fn bench_serve_refuses_bad_input_before_the_gpu() {
         err.contains("value group 48") && err.contains("--v-group"),
         "{err}"
     );
+    // Profiles allocated for different value groups need --v-group to share one run.
+    let vg32 = dir.path().join("vg32.json");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut p: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("profiles/tag-only-2.8.json")).unwrap(),
+    )
+    .unwrap();
+    p["cache"]["value_group"] = 32.into();
+    std::fs::write(&vg32, p.to_string()).unwrap();
+    let two = format!(
+        "{},{}",
+        root.join("profiles/tag-only-2.8.json").display(),
+        vg32.display()
+    );
+    let o = triaxkv(&[
+        "bench",
+        "serve",
+        "--workload",
+        bad.to_str().unwrap(),
+        "--caches",
+        "profile",
+        "--profile",
+        &two,
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("[64, 32]") && err.contains("--v-group"),
+        "{err}"
+    );
     // The profile cache reads --profile before anything else is loaded.
     let o = triaxkv(&[
         "bench",
@@ -150,7 +180,12 @@ fn host_check_serves_recorded_sessions() {
     let w = dir.path().join("w.json");
     let json = dir.path().join("serve.json");
     let traces = Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/test");
-    let profile = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/triaxial-2.97.json");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let profile = format!(
+        "{},{}",
+        root.join("profiles/triaxial-2.97.json").display(),
+        root.join("profiles/tag-only-2.55-w0.json").display()
+    );
     let o = triaxkv(&[
         "bench",
         "serve-workload",
@@ -174,7 +209,7 @@ fn host_check_serves_recorded_sessions() {
         "--caches",
         "bf16,profile",
         "--profile",
-        profile.to_str().unwrap(),
+        &profile,
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -182,7 +217,11 @@ fn host_check_serves_recorded_sessions() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = v["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
+    let names: Vec<&str> = rows.iter().map(|r| r["cache"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["bf16", "profile triaxial-2.97", "profile tag-only-2.55-w0"]
+    );
     for r in rows {
         assert_eq!(r["leaked_slots"], 0, "{r}");
         assert!(r["turns_completed"].as_u64().unwrap() > 0, "{r}");
@@ -194,8 +233,10 @@ fn host_check_serves_recorded_sessions() {
         mean(1),
         mean(0)
     );
-    let bits = rows[1]["effective_bits"].as_f64().unwrap();
-    assert!(bits > 2.0 && bits < 4.0, "{bits}");
+    let bits = |i: usize| rows[i]["effective_bits"].as_f64().unwrap();
+    assert!(bits(1) > 2.0 && bits(1) < 4.0, "{}", bits(1));
+    // No 16-bit window, nearly every tag at INT2: fewer bits than the triaxial profile's.
+    assert!(bits(2) < bits(1), "{} vs {}", bits(2), bits(1));
 }
 
 /// `bench serve-plot` draws every cache's timeline of several `--json` files (one polyline

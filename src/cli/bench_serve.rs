@@ -80,9 +80,13 @@ pub struct ServeArgs {
     /// left 16 bits; no sinks or window) and profile (--profile's per-tag classes).
     #[arg(long, value_delimiter = ',', default_values_t = ["bf16".to_string(), "fp8".into(), "int4".into(), "profile".into()])]
     caches: Vec<String>,
-    /// Profile for the `profile` cache.
-    #[arg(long, default_value = "profiles/triaxial-2.97.json")]
-    profile: PathBuf,
+    /// Profiles for the `profile` cache, comma-separated: one cache each, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "profiles/triaxial-2.97.json"
+    )]
+    profile: Vec<PathBuf>,
     /// Concurrent clients (one session each at a time).
     #[arg(long, default_value_t = 256)]
     clients: usize,
@@ -123,7 +127,8 @@ pub struct ServeArgs {
     markdown: Option<PathBuf>,
 }
 
-fn cache(name: &str, profile: Option<&Profile>) -> Result<BenchCache> {
+/// The caches `name` stands for: one, or one per profile for `profile`.
+fn caches(name: &str, profiles: &[Profile]) -> Result<Vec<BenchCache>> {
     let uniform = |c| ClassMap::uniform(c, 0, 0);
     let map = match name.trim().to_ascii_lowercase().as_str() {
         "bf16" | "f16" => uniform(KvClass::F16),
@@ -131,36 +136,40 @@ fn cache(name: &str, profile: Option<&Profile>) -> Result<BenchCache> {
         "int4" => uniform(KvClass::Int4),
         "int2" => uniform(KvClass::Int2),
         "profile" => {
-            let Some(p) = profile else {
-                bail!("--caches: the profile cache needs --profile");
-            };
-            let map = ClassMap::from_profile(p);
-            let fit = map.fit(p);
-            if !fit.exact() {
-                eprintln!("note: profile {}: {fit}", p.name);
-            }
-            let name = format!("profile {}", p.name);
-            return Ok(BenchCache { name, map });
+            return Ok(profiles
+                .iter()
+                .map(|p| {
+                    let map = ClassMap::from_profile(p);
+                    let fit = map.fit(p);
+                    if !fit.exact() {
+                        eprintln!("note: profile {}: {fit}", p.name);
+                    }
+                    let name = format!("profile {}", p.name);
+                    BenchCache { name, map }
+                })
+                .collect());
         }
         other => bail!("--caches: unknown cache {other:?} (bf16, fp8, int4, int2, profile)"),
     };
-    Ok(BenchCache {
+    Ok(vec![BenchCache {
         name: name.trim().to_ascii_lowercase(),
         map,
-    })
+    }])
 }
 
-/// `--profile`, read once, when the `profile` cache runs.
-fn profile(args: &ServeArgs) -> Result<Option<Profile>> {
+/// `--profile`, each read once, when the `profile` cache runs.
+fn profiles(args: &ServeArgs) -> Result<Vec<Profile>> {
     let runs = args
         .caches
         .iter()
         .any(|c| c.trim().eq_ignore_ascii_case("profile"));
-    Ok(if runs {
-        Some(Profile::read(&args.profile)?)
-    } else {
-        None
-    })
+    if !runs {
+        return Ok(Vec::new());
+    }
+    args.profile
+        .iter()
+        .map(|path| Ok(Profile::read(path)?))
+        .collect()
 }
 
 type Column = (&'static str, &'static str, fn(&ServeBenchRow) -> String);
@@ -271,14 +280,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !(args.duration > 0.0 && args.warmup >= 0.0 && args.warmup < args.duration) {
         bail!("--warmup must be below --duration (seconds)");
     }
-    let profile = profile(&args)?;
-    let v_group = v_group(&args, profile.as_ref())?;
+    let profiles = profiles(&args)?;
+    let v_group = v_group(&args, &profiles)?;
     let work = Workload::read(&args.workload)?;
-    let caches = args
-        .caches
-        .iter()
-        .map(|c| cache(c, profile.as_ref()))
-        .collect::<Result<Vec<_>>>()?;
+    let mut caches = Vec::new();
+    for c in &args.caches {
+        caches.extend(self::caches(c, &profiles)?);
+    }
     let mut cfg = ServeBenchConfig {
         shape,
         kv_memory: args.kv_memory,
@@ -339,20 +347,25 @@ pub fn run(args: ServeArgs) -> Result<()> {
     report(&rows, &head, &args, true)
 }
 
-/// `--v-group`, else the profile's value group when the profile cache runs, else 64.
-fn v_group(args: &ServeArgs, profile: Option<&Profile>) -> Result<usize> {
-    let profile = profile.map(|p| p.cache.value_group);
+/// `--v-group`, else the profiles' value group when the profile cache runs, else 64.
+fn v_group(args: &ServeArgs, profiles: &[Profile]) -> Result<usize> {
+    let groups: Vec<usize> = profiles.iter().map(|p| p.cache.value_group).collect();
+    if args.v_group.is_none() && groups.windows(2).any(|w| w[0] != w[1]) {
+        bail!(
+            "--profile: the profiles were allocated for value groups {groups:?}; one run \
+             stores every cache with one group (pick it with --v-group)"
+        );
+    }
+    let profile = groups.first().copied();
     let g = args.v_group.or(profile).unwrap_or(64);
     if !V_GROUPS.contains(&g) {
         bail!("value group {g}: the kernels are compiled for {V_GROUPS:?} (--v-group)");
     }
-    if let (Some(p), true) = (profile, args.v_group.is_some()) {
-        if p != g {
-            eprintln!(
-                "note: --v-group {g} stores the profile's classes with value groups of {g}; \
-                 it was allocated for groups of {p}"
-            );
-        }
+    for p in groups.iter().filter(|&&p| p != g) {
+        eprintln!(
+            "note: --v-group {g} stores the profile's classes with value groups of {g}; \
+             it was allocated for groups of {p}"
+        );
     }
     Ok(g)
 }
