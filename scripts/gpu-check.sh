@@ -22,6 +22,8 @@
 # server, then concurrent multi-turn clients; SERVE_GPU_ARGS adds arguments, e.g.
 # "--clients 64 --duration 60"), once per entry of SERVE_GPU_PROFILES (default "f16
 # tag-only-2.97": 16-bit, then profiles/tag-only-2.97.json, which the GPU pool stores exactly).
+# BUNDLE=1 leaves $OUT holding one results.tar.gz of everything the run wrote (for transports
+# that bring back only a few files: SERVE_GPU alone writes more than eight).
 set -uo pipefail
 
 if [ "${1:-}" = "--pack" ]; then
@@ -177,5 +179,10 @@ if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
     >"$OUT/ncu.txt" 2>&1 || status=1
   grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Executed Instructions  " \
     "$OUT/ncu.txt" | head -20
+fi
+if [ "${BUNDLE:-0}" = 1 ]; then
+  bundle=$(mktemp /tmp/triaxkv-results.XXXXXX)
+  (cd "$OUT" && tar czf "$bundle" . && find . -mindepth 1 -delete && mv "$bundle" results.tar.gz) ||
+    status=1
 fi
 exit $status
