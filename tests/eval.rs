@@ -192,6 +192,46 @@ fn sixteen_bit_reproduces_the_reference_and_int2_does_not() {
     assert!(std::fs::read_to_string(out.join("pareto.svg"))
         .unwrap()
         .contains(">int2<"));
+    // --key-block replaces the profile's key blocks (and names it so): 64-token blocks keep
+    // more keys staged at 16 bits on this short trace than the profile's 16.
+    let out64 = dir.path().join("out64");
+    let o = eval(&[
+        "--model",
+        &s(&mp),
+        "--profile",
+        &s(&p2),
+        "--traces",
+        &s(&trace),
+        "-o",
+        &s(&out64),
+        "--tool-calls",
+        "0",
+        "--positions",
+        "8",
+        "--threads",
+        "1",
+        "--key-block",
+        "64",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r64: Value =
+        serde_json::from_str(&std::fs::read_to_string(out64.join("eval.json")).unwrap()).unwrap();
+    let c = &r64["profiles"][0];
+    assert_eq!(c["name"].as_str(), Some("int2-kb64"), "{c}");
+    let bits64 = c["effective_bits"].as_f64().unwrap();
+    assert!(bits64 > bits2, "{bits64} vs {bits2}");
+    let o = eval(&[
+        "--profile",
+        &s(&p2),
+        "--traces",
+        &s(&trace),
+        "-o",
+        &s(&out64),
+        "--key-block",
+        "0",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--key-block"));
 }
 
 #[test]

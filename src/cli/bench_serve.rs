@@ -144,6 +144,9 @@ fn caches(name: &str, profiles: &[Profile]) -> Result<Vec<BenchCache>> {
                     if !fit.exact() {
                         eprintln!("note: profile {}: {fit}", p.name);
                     }
+                    if let Some(n) = map.key_block_note(p) {
+                        eprintln!("note: {n}");
+                    }
                     let name = format!("profile {}", p.name);
                     BenchCache { name, map }
                 })

@@ -43,6 +43,12 @@ pub struct EvalArgs {
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Quantize keys per channel over blocks of N tokens in every profile (its
+    /// `cache.block_tokens`; the name gets `-kbN`). The GPU pool (`serve --gpu`, `bench
+    /// serve`) stores INT2 keys over 128-token blocks whatever the profile says: 128 measures
+    /// what it serves.
+    #[arg(long, value_name = "N")]
+    key_block: Option<usize>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -140,6 +146,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.tool_calls > 0 && args.gen_tokens == 0 {
         bail!("--gen-tokens must be at least 1 when --tool-calls is not 0");
     }
+    if args.key_block == Some(0) {
+        bail!("--key-block must be at least 1 token");
+    }
     let files = read_glob(&args.traces).context("reading --traces")?;
     if files.iter().all(|f| f.trajectories.is_empty()) {
         bail!("no trajectories in {}", args.traces.join(" "));
@@ -149,7 +158,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let read = args
         .profile
         .iter()
-        .map(|p| Ok((p.clone(), Profile::read(p)?)))
+        .map(|p| {
+            let mut profile = Profile::read(p)?;
+            if let Some(k) = args.key_block {
+                profile.cache.block_tokens = k;
+                profile.name = format!("{}-kb{k}", profile.name);
+            }
+            Ok((p.clone(), profile))
+        })
         .collect::<Result<Vec<_>, triaxkv::profile::ProfileError>>()?;
     let model = load::load_or_default(args.model.as_deref()).context("loading the model")?;
     let identity = ModelIdentity::of(&model);

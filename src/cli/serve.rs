@@ -161,6 +161,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 if !fit.exact() {
                     eprintln!("warning: profile {}: {fit}", p.name);
                 }
+                if let Some(n) = spec.map.key_block_note(&p) {
+                    eprintln!("note: {n}");
+                }
                 (spec, p.name.clone())
             }
             None => (

@@ -184,6 +184,31 @@ impl ClassMap {
         f
     }
 
+    /// Why the pool's keys differ from those `p` was allocated and evaluated with: the pool's
+    /// per-channel key groups are its INT4 and INT2 blocks (64 and 128 tokens), not the
+    /// profile's `cache.block_tokens`. `None` when they agree.
+    pub fn key_block_note(&self, p: &crate::profile::Profile) -> Option<String> {
+        let tokens = ClassTokens::default();
+        let differs: Vec<String> = [KvClass::Int4, KvClass::Int2]
+            .into_iter()
+            .filter(|&c| self.uses(c) && tokens.of(c) != p.cache.block_tokens)
+            .map(|c| format!("{c:?} over {} tokens", tokens.of(c)))
+            .collect();
+        (!differs.is_empty()).then(|| {
+            format!(
+                "profile {} quantizes keys per channel over {}-token blocks; the GPU pool \
+                 stores {} (`eval --key-block 128` measures INT2 as stored)",
+                p.name,
+                p.cache.block_tokens,
+                differs.join(" and ")
+            )
+        })
+    }
+
+    fn uses(&self, c: KvClass) -> bool {
+        self.default == c || self.classes.values().any(|&x| x == c)
+    }
+
     /// Whether any token can leave 16 bits.
     pub fn quantizes(&self) -> bool {
         self.default != KvClass::F16 || self.classes.values().any(|&c| c != KvClass::F16)
@@ -918,6 +943,22 @@ mod tests {
         assert!(fit.exact(), "{fit}");
         assert!(map.classes.values().any(|&c| c == KvClass::Int4));
         assert!(map.classes.values().any(|&c| c == KvClass::Int2));
+
+        // Made for 64-token key blocks: the pool's INT2 blocks group keys over 128.
+        let note = map.key_block_note(&tag_only).expect("64 vs 128");
+        assert!(
+            note.contains("Int2 over 128") && !note.contains("Int4"),
+            "{note}"
+        );
+        let mut p128 = tag_only.clone();
+        p128.cache.block_tokens = 128;
+        let note = map.key_block_note(&p128).expect("64-token INT4 blocks");
+        assert!(
+            note.contains("Int4 over 64") && !note.contains("Int2"),
+            "{note}"
+        );
+        let f16 = ClassMap::uniform(KvClass::F16, 0, 0);
+        assert_eq!(f16.key_block_note(&tag_only), None);
     }
 
     #[test]
