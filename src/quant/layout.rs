@@ -67,6 +67,9 @@ pub struct BlockGeometry {
     pub head_dim: usize,
     /// Head-dimension elements per value scale/zero (ignored for `F16`).
     pub v_group: usize,
+    /// Tokens per per-channel key scale/zero (INT4 and INT2; `tokens` unless set with
+    /// `with_k_group`). The GPU kernels read one key group per block only.
+    pub k_group: usize,
 }
 
 fn align16(x: usize) -> usize {
@@ -109,7 +112,34 @@ impl BlockGeometry {
             tokens,
             head_dim,
             v_group,
+            k_group: tokens,
         })
+    }
+
+    /// The same block with keys quantized per channel over groups of `k_group` tokens (a
+    /// multiple of 16 dividing `tokens`; INT4 and INT2 only): finer key scales for
+    /// `tokens / k_group` times the key scale bytes.
+    pub fn with_k_group(self, k_group: usize) -> Result<Self, QuantError> {
+        if k_group == self.tokens {
+            return Ok(self);
+        }
+        if self.class.int_bits().is_none()
+            || k_group == 0
+            || k_group % 16 != 0
+            || self.tokens % k_group != 0
+        {
+            return Err(QuantError::Layout(format!(
+                "key group of {k_group} tokens in a {:?} block of {}: must be a multiple of 16 \
+                 dividing the block (INT4 and INT2 only)",
+                self.class, self.tokens
+            )));
+        }
+        Ok(BlockGeometry { k_group, ..self })
+    }
+
+    /// Per-channel key groups in the block.
+    pub fn k_groups(&self) -> usize {
+        self.tokens / self.k_group
     }
 
     /// The shipped defaults: INT2 blocks hold twice the tokens of INT4 blocks, and both fit
@@ -166,7 +196,8 @@ impl BlockGeometry {
         self.k_bytes()
     }
 
-    /// Start of the K scales (`head_dim` fp16), followed by the K zeros at `+ 2 * head_dim`.
+    /// Start of the K scales of key group 0 (`head_dim` fp16), followed by its K zeros at
+    /// `+ 2 * head_dim`; group `g`'s scales and zeros follow at `+ 4 * head_dim * g`.
     /// FP8: the block's K scale (f32), then its V scale (f32) at `+ 4`.
     pub fn k_scale_offset(&self) -> usize {
         align16(self.v_offset() + self.v_bytes())
@@ -178,7 +209,13 @@ impl BlockGeometry {
 
     /// Start of the V scales, `[tokens / 2][v_groups][2]` fp16 (see `v_param_slot`).
     pub fn v_scale_offset(&self) -> usize {
-        align16(self.k_zero_offset() + 2 * self.head_dim)
+        align16(self.k_scale_offset() + 4 * self.head_dim * self.k_groups())
+    }
+
+    /// Index (in fp16 units, from `k_scale_offset`) of the scale of key parameter `i`
+    /// (`group * head_dim + channel`); its zero is `head_dim` further.
+    fn k_param_slot(&self, i: usize) -> usize {
+        (i / self.head_dim) * 2 * self.head_dim + i % self.head_dim
     }
 
     /// Start of the V zeros, laid out like the V scales.
@@ -358,18 +395,19 @@ impl QuantizedBlock {
             Some(bits) => {
                 let mut k_codes = vec![0u8; slots];
                 let mut v_codes = vec![0u8; slots];
-                let mut k_params = vec![ZERO_PARAMS; d];
+                let mut k_params = vec![ZERO_PARAMS; geom.k_groups() * d];
                 let mut v_params = vec![ZERO_PARAMS; geom.tokens * geom.v_groups()];
-                if len > 0 {
-                    let mut col = vec![0f32; len];
+                for (gi, r0) in (0..len).step_by(geom.k_group).enumerate() {
+                    let rows = r0..len.min(r0 + geom.k_group);
+                    let mut col = vec![0f32; rows.len()];
                     for c in 0..d {
                         col.iter_mut()
-                            .enumerate()
-                            .for_each(|(r, x)| *x = k[r * d + c]);
+                            .zip(rows.clone())
+                            .for_each(|(x, r)| *x = k[r * d + c]);
                         let p = group_params(&col, bits).map_err(|e| at("key channel", c, e))?;
-                        k_params[c] = p;
-                        for r in 0..len {
-                            k_codes[r * d + c] = quantize_with(col[r], p, bits);
+                        k_params[gi * d + c] = p;
+                        for (x, r) in col.iter().zip(rows.clone()) {
+                            k_codes[r * d + c] = quantize_with(*x, p, bits);
                         }
                     }
                 }
@@ -426,8 +464,9 @@ impl QuantizedBlock {
                 v_params,
             } => {
                 let ng = self.geom.v_groups();
+                let kg = self.geom.k_group;
                 let kd = (0..n)
-                    .map(|i| k_params[i % d].dequantize(k_codes[i]))
+                    .map(|i| k_params[(i / d / kg) * d + i % d].dequantize(k_codes[i]))
                     .collect();
                 let vd = (0..n)
                     .map(|i| {
@@ -491,7 +530,7 @@ impl QuantizedBlock {
                     g.k_scale_offset(),
                     g.k_zero_offset(),
                     k_params,
-                    |i| i,
+                    |i| g.k_param_slot(i),
                 );
                 let ng = g.v_groups();
                 let slot = |i: usize| g.v_param_slot(i / ng, i % ng);
@@ -567,8 +606,13 @@ impl QuantizedBlock {
                         v_codes[r * d + c] = (bytes[vo] >> vs) & mask;
                     }
                 }
-                let k_params =
-                    get_params(bytes, geom.k_scale_offset(), geom.k_zero_offset(), d, |i| i);
+                let k_params = get_params(
+                    bytes,
+                    geom.k_scale_offset(),
+                    geom.k_zero_offset(),
+                    geom.k_groups() * d,
+                    |i| geom.k_param_slot(i),
+                );
                 let ng = geom.v_groups();
                 let slot = |i: usize| geom.v_param_slot(i / ng, i % ng);
                 let nv = geom.tokens * ng;
@@ -967,6 +1011,40 @@ mod tests {
             .collect()
     }
 
+    /// Key groups of 64 tokens in a 128-token INT2 block: twice the key scale bytes (2.5
+    /// bits for keys and values at value groups of 64), the areas still disjoint, and keys
+    /// whose range drifts along the block come back closer than with one group.
+    #[test]
+    fn finer_key_groups_cost_scale_bytes_and_follow_the_keys() {
+        let one = BlockGeometry::default_for(KvClass::Int2, 128).unwrap();
+        let two = one.with_k_group(64).unwrap();
+        assert_eq!((one.k_groups(), two.k_groups()), (1, 2));
+        assert_eq!((one.slab_bytes(), two.slab_bytes()), (9728, 10240));
+        assert_eq!(two.effective_bits(), 2.5);
+        assert_eq!(two.v_scale_offset(), two.k_scale_offset() + 4 * 128 * 2);
+        assert_eq!(one.with_k_group(128).unwrap(), one);
+        for bad in [0, 48, 256] {
+            assert!(one.with_k_group(bad).is_err(), "{bad}");
+        }
+        let f16 = BlockGeometry::default_for(KvClass::F16, 128).unwrap();
+        assert!(f16.with_k_group(8).is_err());
+        // Channel c of token r: 0.01 r (a drift over the block) plus noise in [-0.5, 0.5).
+        let d = 128;
+        let noise = lcg(128 * d, 7);
+        let k: Vec<f32> = (0..128 * d)
+            .map(|i| 0.01 * (i / d) as f32 + noise[i] / 4.0)
+            .collect();
+        let err = |g: BlockGeometry| {
+            let b = QuantizedBlock::quantize(g, &k, &k).unwrap();
+            let back = QuantizedBlock::unpack(g, &b.pack(), 128).unwrap();
+            assert_eq!(back, b);
+            let (kd, _) = back.dequantize();
+            k.iter().zip(&kd).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
+        };
+        let (e1, e2) = (err(one), err(two));
+        assert!(e2 < 0.8 * e1, "two groups {e2} vs one {e1}");
+    }
+
     proptest! {
         #[test]
         fn pack_unpack_is_identity_and_dequantize_is_bounded(
@@ -974,8 +1052,12 @@ mod tests {
             d in prop::sample::select(vec![64usize, 128]),
             fill in 0usize..=128,
             seed in any::<u64>(),
+            key_groups in prop::sample::select(vec![1usize, 2, 4]),
         ) {
-            let g = BlockGeometry::default_for(class, d).unwrap();
+            let mut g = BlockGeometry::default_for(class, d).unwrap();
+            if class.int_bits().is_some() {
+                g = g.with_k_group(g.tokens / key_groups).unwrap();
+            }
             let len = fill.min(g.tokens);
             let k = lcg(len * d, seed);
             let v = lcg(len * d, seed ^ 0x9e37);
