@@ -37,6 +37,7 @@ struct ClassInfo {
   const int* ntok;  // valid tokens of each table entry
   int tokens;       // block capacity
   int v_off, ks_off, kz_off, vs_off, vz_off;  // FP8: K scale f32 at ks_off, V scale at +4
+  int k_group;  // tokens per K scale group (INT4/INT2): group j's scales at ks_off + 512 j
 };
 // P' = P * v_scale * FP8_P_SHIFT keeps small probabilities out of the fp16 subnormals
 // (v_scale = amax / 448 is often ~1e-3); the output is multiplied back by its inverse.
@@ -54,8 +55,8 @@ struct DecodeParams {
   float* part_lse;      // [work][q_head], log2 domain
 };
 // The Rust launcher (src/gpu/decode_attention.rs) passes these by value as #[repr(C)] mirrors.
-static_assert(sizeof(ClassInfo) == 40, "ClassInfo layout changed: update the Rust mirror");
-static_assert(sizeof(DecodeParams) == 232, "DecodeParams layout changed: update the Rust mirror");
+static_assert(sizeof(ClassInfo) == 48, "ClassInfo layout changed: update the Rust mirror");
+static_assert(sizeof(DecodeParams) == 264, "DecodeParams layout changed: update the Rust mirror");
 
 __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
                                          u32 b1) {
@@ -384,6 +385,7 @@ __device__ __forceinline__ void walk_registers(WarpState<HEAD_DIM / VG>& st, con
     u32 qk[8][2];
     float2 bias;
     fold_block<CLS>(qk, bias, qf, blk + ci.ks_off, lane);
+    const int kgt = ci.k_group >> 4;  // tiles per K scale group
     for (int tile0 = 0; tile0 < ntiles; tile0 += UNR) {
       Tile<CLS> tl[UNR];
 #pragma unroll
@@ -393,6 +395,8 @@ __device__ __forceinline__ void walk_registers(WarpState<HEAD_DIM / VG>& st, con
       for (int u = 0; u < UNR; u++) {
         const int tile = tile0 + u;
         if (tile >= ntiles) break;
+        if ((CLS == CLASS_INT4 || CLS == CLASS_INT2) && tile > 0 && tile % kgt == 0)
+          fold_block<CLS>(qk, bias, qf, blk + ci.ks_off + (tile / kgt) * 4 * HEAD_DIM, lane);
         const __half2* vs = reinterpret_cast<const __half2*>(blk + ci.vs_off + tile * 32 * NG);
         const __half2* vz = reinterpret_cast<const __half2*>(blk + ci.vz_off + tile * 32 * NG);
         compute_tile<CLS, VG>(st, tl[u], qk, bias, vs, vz, tile, ntok, lane, mg);
@@ -674,6 +678,15 @@ struct Units {
   int e, g, nt, ntok;
   bool first;  // first unit of this entry for this warp (its K scales are needed)
   bool inter;
+  // Whether this unit (tiles g * unr ..) needs K scales other than the warp's previous unit:
+  // its entry's first, or it starts a K scale group (units never straddle one: unr divides
+  // the group's tiles kgt); interleaved warps skip units, so they fold every unit when a
+  // block holds several groups.
+  __device__ __forceinline__ bool fold(int unr, int kgt, int block_tiles) const {
+    return first || (kgt < block_tiles && (inter || (g * unr) % kgt == 0));
+  }
+  // The K scale group of this unit.
+  __device__ __forceinline__ int kgroup(int unr, int kgt) const { return (g * unr) / kgt; }
   __device__ __forceinline__ void load(const ClassInfo& ci, const int* s_ntok, int e0, int e1) {
     if (e < e1) {
       ntok = e - e0 < TKV_TAB ? s_ntok[e - e0] : ci.ntok[e];
@@ -734,6 +747,7 @@ __device__ __forceinline__ void walk_bulk(IntState<HEAD_DIM / VG>& st, const uin
   constexpr u32 OFF_V = UNR * TB, OFF_VS = 2 * UNR * TB, OFF_VZ = OFF_VS + UNR * 32 * NG,
                 OFF_KSZ = OFF_VZ + UNR * 32 * NG;
   static_assert(OFF_KSZ + 512 == sizeof(Stage), "BStage layout");
+  const int kgt = ci.k_group >> 4, block_tiles = ci.tokens >> 4;
   Units is, cs;  // issue and compute iterators walk the same sequence
   is.init(ci, s_ntok, e0, e1, warp, UNR);
   cs = is;
@@ -744,14 +758,15 @@ __device__ __forceinline__ void walk_bulk(IntState<HEAD_DIM / VG>& st, const uin
       const int t0 = is.g * UNR;
       const int n = min(UNR, is.nt - t0);
       const u32 bar = bar_s + 8 * stage;
+      const bool fold = is.fold(UNR, kgt, block_tiles);
       if (lane == 0) {
-        mbar_expect_tx(bar, n * (2 * TB + 64 * NG) + (is.first ? 512 : 0));
+        mbar_expect_tx(bar, n * (2 * TB + 64 * NG) + (fold ? 512 : 0));
         const u32 sd = ring_s + stage * (u32)sizeof(Stage);
         bulk_copy(sd, blk + t0 * TB, n * TB, bar);
         bulk_copy(sd + OFF_V, blk + ci.v_off + t0 * TB, n * TB, bar);
         bulk_copy(sd + OFF_VS, blk + ci.vs_off + t0 * 32 * NG, n * 32 * NG, bar);
         bulk_copy(sd + OFF_VZ, blk + ci.vz_off + t0 * 32 * NG, n * 32 * NG, bar);
-        if (is.first) bulk_copy(sd + OFF_KSZ, blk + ci.ks_off, 512, bar);
+        if (fold) bulk_copy(sd + OFF_KSZ, blk + ci.ks_off + is.kgroup(UNR, kgt) * 512, 512, bar);
       }
       is.next(ci, s_ntok, e0, e1, UNR);
     }
@@ -769,7 +784,7 @@ __device__ __forceinline__ void walk_bulk(IntState<HEAD_DIM / VG>& st, const uin
     const u32 sb = ring_s + stage * (u32)sizeof(Stage);
     mbar_wait(bar_s + 8 * stage, (phase >> stage) & 1);
     phase ^= 1u << stage;
-    if (cs.first) {
+    if (cs.fold(UNR, kgt, block_tiles)) {
       float2 bias;
       fold_mma<CLS>(qk, bias, qsm, sb + OFF_KSZ, lane);
       cinit[0] = bias.x - st.m[0];

@@ -35,6 +35,7 @@ struct ClassTable {
   int begin, end;   // this sequence's entries
   int tokens;       // block capacity
   int v_off, ks_off, kz_off, vs_off, vz_off;
+  int k_group;  // tokens per K scale group: group j's scales at ks_off + 4 * D * j
 };
 
 struct PrefillParams {
@@ -50,7 +51,7 @@ struct PrefillParams {
   float scale_log2;                  // softmax scale * log2(e)
   int _pad;
 };
-static_assert(sizeof(ClassTable) == 48, "ClassTable layout: update src/gpu/prefill_attention.rs");
+static_assert(sizeof(ClassTable) == 56, "ClassTable layout: update src/gpu/prefill_attention.rs");
 static_assert(sizeof(PrefillParams) == 72, "PrefillParams layout: update src/gpu/prefill_attention.rs");
 
 __device__ __forceinline__ int lane_word(int lane, int j, int nw) {
@@ -119,7 +120,8 @@ __device__ __forceinline__ float load_k(int cls, const unsigned char* slab, cons
   if (cls == CLASS_FP8) return e4m3(slab[off]) * *reinterpret_cast<const float*>(slab + ct.ks_off);
   const unsigned int mask = cls == CLASS_INT4 ? 15u : 3u;
   const float q = (float)((slab[off] >> shift) & mask);
-  return q * h2f(slab + ct.ks_off + 2 * dim) + h2f(slab + ct.kz_off + 2 * dim);
+  const int at = 4 * D * (tok / ct.k_group) + 2 * dim;
+  return q * h2f(slab + ct.ks_off + at) + h2f(slab + ct.kz_off + at);
 }
 
 __device__ __forceinline__ float load_v(int cls, const unsigned char* slab, const ClassTable& ct,

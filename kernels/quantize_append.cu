@@ -22,6 +22,7 @@ struct Geom {
   int tokens, v_group;
   int v_off, ks_off, kz_off, vs_off, vz_off;
   int slab;  // bytes of a block of this class (<= the pool's slab)
+  int k_group;  // tokens per K scale group: group j's scales at ks_off + 4 * head_dim * j
 };
 
 struct QuantizeParams {
@@ -34,8 +35,8 @@ struct QuantizeParams {
   int* status;           // bit 0: a value was not finite or outside the fp16 range
   Geom geom[NUM_CLASSES];
 };
-static_assert(sizeof(Geom) == 32, "Geom layout changed: update src/gpu/quantize_append.rs");
-static_assert(sizeof(QuantizeParams) == 184,
+static_assert(sizeof(Geom) == 36, "Geom layout changed: update src/gpu/quantize_append.rs");
+static_assert(sizeof(QuantizeParams) == 200,
               "QuantizeParams layout changed: update src/gpu/quantize_append.rs");
 
 __device__ __forceinline__ int lane_word_offset(int lane, int j, int nw) {
@@ -202,20 +203,24 @@ __device__ void quantize_block(const QuantizeParams& p) {
     }
   } else {
     const int max_code = cls == CLASS_INT4 ? 15 : 3;
-    // Keys: one channel per thread, its group is the block's tokens.
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    // Keys: one (channel, K scale group) per thread; a group is k_group tokens of the block.
+    const int kgs = (ntok + g.k_group - 1) / g.k_group;
+    for (int i = threadIdx.x; i < D * kgs; i += blockDim.x) {
+      const int d = i % D, j = i / D;
+      const int r0 = j * g.k_group, r1 = min(ntok, r0 + g.k_group);
       float lo = __int_as_float(0x7f800000), hi = -__int_as_float(0x7f800000);
-      for (int r = 0; r < ntok; r++) {
+      for (int r = r0; r < r1; r++) {
         const float x = K[r * stride + d];
         if (!in_f16_range(x)) atomicOr(p.status, 1);
         lo = fminf(lo, x);
         hi = fmaxf(hi, x);
       }
       unsigned short sc = 0, ze = 0;
-      if (ntok > 0) group_params(lo, hi, max_code, sc, ze, p.status);
-      *reinterpret_cast<unsigned short*>(smem + g.ks_off + 2 * d) = sc;
-      *reinterpret_cast<unsigned short*>(smem + g.kz_off + 2 * d) = ze;
-      for (int r = 0; r < ntok; r++) {
+      group_params(lo, hi, max_code, sc, ze, p.status);
+      const int at = 4 * D * j + 2 * d;
+      *reinterpret_cast<unsigned short*>(smem + g.ks_off + at) = sc;
+      *reinterpret_cast<unsigned short*>(smem + g.kz_off + at) = ze;
+      for (int r = r0; r < r1; r++) {
         int off, shift;
         k_pos(cls, D, r, d, off, shift);
         or_bits(words, off, quantize(K[r * stride + d], sc, ze, max_code) << shift);

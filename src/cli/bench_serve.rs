@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use triaxkv::eval::plot::{self, Line, Scatter};
-use triaxkv::gpu::decode_attention::V_GROUPS;
+use triaxkv::gpu::decode_attention::{K_GROUPS, V_GROUPS};
 use triaxkv::gpu::decode_step::ModelShape;
 use triaxkv::gpu::serve_bench::{self, BenchCache, ServeBenchConfig, ServeBenchRow, TimelinePoint};
 use triaxkv::gpu::GpuContext;
@@ -111,6 +111,12 @@ pub struct ServeArgs {
     /// 2.25 bits for K and V, `docs/KV_LAYOUT.md`) and coarser values.
     #[arg(long)]
     v_group: Option<usize>,
+    /// Tokens per per-channel key scale group of the INT2 blocks (64 or 128; INT4 blocks hold
+    /// 64), for every cache of the run. Default: the profile's `cache.block_tokens` when the
+    /// `profile` cache runs (what it was calibrated and evaluated with), else 64. 128 makes
+    /// 5% smaller INT2 slabs and coarser keys (`profiles/README.md`).
+    #[arg(long)]
+    k_group: Option<usize>,
     #[arg(long, default_value_t = 0)]
     device: usize,
     /// No GPU: run N scheduler iterations per cache against a host model of the device that
@@ -128,7 +134,7 @@ pub struct ServeArgs {
 }
 
 /// The caches `name` stands for: one, or one per profile for `profile`.
-fn caches(name: &str, profiles: &[Profile]) -> Result<Vec<BenchCache>> {
+fn caches(name: &str, profiles: &[Profile], k_group: usize) -> Result<Vec<BenchCache>> {
     let uniform = |c| ClassMap::uniform(c, 0, 0);
     let map = match name.trim().to_ascii_lowercase().as_str() {
         "bf16" | "f16" => uniform(KvClass::F16),
@@ -144,7 +150,7 @@ fn caches(name: &str, profiles: &[Profile]) -> Result<Vec<BenchCache>> {
                     if !fit.exact() {
                         eprintln!("note: profile {}: {fit}", p.name);
                     }
-                    if let Some(n) = map.key_block_note(p) {
+                    if let Some(n) = map.key_block_note(p, k_group) {
                         eprintln!("note: {n}");
                     }
                     let name = format!("profile {}", p.name);
@@ -285,10 +291,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     let profiles = profiles(&args)?;
     let v_group = v_group(&args, &profiles)?;
+    let k_group = k_group(&args, &profiles)?;
     let work = Workload::read(&args.workload)?;
     let mut caches = Vec::new();
     for c in &args.caches {
-        caches.extend(self::caches(c, &profiles)?);
+        caches.extend(self::caches(c, &profiles, k_group)?);
     }
     let mut cfg = ServeBenchConfig {
         shape,
@@ -300,6 +307,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         duration_s: args.duration,
         warmup_s: args.warmup,
         v_group,
+        k_group,
         seed: 0x5eed,
         fused_step: !args.separate_steps,
     };
@@ -313,16 +321,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let head = format!(
             "bench serve --host-check {n}: no GPU, every device request checked; {} shape, \
              {:.1} GiB KV per cache, {} clients over {} recorded sessions ({tokens} tokens, \
-             {gen} generated per pass), chunk {}{}, value group {}; sessions, bits and \
-             preemptions after {n} iterations (times and tokens/s are host bookkeeping, not \
-             speed)",
+             {gen} generated per pass), chunk {}{}, value group {}, key group {}; sessions, \
+             bits and preemptions after {n} iterations (times and tokens/s are host \
+             bookkeeping, not speed)",
             cfg.shape.name,
             cfg.kv_memory as f64 / (1u64 << 30) as f64,
             cfg.clients,
             work.sessions.len(),
             cfg.chunk,
             steps(&cfg),
-            cfg.v_group
+            cfg.v_group,
+            cfg.k_group
         );
         eprintln!("{head}");
         let rows = serve_bench::run_host_check(&cfg, &work, n, |m| eprintln!("{m}"))?;
@@ -332,7 +341,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let head = format!(
         "bench serve on {} ({}): {} with random bf16 weights (speed only), {:.1} GiB KV per \
          cache, {} clients over {} recorded sessions ({tokens} tokens, {gen} generated per \
-         pass), chunk {}{}, value group {}, {:.0} s per cache, the first {:.0} s not counted",
+         pass), chunk {}{}, value group {}, key group {}, {:.0} s per cache, the first {:.0} s \
+         not counted",
         gpu.name,
         gpu.arch(),
         cfg.shape.name,
@@ -342,6 +352,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         cfg.chunk,
         steps(&cfg),
         cfg.v_group,
+        cfg.k_group,
         cfg.duration_s,
         cfg.warmup_s
     );
@@ -369,6 +380,22 @@ fn v_group(args: &ServeArgs, profiles: &[Profile]) -> Result<usize> {
             "note: --v-group {g} stores the profile's classes with value groups of {g}; \
              it was allocated for groups of {p}"
         );
+    }
+    Ok(g)
+}
+
+/// `--k-group`, else the profiles' key blocks when the profile cache runs, else 64.
+fn k_group(args: &ServeArgs, profiles: &[Profile]) -> Result<usize> {
+    let blocks: Vec<usize> = profiles.iter().map(|p| p.cache.block_tokens).collect();
+    if args.k_group.is_none() && blocks.windows(2).any(|w| w[0] != w[1]) {
+        bail!(
+            "--profile: the profiles were made for key blocks of {blocks:?} tokens; one run \
+             stores every cache with one key group (pick it with --k-group)"
+        );
+    }
+    let g = args.k_group.or(blocks.first().copied()).unwrap_or(64);
+    if !K_GROUPS.contains(&g) {
+        bail!("key group {g}: the kernels take {K_GROUPS:?} tokens (--k-group)");
     }
     Ok(g)
 }

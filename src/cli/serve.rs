@@ -161,7 +161,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 if !fit.exact() {
                     eprintln!("warning: profile {}: {fit}", p.name);
                 }
-                if let Some(n) = spec.map.key_block_note(&p) {
+                if let Some(n) = spec.map.key_block_note(&p, spec.k_group) {
                     eprintln!("note: {n}");
                 }
                 (spec, p.name.clone())

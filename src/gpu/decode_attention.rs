@@ -41,6 +41,9 @@ fn class_name(c: KvClass) -> &'static str {
     }
 }
 
+/// Tokens per per-channel key group the kernels take (`PagedLayout::with_k_group`).
+pub const K_GROUPS: [usize; 2] = [64, 128];
+
 /// One block-table entry: a block of sequence `seq` in pool slot `slot` with `tokens` valid
 /// tokens (the block's class is the table it sits in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +120,29 @@ impl PagedLayout {
 
     pub fn v_group(&self) -> usize {
         self.geoms[class_index(KvClass::Int4)].v_group
+    }
+
+    /// Tokens per per-channel key scale group of the INT2 blocks.
+    pub fn k_group(&self) -> usize {
+        self.geoms[class_index(KvClass::Int2)].k_group
+    }
+
+    /// The same layout with INT4 and INT2 keys quantized per channel over `k_group` tokens
+    /// (64 or 128: a kernel unit of tiles never straddles a group; a class whose blocks are
+    /// smaller keeps one group per block), and a slab that fits every class.
+    pub fn with_k_group(mut self, k_group: usize) -> Result<Self, GpuError> {
+        if !K_GROUPS.contains(&k_group) {
+            return Err(GpuError::Shape(format!(
+                "key group of {k_group} tokens: the kernels take {K_GROUPS:?}"
+            )));
+        }
+        for g in self.geoms.iter_mut() {
+            if matches!(g.class, KvClass::Int4 | KvClass::Int2) {
+                *g = g.with_k_group(k_group.min(g.tokens))?;
+            }
+        }
+        self.slab_bytes = self.geoms.iter().map(|g| g.slab_bytes()).max().unwrap_or(0);
+        Ok(self)
     }
 
     pub fn geom(&self, c: KvClass) -> &BlockGeometry {
@@ -658,7 +684,7 @@ impl DecodePlan {
     }
 }
 
-/// `#[repr(C)]` mirror of `tkv::ClassInfo` (40 bytes, checked by a static_assert in the .cu).
+/// `#[repr(C)]` mirror of `tkv::ClassInfo` (48 bytes, checked by a static_assert in the .cu).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct ClassInfo {
@@ -670,9 +696,11 @@ struct ClassInfo {
     kz_off: i32,
     vs_off: i32,
     vz_off: i32,
+    k_group: i32,
+    _pad: i32,
 }
 
-/// `#[repr(C)]` mirror of `tkv::DecodeParams` (232 bytes).
+/// `#[repr(C)]` mirror of `tkv::DecodeParams` (264 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct DecodeParams {
@@ -691,8 +719,8 @@ struct DecodeParams {
     part_lse: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<ClassInfo>() == 40);
-const _: () = assert!(std::mem::size_of::<DecodeParams>() == 232);
+const _: () = assert!(std::mem::size_of::<ClassInfo>() == 48);
+const _: () = assert!(std::mem::size_of::<DecodeParams>() == 264);
 
 // SAFETY: plain old data with the exact C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for DecodeParams {}
@@ -886,6 +914,8 @@ impl DecodeAttention {
                 kz_off: kz,
                 vs_off: vs,
                 vz_off: vz,
+                k_group: g.k_group as i32,
+                _pad: 0,
             };
         }
         let present: Vec<usize> = (0..NUM_CLASSES)

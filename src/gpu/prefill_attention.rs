@@ -19,7 +19,7 @@ use cudarc::driver::{
 const ROWS: usize = 128;
 const THREADS: u32 = 256;
 
-/// `#[repr(C)]` mirror of `tkp::ClassTable` (48 bytes).
+/// `#[repr(C)]` mirror of `tkp::ClassTable` (56 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct ClassTable {
@@ -33,6 +33,8 @@ pub(super) struct ClassTable {
     kz_off: i32,
     vs_off: i32,
     vz_off: i32,
+    k_group: i32,
+    _pad: i32,
 }
 
 /// `#[repr(C)]` mirror of `tkp::PrefillParams` (72 bytes).
@@ -55,7 +57,7 @@ struct PrefillParams {
     _pad: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<ClassTable>() == 48);
+const _: () = assert!(std::mem::size_of::<ClassTable>() == 56);
 const _: () = assert!(std::mem::size_of::<PrefillParams>() == 72);
 
 // SAFETY: plain old data with the exact C layout of the kernel's parameter struct; all zeros
@@ -74,6 +76,7 @@ pub(super) fn class_offsets(l: &PagedLayout, c: KvClass) -> ClassTable {
         kz_off: if int { g.k_zero_offset() as i32 } else { 0 },
         vs_off: if int { g.v_scale_offset() as i32 } else { 0 },
         vz_off: if int { g.v_zero_offset() as i32 } else { 0 },
+        k_group: g.k_group as i32,
         ..Default::default()
     }
 }

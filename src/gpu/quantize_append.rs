@@ -19,7 +19,7 @@ pub struct QuantizeJob {
     pub tokens: usize,
 }
 
-/// `#[repr(C)]` mirror of `tkq::Geom` (32 bytes, static_assert in the .cu).
+/// `#[repr(C)]` mirror of `tkq::Geom` (36 bytes, static_assert in the .cu).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct Geom {
@@ -31,9 +31,10 @@ struct Geom {
     vs_off: i32,
     vz_off: i32,
     slab: i32,
+    k_group: i32,
 }
 
-/// `#[repr(C)]` mirror of `tkq::QuantizeParams` (184 bytes).
+/// `#[repr(C)]` mirror of `tkq::QuantizeParams` (200 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct QuantizeParams {
@@ -48,8 +49,8 @@ struct QuantizeParams {
     geom: [Geom; 4],
 }
 
-const _: () = assert!(std::mem::size_of::<Geom>() == 32);
-const _: () = assert!(std::mem::size_of::<QuantizeParams>() == 184);
+const _: () = assert!(std::mem::size_of::<Geom>() == 36);
+const _: () = assert!(std::mem::size_of::<QuantizeParams>() == 200);
 
 // SAFETY: plain old data with the exact C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for QuantizeParams {}
@@ -152,6 +153,7 @@ impl QuantizeAppend {
                 vs_off: if int { g.v_scale_offset() as i32 } else { ks },
                 vz_off: if int { g.v_zero_offset() as i32 } else { ks },
                 slab: g.slab_bytes() as i32,
+                k_group: g.k_group as i32,
             };
         }
         let cfg = LaunchConfig {

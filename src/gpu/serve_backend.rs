@@ -34,12 +34,14 @@ pub type GpuDevice = GpuExec<GpuContext, DecodeStep, DeviceWeights>;
 
 /// What the pool holds per slot and how many slots there are.
 /// What a pool is asked for: which class each token is stored at, its bytes (all layers),
-/// and the value group of its INT4 and INT2 blocks.
+/// and the value group and key group (tokens per per-channel key scale) of its INT4 and INT2
+/// blocks.
 #[derive(Debug, Clone)]
 pub struct PoolSpec {
     pub map: ClassMap,
     pub kv_memory: usize,
     pub v_group: usize,
+    pub k_group: usize,
 }
 
 impl PoolSpec {
@@ -50,15 +52,18 @@ impl PoolSpec {
             map,
             kv_memory,
             v_group: 64,
+            k_group: 64,
         }
     }
 
-    /// A profile's classes, stored with the value group it was allocated for.
+    /// A profile's classes, stored with the value and key groups it was allocated for (a
+    /// key group the kernels do not take is refused when the pool is made).
     pub fn of_profile(p: &crate::profile::Profile, kv_memory: usize) -> Self {
         PoolSpec {
             map: ClassMap::from_profile(p),
             kv_memory,
             v_group: p.cache.value_group,
+            k_group: p.cache.block_tokens,
         }
     }
 }
@@ -176,7 +181,8 @@ impl GpuBackend<HostCheck> {
 
 impl<E: Executor> GpuBackend<E> {
     fn pool_shape(shape: &ModelShape, spec: &PoolSpec) -> Result<PoolShape, GpuError> {
-        let (layout, slot_bytes) = pool_layout_for(shape, spec.v_group, spec.kv_memory, &spec.map)?;
+        let (layout, slot_bytes) =
+            pool_layout_for(shape, spec.v_group, spec.k_group, spec.kv_memory, &spec.map)?;
         let class_bytes =
             KvClass::ALL.map(|c| layout.kv_heads * layout.geom(c).slab_bytes() * shape.layers);
         Ok(PoolShape {

@@ -51,6 +51,8 @@ pub struct ServeBenchConfig {
     pub duration_s: f64,
     pub warmup_s: f64,
     pub v_group: usize,
+    /// Tokens per per-channel key group of the INT2 blocks (64 or 128; INT4 blocks hold 64).
+    pub k_group: usize,
     pub seed: u32,
     /// Run an iteration's prefill chunks and decode rows as one step (one pass over the
     /// weights) instead of two.
@@ -1154,17 +1156,19 @@ pub fn pool_layout(
     cfg: &ServeBenchConfig,
     map: &ClassMap,
 ) -> Result<(PagedLayout, usize), GpuError> {
-    pool_layout_for(&cfg.shape, cfg.v_group, cfg.kv_memory, map)
+    pool_layout_for(&cfg.shape, cfg.v_group, cfg.k_group, cfg.kv_memory, map)
 }
 
 /// `pool_layout` for any model shape and pool size.
 pub fn pool_layout_for(
     shape: &ModelShape,
     v_group: usize,
+    k_group: usize,
     kv_memory: usize,
     map: &ClassMap,
 ) -> Result<(PagedLayout, usize), GpuError> {
-    let mut layout = PagedLayout::new(shape.q_heads, shape.kv_heads, 1, v_group)?;
+    let mut layout =
+        PagedLayout::new(shape.q_heads, shape.kv_heads, 1, v_group)?.with_k_group(k_group)?;
     let mut used = vec![KvClass::F16, map.default];
     used.extend(map.classes.values().copied());
     layout.slab_bytes = used
@@ -1531,6 +1535,7 @@ mod tests {
                 duration_s: 1e9,
                 warmup_s: 0.0,
                 v_group: 64,
+                k_group: 128,
                 seed: 0,
                 fused_step,
             };
@@ -1598,18 +1603,24 @@ mod tests {
     }
 
     /// 128-element value groups shrink the INT2 slab to the INT4 one (9,216 bytes per KV
-    /// head at head dim 128, `docs/KV_LAYOUT.md`), so the same memory holds more slots.
+    /// head at head dim 128, `docs/KV_LAYOUT.md`), so the same memory holds more slots; key
+    /// groups of 64 tokens in the 128-token INT2 block add 512 bytes of key scales and zeros.
     #[test]
     fn wider_value_groups_make_smaller_slots() {
         let shape = ModelShape::llama3_8b();
         let per_slab = shape.layers * shape.kv_heads;
         let map = ClassMap::uniform(KvClass::Int2, 4, 64);
         let mem = 1000 * per_slab * 9728;
-        let (l64, b64) = pool_layout_for(&shape, 64, mem, &map).unwrap();
-        let (l128, b128) = pool_layout_for(&shape, 128, mem, &map).unwrap();
+        let (l64, b64) = pool_layout_for(&shape, 64, 128, mem, &map).unwrap();
+        let (l128, b128) = pool_layout_for(&shape, 128, 128, mem, &map).unwrap();
         assert_eq!((b64, b128), (per_slab * 9728, per_slab * 9216));
         assert_eq!((l64.slots, l128.slots), (1000, mem / b128));
         assert_eq!(l128.v_group(), 128);
+        let (k64, bk64) = pool_layout_for(&shape, 64, 64, mem, &map).unwrap();
+        let (_, bk128) = pool_layout_for(&shape, 128, 64, mem, &map).unwrap();
+        assert_eq!((bk64, bk128), (per_slab * 10240, per_slab * 9728));
+        assert_eq!((k64.k_group(), k64.geom(KvClass::Int4).k_groups()), (64, 1));
+        assert!(pool_layout_for(&shape, 64, 32, mem, &map).is_err());
     }
 
     /// Sessions admitted in an earlier iteration that have not allocated yet (their prompts

@@ -12,7 +12,7 @@ use crate::paged::pool::{Ops, F16_TOKENS};
 use crate::quant::KvClass;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-/// `#[repr(C)]` mirror of `tkp::MoveParams` (272 bytes).
+/// `#[repr(C)]` mirror of `tkp::MoveParams` (304 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 struct MoveParams {
@@ -31,7 +31,7 @@ struct MoveParams {
     ct: [ClassTable; 4],
 }
 
-const _: () = assert!(std::mem::size_of::<MoveParams>() == 272);
+const _: () = assert!(std::mem::size_of::<MoveParams>() == 304);
 
 // SAFETY: plain old data with the exact C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for MoveParams {}

@@ -184,20 +184,21 @@ impl ClassMap {
         f
     }
 
-    /// Why the pool's keys differ from those `p` was allocated and evaluated with: the pool's
-    /// per-channel key groups are its INT4 and INT2 blocks (64 and 128 tokens), not the
-    /// profile's `cache.block_tokens`. `None` when they agree.
-    pub fn key_block_note(&self, p: &crate::profile::Profile) -> Option<String> {
+    /// Why a pool storing INT2 keys per channel over `k_group` tokens (INT4 over its 64-token
+    /// blocks, or fewer) differs from what `p` was allocated and evaluated with (its
+    /// `cache.block_tokens`). `None` when they agree.
+    pub fn key_block_note(&self, p: &crate::profile::Profile, k_group: usize) -> Option<String> {
         let tokens = ClassTokens::default();
         let differs: Vec<String> = [KvClass::Int4, KvClass::Int2]
             .into_iter()
-            .filter(|&c| self.uses(c) && tokens.of(c) != p.cache.block_tokens)
-            .map(|c| format!("{c:?} over {} tokens", tokens.of(c)))
+            .map(|c| (c, k_group.min(tokens.of(c))))
+            .filter(|&(c, g)| self.uses(c) && g != p.cache.block_tokens)
+            .map(|(c, g)| format!("{c:?} over {g} tokens"))
             .collect();
         (!differs.is_empty()).then(|| {
             format!(
-                "profile {} quantizes keys per channel over {}-token blocks; the GPU pool \
-                 stores {} (`eval --key-block 128` measures INT2 as stored)",
+                "profile {} quantizes keys per channel over {} tokens; this pool stores {} \
+                 (`eval --key-block` measures other groups)",
                 p.name,
                 p.cache.block_tokens,
                 differs.join(" and ")
@@ -944,21 +945,24 @@ mod tests {
         assert!(map.classes.values().any(|&c| c == KvClass::Int4));
         assert!(map.classes.values().any(|&c| c == KvClass::Int2));
 
-        // Made for 64-token key blocks: the pool's INT2 blocks group keys over 128.
-        let note = map.key_block_note(&tag_only).expect("64 vs 128");
+        // Made for 64-token key blocks: a pool grouping INT2 keys over 128 differs.
+        assert_eq!(map.key_block_note(&tag_only, 64), None);
+        let note = map.key_block_note(&tag_only, 128).expect("64 vs 128");
         assert!(
             note.contains("Int2 over 128") && !note.contains("Int4"),
             "{note}"
         );
         let mut p128 = tag_only.clone();
         p128.cache.block_tokens = 128;
-        let note = map.key_block_note(&p128).expect("64-token INT4 blocks");
+        let note = map
+            .key_block_note(&p128, 128)
+            .expect("64-token INT4 blocks");
         assert!(
             note.contains("Int4 over 64") && !note.contains("Int2"),
             "{note}"
         );
         let f16 = ClassMap::uniform(KvClass::F16, 0, 0);
-        assert_eq!(f16.key_block_note(&tag_only), None);
+        assert_eq!(f16.key_block_note(&tag_only, 128), None);
     }
 
     #[test]
