@@ -149,6 +149,22 @@ fn bench_serve_refuses_bad_input_before_the_gpu() {
         err.contains("[64, 32]") && err.contains("--v-group"),
         "{err}"
     );
+    let o = triaxkv(&[
+        "bench",
+        "serve",
+        "--workload",
+        bad.to_str().unwrap(),
+        "--caches",
+        "int2",
+        "--k-group",
+        "32",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("key group 32") && err.contains("--k-group"),
+        "{err}"
+    );
     // The profile cache reads --profile before anything else is loaded.
     let o = triaxkv(&[
         "bench",

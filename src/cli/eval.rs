@@ -44,9 +44,8 @@ pub struct EvalArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Quantize keys per channel over blocks of N tokens in every profile (its
-    /// `cache.block_tokens`; the name gets `-kbN`). The GPU pool (`serve --gpu`, `bench
-    /// serve`) stores INT2 keys over 128-token blocks whatever the profile says: 128 measures
-    /// what it serves.
+    /// `cache.block_tokens`; the name gets `-kbN`): 128 measures what a GPU pool made with
+    /// `bench serve --k-group 128` stores (INT2 keys grouped over the whole block).
     #[arg(long, value_name = "N")]
     key_block: Option<usize>,
 }
