@@ -103,20 +103,24 @@ fn bench_serve_refuses_bad_input_before_the_gpu() {
         "10",
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--warmup must be below --duration"));
-    let o = triaxkv(&[
-        "bench",
-        "serve",
-        "--workload",
-        bad.to_str().unwrap(),
-        "--caches",
-        "int2",
-        "--v-group",
-        "48",
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    // `bench serve --workload bad.json ARGS` fails before the workload is read: the stderr.
+    let refused = |args: &[&str]| -> String {
+        let mut all = vec!["bench", "serve", "--workload", bad.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let o = triaxkv(&all);
+        assert!(!o.status.success(), "{args:?} ran");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!err.contains("not a serve workload"), "{args:?}: {err}");
+        err
+    };
+    let err = refused(&["--caches", "int2", "--v-group", "48"]);
     assert!(
         err.contains("value group 48") && err.contains("--v-group"),
+        "{err}"
+    );
+    let err = refused(&["--caches", "int2", "--k-group", "32"]);
+    assert!(
+        err.contains("key group 32") && err.contains("--k-group"),
         "{err}"
     );
     // Profiles allocated for different value groups need --v-group to share one run.
@@ -133,55 +137,19 @@ fn bench_serve_refuses_bad_input_before_the_gpu() {
         root.join("profiles/tag-only-2.8.json").display(),
         vg32.display()
     );
-    let o = triaxkv(&[
-        "bench",
-        "serve",
-        "--workload",
-        bad.to_str().unwrap(),
-        "--caches",
-        "profile",
-        "--profile",
-        &two,
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = refused(&["--caches", "profile", "--profile", &two]);
     assert!(
         err.contains("[64, 32]") && err.contains("--v-group"),
         "{err}"
     );
-    let o = triaxkv(&[
-        "bench",
-        "serve",
-        "--workload",
-        bad.to_str().unwrap(),
-        "--caches",
-        "int2",
-        "--k-group",
-        "32",
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("key group 32") && err.contains("--k-group"),
-        "{err}"
-    );
     // The profile cache reads --profile before anything else is loaded.
-    let o = triaxkv(&[
-        "bench",
-        "serve",
-        "--workload",
-        bad.to_str().unwrap(),
+    let err = refused(&[
         "--caches",
         "bf16,profile",
         "--profile",
         missing.to_str().unwrap(),
     ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("missing.json") && !err.contains("not a serve workload"),
-        "{err}"
-    );
+    assert!(err.contains("missing.json"), "{err}");
 }
 
 /// `bench serve --host-check`: the whole scheduler on recorded sessions without a GPU, every
