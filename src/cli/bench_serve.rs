@@ -364,17 +364,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
 /// `--v-group`, else the profiles' value group when the profile cache runs, else 64.
 fn v_group(args: &ServeArgs, profiles: &[Profile]) -> Result<usize> {
     let groups: Vec<usize> = profiles.iter().map(|p| p.cache.value_group).collect();
-    if args.v_group.is_none() && groups.windows(2).any(|w| w[0] != w[1]) {
-        bail!(
-            "--profile: the profiles were allocated for value groups {groups:?}; one run \
-             stores every cache with one group (pick it with --v-group)"
-        );
-    }
-    let profile = groups.first().copied();
-    let g = args.v_group.or(profile).unwrap_or(64);
-    if !V_GROUPS.contains(&g) {
-        bail!("value group {g}: the kernels are compiled for {V_GROUPS:?} (--v-group)");
-    }
+    let g = run_group(args.v_group, &groups, &V_GROUPS, "value group", "--v-group")?;
     for p in groups.iter().filter(|&&p| p != g) {
         eprintln!(
             "note: --v-group {g} stores the profile's classes with value groups of {g}; \
@@ -384,18 +374,31 @@ fn v_group(args: &ServeArgs, profiles: &[Profile]) -> Result<usize> {
     Ok(g)
 }
 
-/// `--k-group`, else the profiles' key blocks when the profile cache runs, else 64.
+/// `--k-group`, else the profiles' key blocks when the profile cache runs, else 64 (a
+/// profile made for other key blocks gets `ClassMap::key_block_note`).
 fn k_group(args: &ServeArgs, profiles: &[Profile]) -> Result<usize> {
     let blocks: Vec<usize> = profiles.iter().map(|p| p.cache.block_tokens).collect();
-    if args.k_group.is_none() && blocks.windows(2).any(|w| w[0] != w[1]) {
+    run_group(args.k_group, &blocks, &K_GROUPS, "key group", "--k-group")
+}
+
+/// One pool-wide group size for the run: `flag`, else the profiles' (which must agree), else
+/// 64; refused unless the kernels take it.
+fn run_group(
+    flag: Option<usize>,
+    of_profiles: &[usize],
+    allowed: &[usize],
+    what: &str,
+    option: &str,
+) -> Result<usize> {
+    if flag.is_none() && of_profiles.windows(2).any(|w| w[0] != w[1]) {
         bail!(
-            "--profile: the profiles were made for key blocks of {blocks:?} tokens; one run \
-             stores every cache with one key group (pick it with --k-group)"
+            "--profile: the profiles were made for {what}s {of_profiles:?}; one run stores \
+             every cache with one (pick it with {option})"
         );
     }
-    let g = args.k_group.or(blocks.first().copied()).unwrap_or(64);
-    if !K_GROUPS.contains(&g) {
-        bail!("key group {g}: the kernels take {K_GROUPS:?} tokens (--k-group)");
+    let g = flag.or(of_profiles.first().copied()).unwrap_or(64);
+    if !allowed.contains(&g) {
+        bail!("{what} {g}: the kernels take {allowed:?} ({option})");
     }
     Ok(g)
 }

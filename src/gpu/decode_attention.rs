@@ -41,6 +41,11 @@ fn class_name(c: KvClass) -> &'static str {
     }
 }
 
+/// A slab that fits a block of every geometry.
+fn widest_slab(geoms: &[BlockGeometry]) -> usize {
+    geoms.iter().map(|g| g.slab_bytes()).max().unwrap_or(0)
+}
+
 /// Tokens per per-channel key group the kernels take (`PagedLayout::with_k_group`).
 pub const K_GROUPS: [usize; 2] = [64, 128];
 
@@ -96,7 +101,7 @@ impl PagedLayout {
             geoms.push(BlockGeometry::new(c, g.tokens, head_dim, v_group)?);
         }
         let geoms: [BlockGeometry; NUM_CLASSES] = [geoms[0], geoms[1], geoms[2], geoms[3]];
-        let slab_bytes = geoms.iter().map(|g| g.slab_bytes()).max().unwrap_or(0);
+        let slab_bytes = widest_slab(&geoms);
         let layout = PagedLayout {
             q_heads,
             kv_heads,
@@ -141,7 +146,7 @@ impl PagedLayout {
                 *g = g.with_k_group(k_group.min(g.tokens))?;
             }
         }
-        self.slab_bytes = self.geoms.iter().map(|g| g.slab_bytes()).max().unwrap_or(0);
+        self.slab_bytes = widest_slab(&self.geoms);
         Ok(self)
     }
 
