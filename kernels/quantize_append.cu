@@ -5,7 +5,11 @@
 //
 // One CTA = one job (a block: pool slot, class, its tokens) x one KV head. The slab is built in
 // shared memory (codes of 2 and 4 bits share bytes: shared atomics), then stored with 16-byte
-// writes, so unused token slots come out zero as the layout requires.
+// writes, so unused token slots come out zero as the layout requires. A job with a start token
+// (INT4/INT2, at a key-group boundary) appends to a block already holding `start` tokens: the
+// slab is read first and the new tokens' codes, whose bits are still zero, ORed in; their key
+// groups and value parameters are their own, so the block ends byte for byte what quantizing
+// all its tokens at once makes.
 // Arithmetic matches the CPU quantizer exactly: zero = fp16(min), scale = (max - zero) /
 // (2^b - 1) rounded UP to fp16, q = clamp(round((x - zero) / scale)) with round half away from
 // zero; FP8 scale = amax / 448, code = E4M3(x / scale) round-to-nearest-even, saturating, no
@@ -31,7 +35,7 @@ struct QuantizeParams {
   int kv_heads, head_dim;
   const float* k;        // [token][kv_head][head_dim]
   const float* v;
-  const int4* jobs;      // (slot, class, first token, tokens)
+  const int* jobs;       // 5 ints a job: slot, class, first source token, tokens, start token
   int* status;           // bit 0: a value was not finite or outside the fp16 range
   Geom geom[NUM_CLASSES];
 };
@@ -150,13 +154,19 @@ __device__ float block_max(float x, float* red) {
 __device__ void quantize_block(const QuantizeParams& p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float red[32];
-  const int4 job = p.jobs[blockIdx.x];
-  const int slot = job.x, cls = job.y, first = job.z, ntok = job.w;
+  const int* job = p.jobs + 5 * blockIdx.x;
+  const int slot = job[0], cls = job[1], first = job[2], ntok = job[3], start = job[4];
   const int h = blockIdx.y, D = p.head_dim;
   const Geom g = p.geom[cls];
   unsigned int* words = reinterpret_cast<unsigned int*>(smem);
+  uint4* dst = reinterpret_cast<uint4*>(p.pool + ((long long)slot * p.kv_heads + h) * p.slab_bytes);
   const int nwords = (int)(p.slab_bytes / 4);
-  for (int i = threadIdx.x; i < nwords; i += blockDim.x) words[i] = 0;
+  if (start == 0) {
+    for (int i = threadIdx.x; i < nwords; i += blockDim.x) words[i] = 0;
+  } else {
+    uint4* s4 = reinterpret_cast<uint4*>(smem);
+    for (int i = threadIdx.x; i < nwords / 4; i += blockDim.x) s4[i] = dst[i];
+  }
   __syncthreads();
   const long long stride = (long long)p.kv_heads * D;  // elements between tokens
   const float* K = p.k + (long long)first * stride + (long long)h * D;
@@ -204,10 +214,11 @@ __device__ void quantize_block(const QuantizeParams& p) {
   } else {
     const int max_code = cls == CLASS_INT4 ? 15 : 3;
     // Keys: one (channel, K scale group) per thread; a group is k_group tokens of the block.
-    const int kgs = (ntok + g.k_group - 1) / g.k_group;
+    // Source rows r are block tokens start + r; start is a multiple of k_group.
+    const int kgs = (ntok + g.k_group - 1) / g.k_group, j0 = start / g.k_group;
     for (int i = threadIdx.x; i < D * kgs; i += blockDim.x) {
-      const int d = i % D, j = i / D;
-      const int r0 = j * g.k_group, r1 = min(ntok, r0 + g.k_group);
+      const int d = i % D, j = j0 + i / D;
+      const int r0 = (i / D) * g.k_group, r1 = min(ntok, r0 + g.k_group);
       float lo = __int_as_float(0x7f800000), hi = -__int_as_float(0x7f800000);
       for (int r = r0; r < r1; r++) {
         const float x = K[r * stride + d];
@@ -222,7 +233,7 @@ __device__ void quantize_block(const QuantizeParams& p) {
       *reinterpret_cast<unsigned short*>(smem + g.kz_off + at) = ze;
       for (int r = r0; r < r1; r++) {
         int off, shift;
-        k_pos(cls, D, r, d, off, shift);
+        k_pos(cls, D, start + r, d, off, shift);
         or_bits(words, off, quantize(K[r * stride + d], sc, ze, max_code) << shift);
       }
     }
@@ -239,18 +250,18 @@ __device__ void quantize_block(const QuantizeParams& p) {
       }
       unsigned short sc, ze;
       group_params(lo, hi, max_code, sc, ze, p.status);
-      const int ps = (r / 2) * 2 * G + 2 * gi + r % 2;  // `v_param_slot`
+      const int t = start + r;
+      const int ps = (t / 2) * 2 * G + 2 * gi + t % 2;  // `v_param_slot`
       *reinterpret_cast<unsigned short*>(smem + g.vs_off + 2 * ps) = sc;
       *reinterpret_cast<unsigned short*>(smem + g.vz_off + 2 * ps) = ze;
       for (int e = 0; e < g.v_group; e++) {
         int off, shift;
-        v_pos(cls, D, g.v_off, r, gi * g.v_group + e, off, shift);
+        v_pos(cls, D, g.v_off, t, gi * g.v_group + e, off, shift);
         or_bits(words, off, quantize(x[e], sc, ze, max_code) << shift);
       }
     }
   }
   __syncthreads();
-  uint4* dst = reinterpret_cast<uint4*>(p.pool + ((long long)slot * p.kv_heads + h) * p.slab_bytes);
   const uint4* src = reinterpret_cast<const uint4*>(smem);
   for (int i = threadIdx.x; i < (int)(p.slab_bytes / 16); i += blockDim.x) dst[i] = src[i];
 }

@@ -392,6 +392,7 @@ fn quantize_append_matches_cpu_packer_byte_for_byte() {
                     class: c,
                     first_token: next_token,
                     tokens: n,
+                    start: 0,
                 });
                 next_token += n;
             }
@@ -483,6 +484,7 @@ fn quantize_append_matches_cpu_packer_byte_for_byte() {
         class: KvClass::Int4,
         first_token: 0,
         tokens: 1,
+        start: 0,
     };
     let e = qa
         .run(&gpu, &layout, &mut pool, &dk, &dv, &[job])
@@ -1450,22 +1452,51 @@ fn token_moves_match_cpu_blocks_in_every_layer() {
             Quantize {
                 class: KvClass::Int4,
                 dst_slot: 13,
+                start: 0,
                 src: src(4..8),
             },
             Quantize {
                 class: KvClass::Int2,
                 dst_slot: 14,
+                start: 0,
                 src: src(4..12),
             },
             Quantize {
                 class: KvClass::Fp8,
                 dst_slot: 15,
+                start: 0,
                 src: src(4..6),
             },
         ],
         ..Default::default()
     };
     moves.run(&gpu, &layout, &mut pool, &ops2).unwrap();
+    // Pass 3: the same INT2 block one 64-token key group at a time into slot 16 (a job per
+    // pass: the kernel reads the block it appends to, so one launch may not name it twice).
+    let half = |start: u32, blocks: std::ops::Range<u32>| Quantize {
+        class: KvClass::Int2,
+        dst_slot: 16,
+        start,
+        src: src(blocks),
+    };
+    let twice = Ops {
+        quantize: vec![half(0, 4..8), half(64, 8..12)],
+        ..Default::default()
+    };
+    let e = moves.run(&gpu, &layout, &mut pool, &twice).unwrap_err();
+    assert!(e.to_string().contains("named by an earlier job"), "{e}");
+    let misaligned = Ops {
+        quantize: vec![half(32, 4..6)],
+        ..Default::default()
+    };
+    assert!(moves.run(&gpu, &layout, &mut pool, &misaligned).is_err());
+    for q in [half(0, 4..8), half(64, 8..12)] {
+        let ops = Ops {
+            quantize: vec![q],
+            ..Default::default()
+        };
+        moves.run(&gpu, &layout, &mut pool, &ops).unwrap();
+    }
     let got = gpu.download(&pool).unwrap();
     let f16 = |x: f32| half::f16::from_f32(x).to_f32();
     let g16 = *layout.geom(KvClass::F16);
@@ -1518,13 +1549,23 @@ fn token_moves_match_cpu_blocks_in_every_layer() {
                     "layer {l} head {h}: {c:?} block from 16-bit staging differs from the CPU packer"
                 );
             }
+            // Filled a key group at a time: the same bytes, slab and all.
+            let (whole, halves) = (
+                base + layout.slab_offset(14, h),
+                base + layout.slab_offset(16, h),
+            );
+            assert_eq!(
+                &got[halves..halves + layout.slab_bytes],
+                &got[whole..whole + layout.slab_bytes],
+                "layer {l} head {h}: INT2 block appended per key group differs from one quantize"
+            );
         }
     }
     assert!(
         worst < 1e-3,
         "moved tokens differ from the CPU's decoded values by {worst}"
     );
-    eprintln!("token moves: 2 layers × {kv_heads} heads, max |Δ| {worst:.2e}; 3 quantized blocks byte-identical");
+    eprintln!("token moves: 2 layers × {kv_heads} heads, max |Δ| {worst:.2e}; 3 quantized blocks byte-identical, INT2 appended per key group identical");
 }
 
 /// Feed `seqs` (ids, tags, prompt length) through `backend` as the engine does — prompt

@@ -1,6 +1,7 @@
 //! Launcher of `kernels/quantize_append.cu`: new keys and values already on the device
-//! (f32 `[token][kv_head][head_dim]`) become whole packed blocks of their precision class in
-//! the pool, the same bytes `QuantizedBlock::quantize` + `pack` make on the CPU.
+//! (f32 `[token][kv_head][head_dim]`) become packed blocks of their precision class in the
+//! pool, the same bytes `QuantizedBlock::quantize` + `pack` make on the CPU; an INT4/INT2 job
+//! may append whole key groups to a block that already holds some.
 
 use super::context::GpuContext;
 use super::decode_attention::{class_index, PagedLayout};
@@ -10,13 +11,17 @@ use crate::quant::layout::KvClass;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// One block to write: `tokens` consecutive source tokens from `first_token`, quantized as
-/// `class` into pool slot `slot` (all KV heads).
+/// `class` into pool slot `slot` (all KV heads) as its tokens `start..start + tokens`. With
+/// `start > 0` (INT4/INT2 only, a multiple of the class's key group) the block's first
+/// `start` tokens are kept: the block must hold exactly them, as this kernel wrote them.
+/// Two jobs of one launch must not name the same slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantizeJob {
     pub slot: usize,
     pub class: KvClass,
     pub first_token: usize,
     pub tokens: usize,
+    pub start: usize,
 }
 
 /// `#[repr(C)]` mirror of `tkq::Geom` (36 bytes, static_assert in the .cu).
@@ -91,25 +96,38 @@ impl QuantizeAppend {
                 layout.pool_bytes()
             )));
         }
-        let mut flat = Vec::with_capacity(4 * jobs.len());
+        let mut flat = Vec::with_capacity(5 * jobs.len());
+        let mut named = std::collections::HashSet::with_capacity(jobs.len());
         for (i, j) in jobs.iter().enumerate() {
             let g = layout.geom(j.class);
+            let int = matches!(j.class, KvClass::Int4 | KvClass::Int2);
+            let start_ok = j.start == 0 || (int && j.start % g.k_group == 0);
             if j.slot >= layout.slots
                 || j.tokens == 0
-                || j.tokens > g.tokens
+                || !start_ok
+                || j.start + j.tokens > g.tokens
                 || j.first_token + j.tokens > src_tokens
                 || g.slab_bytes() > layout.slab_bytes
             {
                 return Err(GpuError::Shape(format!(
                     "quantize job {i}: slot {} of {}, tokens {}..{} of {src_tokens} into a \
-                     block of {} ({} bytes, pool slab {})",
+                     {:?} block of {} at token {} (key group {}, {} bytes, pool slab {})",
                     j.slot,
                     layout.slots,
                     j.first_token,
                     j.first_token + j.tokens,
+                    j.class,
                     g.tokens,
+                    j.start,
+                    g.k_group,
                     g.slab_bytes(),
                     layout.slab_bytes
+                )));
+            }
+            if !named.insert(j.slot) {
+                return Err(GpuError::Shape(format!(
+                    "quantize job {i}: slot {} is named by an earlier job of the launch",
+                    j.slot
                 )));
             }
             flat.extend_from_slice(&[
@@ -117,6 +135,7 @@ impl QuantizeAppend {
                 class_index(j.class) as i32,
                 j.first_token as i32,
                 j.tokens as i32,
+                j.start as i32,
             ]);
         }
         if layout.slab_bytes > 48 * 1024 || layout.slab_bytes % 16 != 0 {

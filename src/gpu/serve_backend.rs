@@ -448,7 +448,7 @@ impl<E: Executor + Send + 'static> Backend for GpuBackend<E> {
         let held = c.blocks.iter().sum::<usize>() * b;
         // What the tokens need at their class's full-block density.
         let filled: usize = (0..4)
-            .map(|k| c.tokens[k] * self.shape.class_bytes[k] / self.shape.tokens.0[k])
+            .map(|k| c.tokens[k] * self.shape.class_bytes[k] / self.shape.tokens.capacity[k])
             .sum();
         KvUsage {
             half: c.blocks[0] * b,

@@ -197,7 +197,7 @@ pub(crate) fn estimate_slots(
     }
     let mut slots = (map.window + F16_TOKENS).div_ceil(F16_TOKENS) + 4;
     for (k, n) in per.iter().enumerate() {
-        slots += n.div_ceil(tokens.0[k]);
+        slots += n.div_ceil(tokens.capacity[k]);
     }
     slots
 }
@@ -537,6 +537,8 @@ where
 #[derive(Debug, Default)]
 pub struct HostCheck {
     class: std::collections::HashMap<u32, KvClass>,
+    /// Tokens written into each packed slot (blocks fill a key group at a time).
+    filled: std::collections::HashMap<u32, usize>,
     /// Input ids of the last step's rows that have logits (a prefill: each call's last row,
     /// as on the GPU): `logits` answers [`HostCheck::next_token`] of each.
     last_ids: Vec<Option<i32>>,
@@ -621,6 +623,13 @@ impl HostCheck {
         for c in KvClass::ALL {
             for b in t.table(c) {
                 self.slot_is(b.slot as u32, c, "a table entry")?;
+                let filled = self.filled.get(&(b.slot as u32)).copied();
+                if c != KvClass::F16 && filled != Some(b.tokens) {
+                    return Err(GpuError::Shape(format!(
+                        "a table entry reads {} tokens of slot {} holding {filled:?}",
+                        b.tokens, b.slot
+                    )));
+                }
             }
         }
         Ok(())
@@ -637,23 +646,43 @@ impl Executor for HostCheck {
                 )));
             }
             self.class.insert(z, KvClass::F16);
+            self.filled.remove(&z);
         }
         for m in &ops.moves {
             self.slot_is(m.src_slot, m.src_class, "a move's source")?;
             self.slot_is(m.dst_slot, KvClass::F16, "a move's target")?;
         }
+        let mut named = std::collections::HashSet::new();
         for q in &ops.quantize {
-            if q.src.len() != layout.geom(q.class).tokens {
+            let g = layout.geom(q.class);
+            let (start, n) = (q.start as usize, q.src.len());
+            if n == 0 || n % g.k_group != 0 || start % g.k_group != 0 || start + n > g.tokens {
                 return Err(GpuError::Shape(format!(
-                    "a {:?} block of {} tokens",
-                    q.class,
-                    q.src.len()
+                    "{n} tokens into a {:?} block of {} at token {start} (key group {})",
+                    q.class, g.tokens, g.k_group
+                )));
+            }
+            if !named.insert(q.dst_slot) {
+                return Err(GpuError::Shape(format!(
+                    "two quantize jobs of one pass name slot {}",
+                    q.dst_slot
                 )));
             }
             for &(slot, _) in &q.src {
                 self.slot_is(slot, KvClass::F16, "a quantize source")?;
             }
+            let filled = self.filled.get(&q.dst_slot).copied();
+            if start > 0 {
+                self.slot_is(q.dst_slot, q.class, "an append's block")?;
+                if filled != Some(start) {
+                    return Err(GpuError::Shape(format!(
+                        "appending at token {start} to slot {} holding {filled:?}",
+                        q.dst_slot
+                    )));
+                }
+            }
             self.class.insert(q.dst_slot, q.class);
+            self.filled.insert(q.dst_slot, start + n);
         }
         self.moved += ops.moves.len();
         self.quantized += ops.quantize.len();
@@ -1189,7 +1218,10 @@ pub fn pool_layout_for(
 
 /// Block capacity of each class in `layout`.
 pub fn class_tokens(layout: &PagedLayout) -> ClassTokens {
-    ClassTokens(KvClass::ALL.map(|c| layout.geom(c).tokens))
+    ClassTokens {
+        capacity: KvClass::ALL.map(|c| layout.geom(c).tokens),
+        fill: KvClass::ALL.map(|c| layout.geom(c).k_group),
+    }
 }
 
 /// Serve `work` from one cache through `exec` for `cfg.duration_s` (or `iterations`).

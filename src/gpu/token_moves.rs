@@ -286,6 +286,7 @@ impl TokenMoves {
                         class: q.class,
                         first_token: first,
                         tokens: q.src.len(),
+                        start: q.start as usize,
                     });
                     first += q.src.len();
                 }

@@ -6,13 +6,16 @@
 //! tokens live in exactly one block each:
 //! - **stream**: 16-bit blocks of the newest tokens, in order (the residual window);
 //! - **keep**: 16-bit blocks of tokens whose class is 16-bit (sinks, 16-bit tags);
-//! - **staging[c]**: 16-bit blocks of tokens waiting for a full block of class `c` (per-channel
-//!   key scales need the block's tokens at once);
-//! - **packed[c]**: quantized blocks of class `c`.
+//! - **staging[c]**: 16-bit blocks of tokens waiting for a key group of class `c` (per-channel
+//!   key scales need the group's tokens at once);
+//! - **packed[c]**: quantized blocks of class `c`, all full but the last, which holds whole
+//!   key groups.
 //!
 //! A full stream block that has left the window goes to keep or staging whole (relabelled,
 //! no copy) when its tokens share one class, else token by token (`Move`s). A class whose
-//! staging holds a block's worth is quantized (`Quantize`) and its staging blocks freed.
+//! staging holds a key group's worth (`ClassTokens::fill`) has it quantized (`Quantize`) into
+//! its open block, or a new one, and the staging blocks freed: an INT2 block of 128 tokens
+//! fills in two 64-token groups, so at most 63 tokens per class wait at 16 bits, not 127.
 //! When the (turn, step) being generated moves, a block holding a token whose class changed
 //! is moved token by token (dequantized) to its tokens' new classes: recency aging.
 //! Slots freed during a pass are reusable only after the pass's device work is queued
@@ -32,19 +35,34 @@ pub enum PoolError {
     OutOfSlots { total: usize },
 }
 
-/// Block capacity in tokens per class, in `KvClass::ALL` order.
+/// Block capacity in tokens per class, and the tokens quantized into a block at once, in
+/// `KvClass::ALL` order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClassTokens(pub [usize; 4]);
+pub struct ClassTokens {
+    pub capacity: [usize; 4],
+    /// INT4/INT2: a key group (per-channel key scales need its tokens together; values are
+    /// per token), so a block fills group by group and staging waits for one group, not a
+    /// block. FP8 (one scale per block) and 16-bit: the whole block.
+    pub fill: [usize; 4],
+}
 
 impl Default for ClassTokens {
+    /// The GPU pool's default blocks: INT2 holds 128 tokens in two 64-token key groups.
     fn default() -> Self {
-        ClassTokens([F16_TOKENS, 64, 128, 32])
+        ClassTokens {
+            capacity: [F16_TOKENS, 64, 128, 32],
+            fill: [F16_TOKENS, 64, 64, 32],
+        }
     }
 }
 
 impl ClassTokens {
     pub fn of(&self, c: KvClass) -> usize {
-        self.0[class_index(c)]
+        self.capacity[class_index(c)]
+    }
+
+    pub fn fill_of(&self, c: KvClass) -> usize {
+        self.fill[class_index(c)]
     }
 }
 
@@ -259,11 +277,13 @@ pub struct Move {
     pub dst_tok: u32,
 }
 
-/// One packed block made from 16-bit tokens `src` (slot, token), in order.
+/// 16-bit tokens `src` (slot, token), in order, quantized into packed block `dst_slot` as its
+/// tokens `start..` (`start > 0`: appended after whole key groups already there).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quantize {
     pub class: KvClass,
     pub dst_slot: u32,
+    pub start: u32,
     pub src: Vec<(u32, u32)>,
 }
 
@@ -278,6 +298,26 @@ pub struct Ops {
 impl Ops {
     pub fn is_empty(&self) -> bool {
         self.zero.is_empty() && self.moves.is_empty() && self.quantize.is_empty()
+    }
+
+    /// Queue quantizing `src` into `dst_slot` from token `start`; a job of this pass already
+    /// filling the block's tokens before `start` takes them, so no two jobs name one block
+    /// (the kernel reads a block it appends to).
+    fn quantize_into(&mut self, class: KvClass, dst_slot: u32, start: u32, src: Vec<(u32, u32)>) {
+        if let Some(q) =
+            self.quantize.iter_mut().rev().find(|q| {
+                q.dst_slot == dst_slot && q.start as usize + q.src.len() == start as usize
+            })
+        {
+            q.src.extend(src);
+            return;
+        }
+        self.quantize.push(Quantize {
+            class,
+            dst_slot,
+            start,
+            src,
+        });
     }
 }
 
@@ -531,30 +571,36 @@ impl SeqBlocks {
     ) -> Result<(), PoolError> {
         for k in 1..4 {
             let class = KvClass::ALL[k];
-            let per = tokens.of(class);
+            let cap = tokens.of(class);
+            let per = tokens.fill_of(class);
             let whole = per / F16_TOKENS;
             loop {
                 let staged: usize = self.staging[k].iter().map(|b| b.pos.len()).sum();
                 if staged < per || self.staging[k].len() < whole {
                     break;
                 }
-                let slot = pool.alloc()?;
+                // Into the last block while it has room (it holds whole fills), else a new one.
+                let open = self.packed[k].last().is_some_and(|b| b.pos.len() < cap);
+                if !open {
+                    let slot = pool.alloc()?;
+                    self.packed[k].push(Block {
+                        slot,
+                        pos: Vec::with_capacity(cap),
+                    });
+                }
                 let taken: Vec<Block> = self.staging[k].drain(..whole).collect();
                 let mut src = Vec::with_capacity(per);
-                let mut pos = Vec::with_capacity(per);
+                let last = self.packed[k].len() - 1;
+                let dst = &mut self.packed[k][last];
+                let start = dst.pos.len() as u32;
                 for b in &taken {
                     for (i, &p) in b.pos.iter().enumerate() {
                         src.push((b.slot, i as u32));
-                        pos.push(p);
+                        dst.pos.push(p);
                     }
                     pool.release(b.slot);
                 }
-                ops.quantize.push(Quantize {
-                    class,
-                    dst_slot: slot,
-                    src,
-                });
-                self.packed[k].push(Block { slot, pos });
+                ops.quantize_into(class, dst.slot, start, src);
             }
         }
         Ok(())
@@ -731,7 +777,17 @@ mod tests {
                     vals.iter().all(|v| v.is_some()),
                     "quantize reads an empty token"
                 );
-                self.blocks.insert(q.dst_slot, (q.class, vals));
+                if q.start == 0 {
+                    self.blocks.insert(q.dst_slot, (q.class, vals));
+                } else {
+                    let (c, b) = self
+                        .blocks
+                        .get_mut(&q.dst_slot)
+                        .expect("append to an unwritten slot");
+                    assert_eq!(*c, q.class, "append to another class");
+                    assert_eq!(b.len(), q.start as usize, "append after a gap");
+                    b.extend(vals);
+                }
             }
         }
 
@@ -854,6 +910,74 @@ mod tests {
         for s in &mut seqs {
             s.release(&mut pool);
         }
+        pool.commit();
+        assert_eq!(pool.free(), pool.total());
+    }
+
+    /// INT2 staging waits for one 64-token key group, not a 128-token block: groups are
+    /// appended to the open block, and groups of one pass into one block are one job.
+    #[test]
+    fn int2_blocks_fill_a_key_group_at_a_time() {
+        let tokens = ClassTokens::default();
+        let map = ClassMap::uniform(KvClass::Int2, 0, 0);
+        let mut pool = SlotPool::new(64);
+        let mut dev = Device::default();
+        let mut seq = SeqBlocks::new();
+        let mut step = |seq: &mut SeqBlocks, n: usize| {
+            let mut ops = Ops::default();
+            let first = seq.len();
+            let t = seq
+                .append(&mut pool, &vec![tag(Role::User, 1, 1); n], &mut ops)
+                .expect("room");
+            dev.run(&ops);
+            dev.append(&t, first);
+            let mut ops = Ops::default();
+            seq.settle(&mut pool, &map, &tokens, &mut ops)
+                .expect("room");
+            dev.run(&ops);
+            pool.commit();
+            seq.check(&tokens).expect("consistent");
+            dev.check(seq);
+            ops.quantize
+                .iter()
+                .map(|q| (q.dst_slot, q.start, q.src.len()))
+                .collect::<Vec<_>>()
+        };
+        // 80 tokens: four full stream blocks leave (the newest stays), one key group.
+        let first = step(&mut seq, 80);
+        assert_eq!(first.len(), 1);
+        let (slot, start, n) = first[0];
+        assert_eq!((start, n), (0, 64));
+        // 64 more: the second group goes into the same block.
+        assert_eq!(step(&mut seq, 64), vec![(slot, 64, 64)]);
+        let c = seq.counts();
+        assert_eq!((c.tokens[2], c.blocks[2]), (128, 1));
+        // 208 more: a new block with both of its groups in one job, then an open block.
+        let jobs = step(&mut seq, 208);
+        assert_eq!(jobs.len(), 2, "{jobs:?}");
+        assert_eq!(
+            (jobs[0].1, jobs[0].2, jobs[1].1, jobs[1].2),
+            (0, 128, 0, 64)
+        );
+        assert!(jobs[0].0 != jobs[1].0 && jobs[0].0 != slot);
+        let c = seq.counts();
+        assert_eq!((c.tokens[2], c.blocks[2]), (320, 3));
+        // The old format (fill = block) stages 128 before quantizing.
+        let whole = ClassTokens {
+            fill: tokens.capacity,
+            ..tokens
+        };
+        let mut other = SeqBlocks::new();
+        let mut ops = Ops::default();
+        other
+            .append(&mut pool, &vec![tag(Role::User, 1, 1); 80], &mut ops)
+            .expect("room");
+        other
+            .settle(&mut pool, &map, &whole, &mut ops)
+            .expect("room");
+        assert!(ops.quantize.is_empty());
+        other.release(&mut pool);
+        seq.release(&mut pool);
         pool.commit();
         assert_eq!(pool.free(), pool.total());
     }
