@@ -541,6 +541,53 @@ pub fn candidate_settings(hd: usize) -> Vec<QuantizerSettings> {
     out
 }
 
+/// One quantizer `--compare-quantizers` measures: `settings`, with per-channel keys
+/// quantized before RoPE (`pre_rope`: un-rotated from the cache, quantized, rotated back, as
+/// KVQuant does) or after it, as the cache stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub settings: QuantizerSettings,
+    pub pre_rope: bool,
+}
+
+impl std::fmt::Display for Candidate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = self.settings.to_string();
+        match self.pre_rope {
+            true => write!(
+                f,
+                "{}",
+                text.replacen("per_channel", "per_channel_pre_rope", 1)
+            ),
+            false => write!(f, "{text}"),
+        }
+    }
+}
+
+/// [`candidate_settings`], then per-channel keys before RoPE at each key group when the
+/// model's RoPE is plain (not multimodal).
+pub fn candidates(hd: usize, plain_rope: bool) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = candidate_settings(hd)
+        .into_iter()
+        .map(|settings| Candidate {
+            settings,
+            pre_rope: false,
+        })
+        .collect();
+    if plain_rope {
+        let pre: Vec<Candidate> = out
+            .iter()
+            .filter(|c| c.settings.key_mode == crate::quant::KeyMode::PerChannel)
+            .map(|c| Candidate {
+                pre_rope: true,
+                ..*c
+            })
+            .collect();
+        out.extend(pre);
+    }
+    out
+}
+
 /// Replay each trajectory once and measure every candidate quantizer: per (settings, bits,
 /// K|V) the token-weighted mean distortion over tags, averaged over layers and trajectories.
 /// Writes `DIR/quantizer_comparison.md` and returns its text.
@@ -558,7 +605,12 @@ pub fn compare_quantizers(
         template,
     } = check_inputs(model, files, opts)?;
     let shape = model.model.kv_shape();
-    let cands = candidate_settings(shape.head_dim);
+    let config = &model.model.config;
+    let plain_rope = !matches!(
+        config.rope_scaling,
+        crate::model::config::RopeScaling::MRope { .. }
+    );
+    let cands = candidates(shape.head_dim, plain_rope);
     // [cand][bits][kv] -> per-trajectory scores
     let mut scores = vec![vec![[Vec::new(), Vec::new()]; bits.len()]; cands.len()];
     let mut notes = Vec::new();
@@ -585,25 +637,48 @@ pub fn compare_quantizers(
         let tags = &p.tags[..upto];
         let cols = column_counts(tags, opts.unit, opts.protected, &cap.positions);
         for (ci, cand) in cands.iter().enumerate() {
+            if cand.pre_rope && p.media.is_some() {
+                // Image tokens' positions are not their index: RoPE cannot be undone by index.
+                notes.push(format!(
+                    "{} ({}): {cand} skipped (image positions)",
+                    traj.id,
+                    file.display()
+                ));
+                continue;
+            }
             let per_layer = (0..shape.num_layers)
                 .into_par_iter()
                 .map(|l| {
                     let (k, v) = (cap.full.keys(l), cap.full.values(l));
-                    let variants = bits
+                    let pre;
+                    let kq: &[f32] = if cand.pre_rope {
+                        let mut x = k.to_vec();
+                        crate::model::llama::rope_rows(config, &mut x, 0, true);
+                        pre = x;
+                        &pre
+                    } else {
+                        k
+                    };
+                    let mut variants = bits
                         .iter()
                         .map(|&b| {
                             quantize_layer(
                                 shape,
-                                k,
+                                kq,
                                 v,
                                 tags,
                                 opts.unit,
                                 opts.protected.sinks,
                                 b,
-                                cand,
+                                &cand.settings,
                             )
                         })
                         .collect::<Result<Vec<QuantizedLayer>, _>>()?;
+                    if cand.pre_rope {
+                        for var in &mut variants {
+                            crate::model::llama::rope_rows(config, &mut var.k, 0, false);
+                        }
+                    }
                     Ok(layer_distortion(
                         shape,
                         k,
@@ -647,8 +722,8 @@ pub fn compare_quantizers(
                 bw.get(),
                 kci.unwrap_or(f64::NAN),
                 vci.unwrap_or(f64::NAN),
-                eb(cand.key_group),
-                eb(cand.value_group)
+                eb(cand.settings.key_group),
+                eb(cand.settings.value_group)
             ));
         }
     }
@@ -667,4 +742,30 @@ pub fn compare_quantizers(
         source,
     })?;
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pre-RoPE variants of the per-channel candidates only for plain RoPE, named apart.
+    #[test]
+    fn pre_rope_candidates_follow_the_per_channel_ones() {
+        let plain = candidates(64, true);
+        let mrope = candidates(64, false);
+        assert_eq!(mrope.len(), candidate_settings(64).len());
+        assert!(mrope.iter().all(|c| !c.pre_rope));
+        let pre: Vec<String> = plain
+            .iter()
+            .filter(|c| c.pre_rope)
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(pre.len(), 3, "{pre:?}");
+        for (p, g) in pre.iter().zip([32, 64, 128]) {
+            assert_eq!(
+                p,
+                &format!("k=per_channel_pre_rope/g{g} v=per_token/g64 scale+zero=fp16")
+            );
+        }
+    }
 }

@@ -365,6 +365,10 @@ impl Rope {
 
     /// Rotate every head of `x` (`[n, heads, head_dim]`) in place.
     fn apply(&self, x: &mut [f32], head_dim: usize) {
+        self.apply_rows(x, head_dim)
+    }
+
+    fn apply_rows(&self, x: &mut [f32], head_dim: usize) {
         let half = self.half;
         let row = x.len() / (self.cos.len() / half);
         for (i, tok) in x.chunks_mut(row).enumerate() {
@@ -380,6 +384,20 @@ impl Rope {
             }
         }
     }
+}
+
+/// Rotate rows `x` (`[n, heads, head_dim]`, positions `start..start + n`) by the model's
+/// plain RoPE, or undo it (`inverse`): pre-RoPE keys from the cached post-RoPE ones.
+pub fn rope_rows(c: &ModelConfig, x: &mut [f32], start: usize, inverse: bool) {
+    let row = c.num_kv_heads * c.head_dim;
+    if row == 0 || x.len() % row != 0 {
+        return;
+    }
+    let mut rope = Rope::new(c, start, x.len() / row);
+    if inverse {
+        rope.sin.iter_mut().for_each(|s| *s = -*s);
+    }
+    rope.apply_rows(x, c.head_dim);
 }
 
 /// RoPE inverse frequencies, with Llama-3 scaling when configured.
@@ -658,6 +676,26 @@ mod tests {
         }
         assert_eq!(c2.len(0), 7);
         assert_eq!(c2.len(1), 7);
+    }
+
+    #[test]
+    fn rope_rows_inverse_undoes_rope() {
+        let mut c = tiny_config();
+        c.num_kv_heads = 2;
+        c.head_dim = 8;
+        let x: Vec<f32> = (0..5 * 16)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let mut y = x.clone();
+        rope_rows(&c, &mut y, 100, false);
+        assert!(
+            y.iter().zip(&x).any(|(a, b)| (a - b).abs() > 1e-3),
+            "rotated"
+        );
+        rope_rows(&c, &mut y, 100, true);
+        for (a, b) in y.iter().zip(&x) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
     }
 
     #[test]
