@@ -116,6 +116,7 @@ impl CacheSettings {
             key_group: self.key_group,
             value_group: self.value_group,
             unit: self.recency_unit,
+            value_clip: false,
         }
     }
 

@@ -3,7 +3,7 @@
 
 use super::capture::{pick_positions, replay_from, reusable_prefix, Capture};
 use super::distortion::{
-    column_counts, layer_distortion, quantize_layer, Protected, QuantizedLayer,
+    column_counts, layer_distortion, quantize_layer, quantize_layer_with, Protected, QuantizedLayer,
 };
 use super::table::{Provenance, SensitivityTable, TrajectoryResult};
 use super::{plot, summary, CalibrateError, QuantizerSettings};
@@ -548,42 +548,45 @@ pub fn candidate_settings(hd: usize) -> Vec<QuantizerSettings> {
 pub struct Candidate {
     pub settings: QuantizerSettings,
     pub pre_rope: bool,
+    /// Group ranges by least squared error instead of min/max (`fake_quantize_clipped`).
+    pub clip: bool,
 }
 
 impl std::fmt::Display for Candidate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let text = self.settings.to_string();
-        match self.pre_rope {
-            true => write!(
-                f,
-                "{}",
-                text.replacen("per_channel", "per_channel_pre_rope", 1)
-            ),
-            false => write!(f, "{text}"),
+        let mut text = self.settings.to_string();
+        if self.pre_rope {
+            text = text.replacen("per_channel", "per_channel_pre_rope", 1);
         }
+        if self.clip {
+            text = text.replace("scale+zero=fp16", "scale+zero=fp16,mse-clip");
+        }
+        write!(f, "{text}")
     }
 }
 
-/// [`candidate_settings`], then per-channel keys before RoPE at each key group when the
-/// model's RoPE is plain (not multimodal).
+/// [`candidate_settings`], then the per-channel ones with least-squares group ranges, then
+/// (when the model's RoPE is plain, not multimodal) with keys before RoPE.
 pub fn candidates(hd: usize, plain_rope: bool) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = candidate_settings(hd)
         .into_iter()
         .map(|settings| Candidate {
             settings,
             pre_rope: false,
+            clip: false,
         })
         .collect();
+    let per_channel: Vec<Candidate> = out
+        .iter()
+        .filter(|c| c.settings.key_mode == crate::quant::KeyMode::PerChannel)
+        .copied()
+        .collect();
+    out.extend(per_channel.iter().map(|c| Candidate { clip: true, ..*c }));
     if plain_rope {
-        let pre: Vec<Candidate> = out
-            .iter()
-            .filter(|c| c.settings.key_mode == crate::quant::KeyMode::PerChannel)
-            .map(|c| Candidate {
-                pre_rope: true,
-                ..*c
-            })
-            .collect();
-        out.extend(pre);
+        out.extend(per_channel.iter().map(|c| Candidate {
+            pre_rope: true,
+            ..*c
+        }));
     }
     out
 }
@@ -662,7 +665,7 @@ pub fn compare_quantizers(
                     let mut variants = bits
                         .iter()
                         .map(|&b| {
-                            quantize_layer(
+                            quantize_layer_with(
                                 shape,
                                 kq,
                                 v,
@@ -671,6 +674,7 @@ pub fn compare_quantizers(
                                 opts.protected.sinks,
                                 b,
                                 &cand.settings,
+                                cand.clip,
                             )
                         })
                         .collect::<Result<Vec<QuantizedLayer>, _>>()?;
@@ -753,8 +757,15 @@ mod tests {
     fn pre_rope_candidates_follow_the_per_channel_ones() {
         let plain = candidates(64, true);
         let mrope = candidates(64, false);
-        assert_eq!(mrope.len(), candidate_settings(64).len());
+        assert_eq!(mrope.len(), candidate_settings(64).len() + 3);
         assert!(mrope.iter().all(|c| !c.pre_rope));
+        assert_eq!(mrope.iter().filter(|c| c.clip).count(), 3);
+        assert!(
+            mrope
+                .iter()
+                .any(|c| c.to_string()
+                    == "k=per_channel/g64 v=per_token/g64 scale+zero=fp16,mse-clip")
+        );
         let pre: Vec<String> = plain
             .iter()
             .filter(|c| c.pre_rope)

@@ -48,6 +48,11 @@ pub struct EvalArgs {
     /// `bench serve --k-group 128` stores (INT2 keys grouped over the whole block).
     #[arg(long, value_name = "N")]
     key_block: Option<usize>,
+    /// Quantize value groups with the least-squares range of a grid of cuts of [min, max]
+    /// instead of min/max, in every profile (the name gets `-vclip`). An experiment: the GPU
+    /// pool and `serve` quantize with min/max.
+    #[arg(long)]
+    value_clip: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -163,6 +168,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 profile.cache.block_tokens = k;
                 profile.name = format!("{}-kb{k}", profile.name);
             }
+            if args.value_clip {
+                profile.name = format!("{}-vclip", profile.name);
+            }
             Ok((p.clone(), profile))
         })
         .collect::<Result<Vec<_>, triaxkv::profile::ProfileError>>()?;
@@ -181,6 +189,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         gen_tokens: args.gen_tokens,
         positions: (args.positions > 0).then_some(args.positions),
         progress: true,
+        value_clip: args.value_clip,
         ..EvalOptions::default()
     };
     let (plans, notes) = prepare_plans(

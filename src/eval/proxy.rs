@@ -135,6 +135,7 @@ fn cache_config(t: &TableView) -> QuantCacheConfig {
         key_group: q.key_group,
         value_group: q.value_group,
         unit: t.unit,
+        value_clip: false,
     }
 }
 

@@ -5,7 +5,7 @@ use super::metrics::{Accumulator, Fidelity, ReferenceRows};
 use super::replay::{replay, EvalCache, Generated, ReplayConfig, ReplayPlan};
 use super::toolcall::{parse_tool_calls, ParsedCall};
 use super::EvalError;
-use crate::kvcache::QuantCache;
+use crate::kvcache::{QuantCache, QuantCacheConfig};
 use crate::model::llama::DEFAULT_PREFILL_CHUNK;
 use crate::model::load::LoadedModel;
 use crate::model::tokenizer::Tokenizer;
@@ -31,6 +31,8 @@ pub struct EvalOptions {
     pub positions: Option<usize>,
     pub chunk: usize,
     pub progress: bool,
+    /// Every profile's value groups quantized with least-squares ranges (`--value-clip`).
+    pub value_clip: bool,
 }
 
 impl Default for EvalOptions {
@@ -42,6 +44,7 @@ impl Default for EvalOptions {
             positions: Some(128),
             chunk: DEFAULT_PREFILL_CHUNK,
             progress: false,
+            value_clip: false,
         }
     }
 }
@@ -248,6 +251,8 @@ pub struct EvalOptionsOut {
     pub gen_tokens: usize,
     pub positions: Option<usize>,
     pub chunk: usize,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub value_clip: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -304,7 +309,13 @@ pub fn evaluate(
     let vocab = model.model.config.vocab_size;
     let policies = profiles
         .iter()
-        .map(|p| Ok((p.profile.to_policy()?, p.profile.cache.cache_config())))
+        .map(|p| {
+            let cfg = QuantCacheConfig {
+                value_clip: opts.value_clip,
+                ..p.profile.cache.cache_config()
+            };
+            Ok((p.profile.to_policy()?, cfg))
+        })
         .collect::<Result<Vec<_>, EvalError>>()?;
     // Check every profile builds a cache before the long work starts.
     for (p, (policy, cfg)) in profiles.iter().zip(&policies) {
@@ -481,6 +492,7 @@ pub fn evaluate(
             gen_tokens: opts.gen_tokens,
             positions: opts.positions,
             chunk: opts.chunk,
+            value_clip: opts.value_clip,
         },
         trajectories: infos,
         reference: ReferenceSummary {

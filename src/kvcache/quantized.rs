@@ -11,7 +11,9 @@
 use super::full::causal_attention;
 use super::{KvCache, KvShape};
 use crate::quant::int::quantize_with;
-use crate::quant::{fwht, group_params, Bits, GroupParams, KeyMode, QuantError};
+use crate::quant::{
+    clipped_group_params, fwht, group_params, Bits, GroupParams, KeyMode, QuantError,
+};
 use crate::tags::{RecencyUnit, Tag, TokenTag};
 use half::f16;
 use std::collections::HashMap;
@@ -107,6 +109,9 @@ pub struct QuantCacheConfig {
     pub key_group: usize,
     pub value_group: usize,
     pub unit: RecencyUnit,
+    /// Value groups' ranges by least squared error (`clipped_group_params`) rather than
+    /// min/max: `eval --value-clip` only (the GPU quantizer and profiles use min/max).
+    pub value_clip: bool,
 }
 
 impl Default for QuantCacheConfig {
@@ -119,6 +124,7 @@ impl Default for QuantCacheConfig {
             key_group: 64,
             value_group: 64,
             unit: RecencyUnit::Turn,
+            value_clip: false,
         }
     }
 }
@@ -373,12 +379,19 @@ impl QuantCache {
             Coded::Half(kx.iter().map(|&x| f16::from_f32(x)).collect())
         } else {
             let rotate = matches!(cfg.key_mode, KeyMode::PerToken { rotate: true });
-            encode_tokens(&kx, hd, cfg.key_group, bits_of(class.k)?, rotate)?
+            encode_tokens(&kx, hd, cfg.key_group, bits_of(class.k)?, rotate, false)?
         };
         let v = if class.v == KEEP {
             Coded::Half(vx.iter().map(|&x| f16::from_f32(x)).collect())
         } else {
-            encode_tokens(&vx, hd, cfg.value_group, bits_of(class.v)?, false)?
+            encode_tokens(
+                &vx,
+                hd,
+                cfg.value_group,
+                bits_of(class.v)?,
+                false,
+                cfg.value_clip,
+            )?
         };
         let b = match layer.open.get(&class) {
             Some(&b) => b,
@@ -505,6 +518,7 @@ fn encode_tokens(
     group: usize,
     bits: Bits,
     rotate: bool,
+    clip: bool,
 ) -> Result<Coded, QuantError> {
     let mut y = x.to_vec();
     if rotate {
@@ -513,7 +527,11 @@ fn encode_tokens(
     let mut codes = vec![0u8; y.len()];
     let mut params = Vec::with_capacity(y.len() / group);
     for (chunk, out) in y.chunks(group).zip(codes.chunks_mut(group)) {
-        let p = group_params(chunk, bits)?;
+        let p = if clip {
+            clipped_group_params(chunk, bits)?
+        } else {
+            group_params(chunk, bits)?
+        };
         for (c, &v) in out.iter_mut().zip(chunk) {
             *c = quantize_with(v, p, bits);
         }
@@ -766,6 +784,43 @@ mod tests {
         last_q
     }
 
+    /// `value_clip` changes only the values, and on bell-shaped values lowers their INT2
+    /// reconstruction error.
+    #[test]
+    fn value_clip_lowers_int2_value_error_and_leaves_keys() {
+        let s = shape();
+        let row = s.num_kv_heads * s.head_dim;
+        let n = 300;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut bell =
+            |amp: f32| -> f32 { (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * amp };
+        let k: Vec<f32> = (0..n * row).map(|_| bell(2.0)).collect();
+        let v: Vec<f32> = (0..n * row).map(|_| bell(1.0)).collect();
+        let t = tags(n);
+        let policy = KvPolicy::uniform(s.num_layers, PrecisionClass::new(2, 2).unwrap());
+        let run = |clip: bool| {
+            let cfg = QuantCacheConfig {
+                value_clip: clip,
+                ..QuantCacheConfig::default()
+            };
+            let mut c = QuantCache::new(s, policy.clone(), cfg).unwrap();
+            for l in 0..s.num_layers {
+                c.append(l, &k, &v, &t);
+            }
+            assert!(c.error().is_none());
+            c.dequantize(0).unwrap()
+        };
+        let ((k0, v0), (k1, v1)) = (run(false), run(true));
+        assert_eq!(k0, k1, "keys do not change");
+        let err = |x: &[f32]| -> f64 {
+            x.iter()
+                .zip(&v)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum()
+        };
+        assert!(err(&v1) < 0.9 * err(&v0), "{} vs {}", err(&v1), err(&v0));
+    }
+
     #[test]
     fn attend_equals_dequantize_then_attend() {
         for mode in [
@@ -843,6 +898,7 @@ mod tests {
             key_group: 64,
             value_group: 32,
             unit: RecencyUnit::Turn,
+            value_clip: false,
         };
         let mut c = QuantCache::new(
             s,

@@ -8,7 +8,10 @@ pub mod layout;
 pub mod reference;
 
 pub use hadamard::{fwht, fwht_rows};
-pub use int::{fake_quantize, group_params, quantize_group, quantize_with, Bits, GroupParams};
+pub use int::{
+    clipped_group_params, fake_quantize, fake_quantize_clipped, group_params, quantize_group,
+    quantize_with, Bits, GroupParams,
+};
 pub use layout::{BlockGeometry, KvClass, QuantizedBlock};
 pub use reference::reference_attention;
 
@@ -68,6 +71,23 @@ pub fn fake_quantize_keys(
     spec: QuantSpec,
     mode: KeyMode,
 ) -> Result<(), QuantError> {
+    fake_quantize_keys_with(k, dim, spec, mode, false)
+}
+
+/// [`fake_quantize_keys`], each group's range chosen by least squared error when `clip`
+/// ([`fake_quantize_clipped`]).
+pub fn fake_quantize_keys_with(
+    k: &mut [f32],
+    dim: usize,
+    spec: QuantSpec,
+    mode: KeyMode,
+    clip: bool,
+) -> Result<(), QuantError> {
+    let fq = if clip {
+        fake_quantize_clipped
+    } else {
+        fake_quantize
+    };
     if dim == 0 || k.len() % dim != 0 {
         return Err(QuantError::Shape(format!(
             "{} key values are not rows of {dim}",
@@ -85,7 +105,7 @@ pub fn fake_quantize_keys(
             if rotate {
                 fwht_rows(k, dim)?;
             }
-            fake_quantize(k, spec.bits, spec.group)?;
+            fq(k, spec.bits, spec.group)?;
             if rotate {
                 fwht_rows(k, dim)?;
             }
@@ -101,7 +121,7 @@ pub fn fake_quantize_keys(
                 for c in 0..dim {
                     col.clear();
                     col.extend((0..rows).map(|r| block[r * dim + c]));
-                    fake_quantize(&mut col, spec.bits, rows)?;
+                    fq(&mut col, spec.bits, rows)?;
                     for (r, v) in col.iter().enumerate() {
                         block[r * dim + c] = *v;
                     }
@@ -114,13 +134,27 @@ pub fn fake_quantize_keys(
 
 /// Quantize then dequantize values `[n, dim]` in place, per-token groups of `spec.group`.
 pub fn fake_quantize_values(v: &mut [f32], dim: usize, spec: QuantSpec) -> Result<(), QuantError> {
+    fake_quantize_values_with(v, dim, spec, false)
+}
+
+/// [`fake_quantize_values`], each group's range chosen by least squared error when `clip`.
+pub fn fake_quantize_values_with(
+    v: &mut [f32],
+    dim: usize,
+    spec: QuantSpec,
+    clip: bool,
+) -> Result<(), QuantError> {
     if dim == 0 || spec.group == 0 || dim % spec.group != 0 || v.len() % dim != 0 {
         return Err(QuantError::BadGroup {
             group: spec.group,
             len: dim,
         });
     }
-    fake_quantize(v, spec.bits, spec.group)
+    if clip {
+        fake_quantize_clipped(v, spec.bits, spec.group)
+    } else {
+        fake_quantize(v, spec.bits, spec.group)
+    }
 }
 
 #[cfg(test)]
