@@ -46,24 +46,10 @@ pub struct QuantizedLayer {
 /// store them. Per-channel key groups need a set of tokens sharing one class: tokens are
 /// grouped by their static tag (role, modality, turn or step index), which always resolves
 /// to one tag, in position order, `key_group` at a time. Sinks are never quantized.
+/// Every group's range is chosen by least squared error when `clip` (`--compare-quantizers`
+/// only: the packed format and the GPU kernel use min/max).
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_layer(
-    shape: KvShape,
-    k: &[f32],
-    v: &[f32],
-    tags: &[TokenTag],
-    unit: RecencyUnit,
-    sinks: usize,
-    bits: Bits,
-    q: &QuantizerSettings,
-) -> Result<QuantizedLayer, CalibrateError> {
-    quantize_layer_with(shape, k, v, tags, unit, sinks, bits, q, false)
-}
-
-/// [`quantize_layer`], every group's range chosen by least squared error when `clip`
-/// (`--compare-quantizers` only: the packed format and the GPU kernel use min/max).
-#[allow(clippy::too_many_arguments)]
-pub fn quantize_layer_with(
     shape: KvShape,
     k: &[f32],
     v: &[f32],
@@ -733,7 +719,8 @@ mod tests {
                 let variants: Vec<QuantizedLayer> = [Bits::B2, Bits::B4]
                     .into_iter()
                     .map(|b| {
-                        quantize_layer(shape, k, v, tags, unit, prot.sinks, b, settings).unwrap()
+                        quantize_layer(shape, k, v, tags, unit, prot.sinks, b, settings, false)
+                            .unwrap()
                     })
                     .collect();
                 let fast = layer_distortion(shape, k, v, q, positions, tags, unit, prot, &variants);
@@ -881,8 +868,30 @@ mod tests {
             len
         ];
         let s = QuantizerSettings::default();
-        let v2 = quantize_layer(shape, &k, &v, &tags, RecencyUnit::Turn, 4, Bits::B2, &s).unwrap();
-        let v4 = quantize_layer(shape, &k, &v, &tags, RecencyUnit::Turn, 4, Bits::B4, &s).unwrap();
+        let v2 = quantize_layer(
+            shape,
+            &k,
+            &v,
+            &tags,
+            RecencyUnit::Turn,
+            4,
+            Bits::B2,
+            &s,
+            false,
+        )
+        .unwrap();
+        let v4 = quantize_layer(
+            shape,
+            &k,
+            &v,
+            &tags,
+            RecencyUnit::Turn,
+            4,
+            Bits::B4,
+            &s,
+            false,
+        )
+        .unwrap();
         assert_eq!(&v2.k[..4 * 64], &k[..4 * 64]);
         assert_eq!(&v2.v[..4 * 64], &v[..4 * 64]);
         let q: Vec<f32> = (0..2 * 64).map(|_| rng.random::<f32>()).collect();

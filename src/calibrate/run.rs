@@ -3,7 +3,7 @@
 
 use super::capture::{pick_positions, replay_from, reusable_prefix, Capture};
 use super::distortion::{
-    column_counts, layer_distortion, quantize_layer, quantize_layer_with, Protected, QuantizedLayer,
+    column_counts, layer_distortion, quantize_layer, Protected, QuantizedLayer,
 };
 use super::table::{Provenance, SensitivityTable, TrajectoryResult};
 use super::{plot, summary, CalibrateError, QuantizerSettings};
@@ -330,6 +330,7 @@ pub fn calibrate(
                             opts.protected.sinks,
                             b,
                             &opts.quantizer,
+                            false,
                         )
                     })
                     .collect::<Result<Vec<QuantizedLayer>, _>>()?;
@@ -665,7 +666,7 @@ pub fn compare_quantizers(
                     let mut variants = bits
                         .iter()
                         .map(|&b| {
-                            quantize_layer_with(
+                            quantize_layer(
                                 shape,
                                 kq,
                                 v,

@@ -818,6 +818,30 @@ mod tests {
         }
     }
 
+    /// Append `tags` to `seq` and settle, each pass's work run on `dev`; both checked after.
+    /// The settle pass's work.
+    fn append_settle(
+        seq: &mut SeqBlocks,
+        pool: &mut SlotPool,
+        dev: &mut Device,
+        map: &ClassMap,
+        tokens: &ClassTokens,
+        tags: &[TokenTag],
+    ) -> Ops {
+        let mut ops = Ops::default();
+        let first = seq.len();
+        let t = seq.append(pool, tags, &mut ops).expect("room");
+        dev.run(&ops);
+        dev.append(&t, first);
+        let mut ops = Ops::default();
+        seq.settle(pool, map, tokens, &mut ops).expect("room");
+        dev.run(&ops);
+        pool.commit();
+        seq.check(tokens).expect("consistent");
+        dev.check(seq);
+        ops
+    }
+
     fn tag(role: Role, turn: u32, step: u32) -> TokenTag {
         TokenTag {
             role,
@@ -884,18 +908,7 @@ mod tests {
                         [(next() % 4) as usize];
                     let n = 1 + (next() % 150) as usize + si;
                     let tags = vec![tag(role, turn, turn); n];
-                    let mut ops = Ops::default();
-                    let first = seq.len();
-                    let t = seq.append(&mut pool, &tags, &mut ops).expect("room");
-                    dev.run(&ops);
-                    dev.append(&t, first);
-                    let mut ops = Ops::default();
-                    seq.settle(&mut pool, &map, &tokens, &mut ops)
-                        .expect("room");
-                    dev.run(&ops);
-                    pool.commit();
-                    seq.check(&tokens).expect("consistent");
-                    dev.check(seq);
+                    append_settle(seq, &mut pool, &mut dev, &map, &tokens, &tags);
                 }
             }
             let held: usize = seqs.iter().map(|s| s.slots()).sum();
@@ -924,21 +937,9 @@ mod tests {
         let mut dev = Device::default();
         let mut seq = SeqBlocks::new();
         let mut step = |seq: &mut SeqBlocks, n: usize| {
-            let mut ops = Ops::default();
-            let first = seq.len();
-            let t = seq
-                .append(&mut pool, &vec![tag(Role::User, 1, 1); n], &mut ops)
-                .expect("room");
-            dev.run(&ops);
-            dev.append(&t, first);
-            let mut ops = Ops::default();
-            seq.settle(&mut pool, &map, &tokens, &mut ops)
-                .expect("room");
-            dev.run(&ops);
-            pool.commit();
-            seq.check(&tokens).expect("consistent");
-            dev.check(seq);
-            ops.quantize
+            let tags = vec![tag(Role::User, 1, 1); n];
+            append_settle(seq, &mut pool, &mut dev, &map, &tokens, &tags)
+                .quantize
                 .iter()
                 .map(|q| (q.dst_slot, q.start, q.src.len()))
                 .collect::<Vec<_>>()

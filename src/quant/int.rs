@@ -80,21 +80,14 @@ pub fn group_params(x: &[f32], bits: Bits) -> Result<GroupParams, QuantError> {
             zero: f16::ZERO,
         });
     }
-    let zero = f16::from_f32(lo);
-    // Measure the range from the rounded zero so the top element still fits.
-    let range = (hi - zero.to_f32()).max(0.0);
-    let scale = if range == 0.0 {
-        f16::ZERO
-    } else {
-        f16_round_up(range / bits.max_code() as f32)
-    };
-    if !scale.is_finite() {
+    let p = range_params(lo, hi, bits);
+    if !p.scale.is_finite() {
         return Err(QuantError::OutOfRange {
             index: 0,
-            value: range,
+            value: hi - p.zero.to_f32(),
         });
     }
-    Ok(GroupParams { scale, zero })
+    Ok(p)
 }
 
 /// `q = clamp(round((x - zero) / scale), 0, 2^b - 1)`.
@@ -120,6 +113,20 @@ pub fn quantize_group(x: &[f32], bits: Bits, codes: &mut [u8]) -> Result<GroupPa
 /// Quantize then dequantize a slice in groups of `group` consecutive elements (the last
 /// group may be shorter): the f32 values a quantized cache would hand back.
 pub fn fake_quantize(x: &mut [f32], bits: Bits, group: usize) -> Result<(), QuantError> {
+    fake_quantize_by(x, bits, group, group_params)
+}
+
+/// [`fake_quantize`] with [`clipped_group_params`].
+pub fn fake_quantize_clipped(x: &mut [f32], bits: Bits, group: usize) -> Result<(), QuantError> {
+    fake_quantize_by(x, bits, group, clipped_group_params)
+}
+
+fn fake_quantize_by(
+    x: &mut [f32],
+    bits: Bits,
+    group: usize,
+    params: fn(&[f32], Bits) -> Result<GroupParams, QuantError>,
+) -> Result<(), QuantError> {
     if group == 0 {
         return Err(QuantError::BadGroup {
             group,
@@ -127,7 +134,7 @@ pub fn fake_quantize(x: &mut [f32], bits: Bits, group: usize) -> Result<(), Quan
         });
     }
     for chunk in x.chunks_mut(group) {
-        let p = group_params(chunk, bits)?;
+        let p = params(chunk, bits)?;
         requantize(
             chunk,
             p.scale.to_f32(),
@@ -142,9 +149,10 @@ pub fn fake_quantize(x: &mut [f32], bits: Bits, group: usize) -> Result<(), Quan
 /// independently, its top.
 pub const CLIP_GRID: [f32; 5] = [0.0, 0.1, 0.2, 0.3, 0.45];
 
-/// Like [`group_params`] for the range `[lo, hi]` (already checked finite and in range).
+/// Scale and zero of the range `[lo, hi]` (finite, in fp16 range; the scale may overflow).
 fn range_params(lo: f32, hi: f32, bits: Bits) -> GroupParams {
     let zero = f16::from_f32(lo);
+    // Measure the range from the rounded zero so the top element still fits.
     let range = (hi - zero.to_f32()).max(0.0);
     let scale = if range == 0.0 {
         f16::ZERO
@@ -194,26 +202,6 @@ pub fn clipped_group_params(x: &[f32], bits: Bits) -> Result<GroupParams, QuantE
         }
     }
     Ok(best.1)
-}
-
-/// [`fake_quantize`] with [`clipped_group_params`].
-pub fn fake_quantize_clipped(x: &mut [f32], bits: Bits, group: usize) -> Result<(), QuantError> {
-    if group == 0 {
-        return Err(QuantError::BadGroup {
-            group,
-            len: x.len(),
-        });
-    }
-    for chunk in x.chunks_mut(group) {
-        let p = clipped_group_params(chunk, bits)?;
-        requantize(
-            chunk,
-            p.scale.to_f32(),
-            p.zero.to_f32(),
-            bits.max_code() as f32,
-        );
-    }
-    Ok(())
 }
 
 /// `dequantize(quantize_with(v))` for every element, bit for bit, with the group's fp16
