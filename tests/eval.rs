@@ -189,11 +189,28 @@ fn sixteen_bit_reproduces_the_reference_and_int2_does_not() {
         md.contains("| sixteen |") && md.contains("| int2 |"),
         "{md}"
     );
+    // INT2 against 16-bit at the same positions: the difference of the means, worse in
+    // every trajectory.
+    let d = &r["paired"][0];
+    assert_eq!(d["profile"].as_str(), Some("int2"), "{d}");
+    assert_eq!(d["against"].as_str(), Some("sixteen"));
+    let diff = d["mean"].as_f64().unwrap();
+    assert!(
+        (diff - (f(b, "mean_kl") - f(a, "mean_kl"))).abs() < 1e-9,
+        "{d}"
+    );
+    assert!(diff > 0.0 && d["ci95"].as_f64().unwrap() >= 0.0, "{d}");
+    assert_eq!(d["lower_in"].as_u64(), Some(0));
+    assert!(
+        md.contains("## Against sixteen position by position"),
+        "{md}"
+    );
     assert!(std::fs::read_to_string(out.join("pareto.svg"))
         .unwrap()
         .contains(">int2<"));
     // --key-block replaces the profile's key blocks (and names it so): 64-token blocks keep
-    // more keys staged at 16 bits on this short trace than the profile's 16.
+    // more keys staged at 16 bits on this short trace than the profile's 16 (value clipping
+    // does not change the bits).
     let out64 = dir.path().join("out64");
     let o = eval(&[
         "--model",
@@ -212,12 +229,16 @@ fn sixteen_bit_reproduces_the_reference_and_int2_does_not() {
         "1",
         "--key-block",
         "64",
+        "--value-clip",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r64: Value =
         serde_json::from_str(&std::fs::read_to_string(out64.join("eval.json")).unwrap()).unwrap();
     let c = &r64["profiles"][0];
-    assert_eq!(c["name"].as_str(), Some("int2-kb64"), "{c}");
+    // --value-clip changes how value ranges are chosen, not the format (bits): named so.
+    assert_eq!(c["name"].as_str(), Some("int2-kb64-vclip"), "{c}");
+    assert_eq!(r64["options"]["value_clip"].as_bool(), Some(true));
+    assert_eq!(r64["paired"].as_array().map(|a| a.len()), Some(0));
     let bits64 = c["effective_bits"].as_f64().unwrap();
     assert!(bits64 > bits2, "{bits64} vs {bits2}");
     let o = eval(&[

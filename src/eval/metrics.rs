@@ -119,6 +119,38 @@ impl Accumulator {
     }
 }
 
+/// Profile `b` against profile `a` over the same scored positions: the mean of the
+/// position-by-position KL differences `b - a` and the half-width of its 95% interval (normal
+/// approximation over positions; positions of one trajectory are not independent, so read
+/// it as a lower bound on the uncertainty).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PairedDiff {
+    pub profile: String,
+    pub against: String,
+    pub positions: usize,
+    pub mean: f64,
+    pub ci95: f64,
+    /// Trajectories whose mean KL is lower under `profile`, and all compared.
+    pub lower_in: usize,
+    pub trajectories: usize,
+}
+
+/// `mean` and 95% half-width of `b[i] - a[i]` (NaN half-width below two pairs); `None` when
+/// the lengths differ.
+pub fn paired_mean_ci(a: &[f64], b: &[f64]) -> Option<(f64, f64)> {
+    if a.len() != b.len() || a.is_empty() {
+        return None;
+    }
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| y - x).collect();
+    let n = d.len() as f64;
+    let mean = d.iter().sum::<f64>() / n;
+    if d.len() < 2 {
+        return Some((mean, f64::NAN));
+    }
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    Some((mean, 1.96 * (var / n).sqrt()))
+}
+
 /// Fidelity of one profile over the scored positions.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Fidelity {
@@ -195,6 +227,19 @@ pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn paired_difference_is_the_mean_of_pairs_with_its_interval() {
+        let a = [0.5, 1.0, 0.2, 0.3];
+        let b = [0.4, 1.1, 0.1, 0.1];
+        let (m, h) = paired_mean_ci(&a, &b).unwrap();
+        assert!((m - (-0.075)).abs() < 1e-12, "{m}");
+        // sd of (-0.1, 0.1, -0.1, -0.2) = 0.125831; 1.96 * sd / 2
+        assert!((h - 1.96 * 0.125_830_573 / 2.0).abs() < 1e-6, "{h}");
+        assert!(paired_mean_ci(&a, &b[..3]).is_none());
+        assert!(paired_mean_ci(&[1.0], &[2.0]).unwrap().1.is_nan());
+    }
+
     use super::*;
 
     #[test]

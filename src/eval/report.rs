@@ -86,6 +86,29 @@ pub fn markdown(r: &EvalReport) -> String {
          fills), read after each scored chunk and averaged over the scored positions; `bits \
          (profile)` is what the allocator expected on the calibration mix.\n"
     );
+    if !r.paired.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Against {} position by position\n\nMean of the KL differences at the same \
+             positions, with a 95% interval over positions (positions of one trajectory are \
+             correlated: read it as a lower bound on the uncertainty). An interval that holds \
+             0 means the profiles are not told apart here.\n",
+            r.paired[0].against
+        );
+        let _ = writeln!(
+            s,
+            "| profile | mean KL difference | 95% interval | lower mean KL in |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|");
+        for d in &r.paired {
+            let _ = writeln!(
+                s,
+                "| {} | {:+.3e} | ±{:.1e} | {}/{} trajectories |",
+                d.profile, d.mean, d.ci95, d.lower_in, d.trajectories
+            );
+        }
+        s.push('\n');
+    }
     let _ = writeln!(s, "## Per trajectory (mean KL)\n");
     let mut head = String::from("| trajectory | tokens | positions |");
     let mut rule = String::from("|---|---|---|");

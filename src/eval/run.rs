@@ -1,7 +1,7 @@
 //! The evaluation run: per trajectory, one reference replay (kept in memory) and one replay
 //! per profile compared against it, so N profiles cost N + 1 replays.
 
-use super::metrics::{Accumulator, Fidelity, ReferenceRows};
+use super::metrics::{paired_mean_ci, Accumulator, Fidelity, PairedDiff, ReferenceRows};
 use super::replay::{replay, EvalCache, Generated, ReplayConfig, ReplayPlan};
 use super::toolcall::{parse_tool_calls, ParsedCall};
 use super::EvalError;
@@ -263,8 +263,36 @@ pub struct EvalReport {
     pub trajectories: Vec<TrajectoryInfo>,
     pub reference: ReferenceSummary,
     pub profiles: Vec<ProfileResult>,
+    /// Every profile after the first against the first, position by position.
+    pub paired: Vec<PairedDiff>,
     pub notes: Vec<String>,
     pub wall_s: f64,
+}
+
+/// Each profile after the first against the first, over the positions both scored.
+pub fn paired_against_first(profiles: &[ProfileResult]) -> Vec<PairedDiff> {
+    let Some((first, rest)) = profiles.split_first() else {
+        return Vec::new();
+    };
+    let kls = |p: &ProfileResult| -> Vec<f64> {
+        p.per_trajectory.iter().flat_map(|t| t.kl.clone()).collect()
+    };
+    let base = kls(first);
+    rest.iter()
+        .filter_map(|p| {
+            let (mean, ci95) = paired_mean_ci(&base, &kls(p))?;
+            let pairs = || first.per_trajectory.iter().zip(&p.per_trajectory);
+            Some(PairedDiff {
+                profile: p.name.clone(),
+                against: first.name.clone(),
+                positions: base.len(),
+                mean,
+                ci95,
+                lower_in: pairs().filter(|(a, b)| b.mean_kl < a.mean_kl).count(),
+                trajectories: pairs().count(),
+            })
+        })
+        .collect()
 }
 
 fn bar(mp: &MultiProgress, len: u64, template: &str) -> ProgressBar {
@@ -459,7 +487,7 @@ pub fn evaluate(
     tokens_bar.finish_and_clear();
     all.finish_and_clear();
 
-    let profiles_out = profiles
+    let profiles_out: Vec<ProfileResult> = profiles
         .iter()
         .zip(totals)
         .map(|(p, t)| ProfileResult {
@@ -503,6 +531,7 @@ pub fn evaluate(
             generated_tokens: ref_gen_tokens,
             tool_calls: ref_tool,
         },
+        paired: paired_against_first(&profiles_out),
         profiles: profiles_out,
         notes,
         wall_s: t0.elapsed().as_secs_f64(),
