@@ -4,7 +4,7 @@
 use super::{CalibrateError, QuantizerSettings};
 use crate::kvcache::KvShape;
 use crate::linalg::{exp_shifted_sum, expm1_in_place, gemm, Parallelism, Strided};
-use crate::quant::{fake_quantize_keys_with, fake_quantize_values_with, Bits, KeyMode, QuantSpec};
+use crate::quant::{fake_quantize_keys, fake_quantize_values, Bits, KeyMode, QuantSpec};
 use crate::tags::{RecencyUnit, TokenTag, NUM_TAGS};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -77,7 +77,7 @@ pub fn quantize_layer(
         bits,
         group: q.value_group,
     };
-    fake_quantize_values_with(&mut vq[start * row..], hd, vspec, clip)?;
+    fake_quantize_values(&mut vq[start * row..], hd, vspec, clip)?;
 
     // Positions per key group, in order.
     let mut groups: BTreeMap<(u8, u8, u32), Vec<usize>> = BTreeMap::new();
@@ -109,7 +109,7 @@ pub fn quantize_layer(
             for &p in positions {
                 rows.extend_from_slice(&k[p * row + g * hd..p * row + (g + 1) * hd]);
             }
-            fake_quantize_keys_with(&mut rows, hd, kspec, q.key_mode, clip)?;
+            fake_quantize_keys(&mut rows, hd, kspec, q.key_mode, clip)?;
             for (i, &p) in positions.iter().enumerate() {
                 kq[p * row + g * hd..p * row + (g + 1) * hd]
                     .copy_from_slice(&rows[i * hd..(i + 1) * hd]);

@@ -65,18 +65,8 @@ pub enum KeyMode {
 /// Quantize then dequantize keys `[n, dim]` (one head's tokens, in position order) in
 /// place. Per-channel groups run over consecutive blocks of `spec.group` tokens (the last
 /// one may be shorter); a rotation is undone afterwards, which is what rotating q would give.
+/// `clip`: each group's range by least squared error ([`fake_quantize_clipped`]), else min/max.
 pub fn fake_quantize_keys(
-    k: &mut [f32],
-    dim: usize,
-    spec: QuantSpec,
-    mode: KeyMode,
-) -> Result<(), QuantError> {
-    fake_quantize_keys_with(k, dim, spec, mode, false)
-}
-
-/// [`fake_quantize_keys`], each group's range chosen by least squared error when `clip`
-/// ([`fake_quantize_clipped`]).
-pub fn fake_quantize_keys_with(
     k: &mut [f32],
     dim: usize,
     spec: QuantSpec,
@@ -132,13 +122,9 @@ pub fn fake_quantize_keys_with(
     }
 }
 
-/// Quantize then dequantize values `[n, dim]` in place, per-token groups of `spec.group`.
-pub fn fake_quantize_values(v: &mut [f32], dim: usize, spec: QuantSpec) -> Result<(), QuantError> {
-    fake_quantize_values_with(v, dim, spec, false)
-}
-
-/// [`fake_quantize_values`], each group's range chosen by least squared error when `clip`.
-pub fn fake_quantize_values_with(
+/// Quantize then dequantize values `[n, dim]` in place, per-token groups of `spec.group`
+/// (`clip` as for keys).
+pub fn fake_quantize_values(
     v: &mut [f32],
     dim: usize,
     spec: QuantSpec,
@@ -195,7 +181,7 @@ mod tests {
                 bits: Bits::B2,
                 group: if mode == KeyMode::PerChannel { 64 } else { 32 },
             };
-            fake_quantize_keys(&mut x, dim, spec, mode).unwrap();
+            fake_quantize_keys(&mut x, dim, spec, mode, false).unwrap();
             x.iter().zip(&k).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
         };
         let pc = err(KeyMode::PerChannel);
@@ -212,7 +198,7 @@ mod tests {
             bits: Bits::B8,
             group: 64,
         };
-        fake_quantize_keys(&mut x, dim, spec, KeyMode::PerToken { rotate: true }).unwrap();
+        fake_quantize_keys(&mut x, dim, spec, KeyMode::PerToken { rotate: true }, false).unwrap();
         let worst = x
             .iter()
             .zip(&k)
@@ -227,7 +213,7 @@ mod tests {
             bits: Bits::B4,
             group: 48,
         };
-        assert!(fake_quantize_values(&mut [0.0; 128], 128, spec).is_err());
-        assert!(fake_quantize_keys(&mut [0.0; 100], 64, spec, KeyMode::PerChannel).is_err());
+        assert!(fake_quantize_values(&mut [0.0; 128], 128, spec, false).is_err());
+        assert!(fake_quantize_keys(&mut [0.0; 100], 64, spec, KeyMode::PerChannel, false).is_err());
     }
 }
