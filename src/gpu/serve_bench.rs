@@ -182,8 +182,9 @@ fn admits(free: usize, taken: usize, need: usize) -> bool {
     free >= taken + need
 }
 
-/// Slots a session's cache would take holding `tags` at `now`: each class's blocks, the
-/// 16-bit window and one partial block per class.
+/// Slots a session's cache would take holding `tags` at `now`, settled: each class's whole
+/// key groups packed, the rest held at 16 bits (dense, any classes together), the 16-bit
+/// window, and a slot of slack for a pass's moves.
 pub(crate) fn estimate_slots(
     map: &ClassMap,
     tokens: &ClassTokens,
@@ -195,11 +196,14 @@ pub(crate) fn estimate_slots(
         let c = map.class(p, t, now);
         per[class_index(c)] += 1;
     }
-    let mut slots = (map.window + F16_TOKENS).div_ceil(F16_TOKENS) + 4;
-    for (k, n) in per.iter().enumerate() {
-        slots += n.div_ceil(tokens.capacity[k]);
+    let mut held = per[0];
+    let mut slots = (map.window + F16_TOKENS).div_ceil(F16_TOKENS) + 1;
+    for (k, &n) in per.iter().enumerate().skip(1) {
+        let packed = n / tokens.fill[k] * tokens.fill[k];
+        held += n - packed;
+        slots += packed.div_ceil(tokens.capacity[k]);
     }
-    slots
+    slots + held.div_ceil(F16_TOKENS)
 }
 
 /// This iteration's prefill chunk: its client, tokens already fed, 16-bit tokens before it
@@ -1620,17 +1624,17 @@ mod tests {
             step: 1,
         };
         let tokens = ClassTokens::default();
-        // 4 sinks at 16 bits (1 block), 1,000 INT2 tokens (8 blocks), a 64-token window
-        // (+16: 5 blocks) and 4 partial blocks.
+        // 1,000 INT2 tokens: 15 key groups packed (960 tokens, 8 blocks), 40 held at 16 bits
+        // with the 4 sinks (44: 3 blocks), a 64-token window (+16: 5 blocks), 1 of slack.
         let map = ClassMap::uniform(KvClass::Int2, 4, 64);
         assert_eq!(
             estimate_slots(&map, &tokens, &vec![tag; 1004], (1, 1)),
-            1 + 8 + 5 + 4
+            8 + 3 + 5 + 1
         );
         let f16 = ClassMap::uniform(KvClass::F16, 0, 0);
         assert_eq!(
             estimate_slots(&f16, &tokens, &vec![tag; 1000], (1, 1)),
-            63 + 1 + 4
+            63 + 1 + 1
         );
     }
 

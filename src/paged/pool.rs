@@ -5,19 +5,22 @@
 //! every layer holds the same tokens, with one class per tag in all layers). A sequence's
 //! tokens live in exactly one block each:
 //! - **stream**: 16-bit blocks of the newest tokens, in order (the residual window);
-//! - **keep**: 16-bit blocks of tokens whose class is 16-bit (sinks, 16-bit tags);
-//! - **staging[c]**: 16-bit blocks of tokens waiting for a key group of class `c` (per-channel
-//!   key scales need the group's tokens at once);
+//! - **hold**: 16-bit blocks of the tokens out of the stream that are not packed: 16-bit-class
+//!   tokens (sinks, 16-bit tags) and tokens waiting for a key group of their class (per-channel
+//!   key scales need the group's tokens at once), of any classes together, dense (all blocks
+//!   full but one);
 //! - **packed[c]**: quantized blocks of class `c`, all full but the last, which holds whole
 //!   key groups.
 //!
-//! A full stream block that has left the window goes to keep or staging whole (relabelled,
-//! no copy) when its tokens share one class, else token by token (`Move`s). A class whose
-//! staging holds a key group's worth (`ClassTokens::fill`) has it quantized (`Quantize`) into
-//! its open block, or a new one, and the staging blocks freed: an INT2 block of 128 tokens
-//! fills in two 64-token groups, so at most 63 tokens per class wait at 16 bits, not 127.
-//! When the (turn, step) being generated moves, a block holding a token whose class changed
-//! is moved token by token (dequantized) to its tokens' new classes: recency aging.
+//! Full stream blocks that have left the window join the held blocks (relabelled, no copy).
+//! A class with a key group's worth held (`ClassTokens::fill`) has it quantized (`Quantize`)
+//! into its open block, or a new one; a held block that gives up a token is freed and its
+//! other tokens are moved to the end of the held blocks, so at most 63 tokens per class (plus
+//! the 16-bit ones) wait, in as few blocks as they fill. Moves of one pass never read what
+//! another writes (they run in parallel).
+//! When the (turn, step) being generated moves (recency aging), a packed block holding a token
+//! whose class changed is decoded token by token back to 16 bits and its tokens planned like
+//! held ones; a held token only changes the class it waits for (no move).
 //! Slots freed during a pass are reusable only after the pass's device work is queued
 //! (`SlotPool::commit`), so no device write lands in a block still being read.
 
@@ -321,6 +324,13 @@ impl Ops {
     }
 }
 
+/// Key groups of class index `k` to quantize: 16-bit sources and their positions, in order.
+struct GroupJob {
+    k: usize,
+    src: Vec<(u32, u32)>,
+    pos: Vec<u32>,
+}
+
 #[derive(Debug, Clone)]
 struct Block {
     slot: u32,
@@ -328,48 +338,26 @@ struct Block {
     pos: Vec<u32>,
 }
 
-/// Move the blocks of `list` (class `want`, stored as `from`) holding a token whose class at
-/// `now` differs into `moved`.
-fn drain_stale(
-    list: &mut Vec<Block>,
-    want: KvClass,
-    from: KvClass,
-    tags: &[TokenTag],
-    map: &ClassMap,
-    now: (u32, u32),
-    moved: &mut Vec<(Block, KvClass)>,
-) {
-    let mut i = 0;
-    while i < list.len() {
-        let stale = list[i]
-            .pos
-            .iter()
-            .any(|&p| map.class(p as usize, &tags[p as usize], now) != want);
-        if stale {
-            moved.push((list.remove(i), from));
-        } else {
-            i += 1;
-        }
-    }
-}
-
 /// One sequence's blocks.
 #[derive(Debug, Clone, Default)]
 pub struct SeqBlocks {
     tags: Vec<TokenTag>,
     stream: Vec<Block>,
-    keep: Vec<Block>,
-    staging: [Vec<Block>; 4],
+    /// 16-bit blocks of the tokens out of the stream not packed: 16-bit-class tokens and
+    /// tokens waiting for a key group of their class, of any class together.
+    hold: Vec<Block>,
     packed: [Vec<Block>; 4],
     now: (u32, u32),
+    /// Each position's class at `now` (cached: settling looks at held tokens every pass).
+    class_at: Vec<KvClass>,
 }
 
 /// Tokens and blocks of one sequence by where they are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SeqCounts {
-    /// Tokens per class (16-bit: stream, keep and staging).
+    /// Tokens per class (16-bit: stream and held).
     pub tokens: [usize; 4],
-    /// Blocks per class (16-bit: stream, keep and staging).
+    /// Blocks per class (16-bit: stream and held).
     pub blocks: [usize; 4],
 }
 
@@ -392,13 +380,10 @@ impl SeqBlocks {
     }
 
     fn f16_lists(&self) -> impl Iterator<Item = &Block> {
-        self.keep
-            .iter()
-            .chain(self.staging.iter().flatten())
-            .chain(self.stream.iter())
+        self.hold.iter().chain(self.stream.iter())
     }
 
-    /// 16-bit tokens in table order (keep, staging, stream): what precedes a new chunk.
+    /// 16-bit tokens in table order (held, stream): what precedes a new chunk.
     pub fn f16_tokens(&self) -> usize {
         self.f16_lists().map(|b| b.pos.len()).sum()
     }
@@ -422,7 +407,7 @@ impl SeqBlocks {
     }
 
     /// The block tables of this sequence, `(class, slot, tokens)` in table order: the 16-bit
-    /// blocks (keep, staging, then the stream, so a chunk just appended is last), then each
+    /// blocks (held, then the stream, so a chunk just appended is last), then each
     /// packed class.
     pub fn table(&self) -> Vec<(KvClass, u32, usize)> {
         let mut t: Vec<(KvClass, u32, usize)> = self
@@ -470,62 +455,8 @@ impl SeqBlocks {
         Ok(out)
     }
 
-    /// Place 16-bit token `pos` (now at `src`) at the end of the 16-bit list of `class`.
-    fn place(
-        &mut self,
-        pool: &mut SlotPool,
-        ops: &mut Ops,
-        class: KvClass,
-        pos: u32,
-        src: (u32, KvClass, u32),
-    ) -> Result<(), PoolError> {
-        let list = if class == KvClass::F16 {
-            &mut self.keep
-        } else {
-            &mut self.staging[class_index(class)]
-        };
-        if list.last().is_none_or(|b| b.pos.len() == F16_TOKENS) {
-            let slot = pool.alloc()?;
-            ops.zero.push(slot);
-            list.push(Block {
-                slot,
-                pos: Vec::new(),
-            });
-        }
-        if let Some(b) = list.last_mut() {
-            ops.moves.push(Move {
-                src_slot: src.0,
-                src_class: src.1,
-                src_tok: src.2,
-                dst_slot: b.slot,
-                dst_tok: b.pos.len() as u32,
-            });
-            b.pos.push(pos);
-        }
-        Ok(())
-    }
-
-    /// Move every token of `block` (of class `from`) to the list of its class now; free it.
-    fn scatter(
-        &mut self,
-        pool: &mut SlotPool,
-        ops: &mut Ops,
-        map: &ClassMap,
-        block: Block,
-        from: KvClass,
-    ) -> Result<(), PoolError> {
-        // Released first (reusable only after this pass's work is queued), so an error
-        // part-way cannot leak it.
-        pool.release(block.slot);
-        for (i, &p) in block.pos.iter().enumerate() {
-            let c = map.class(p as usize, &self.tags[p as usize], self.now);
-            self.place(pool, ops, c, p, (block.slot, from, i as u32))?;
-        }
-        Ok(())
-    }
-
-    /// Bring the blocks up to date: full stream blocks out of the window to their classes,
-    /// a block's worth of staged tokens quantized.
+    /// Bring the blocks up to date: full stream blocks out of the window join the held
+    /// 16-bit tokens, and every class with a key group's worth held has it quantized.
     pub fn settle(
         &mut self,
         pool: &mut SlotPool,
@@ -534,80 +465,41 @@ impl SeqBlocks {
         ops: &mut Ops,
     ) -> Result<(), PoolError> {
         let n = self.tags.len();
-        while self.stream.len() > 1 {
-            let b = &self.stream[0];
+        self.cache_classes(map);
+        let mut leaving = 0;
+        // The newest block stays: the next tokens append to it.
+        while leaving + 1 < self.stream.len() {
+            let b = &self.stream[leaving];
             let last = b.pos.last().copied().unwrap_or(0) as usize;
             if b.pos.len() < F16_TOKENS || last + map.window >= n {
                 break;
             }
-            let block = self.stream.remove(0);
-            let classes: Vec<KvClass> = block
-                .pos
-                .iter()
-                .map(|&p| map.class(p as usize, &self.tags[p as usize], self.now))
-                .collect();
-            let c = classes[0];
-            let list = if c == KvClass::F16 {
-                &mut self.keep
-            } else {
-                &mut self.staging[class_index(c)]
-            };
-            if classes.iter().all(|&x| x == c)
-                && list.last().is_none_or(|l| l.pos.len() == F16_TOKENS)
-            {
-                list.push(block);
-            } else {
-                self.scatter(pool, ops, map, block, KvClass::F16)?;
-            }
+            leaving += 1;
         }
-        self.quantize_full(pool, tokens, ops)
+        if leaving == 0 {
+            // Classes change only when ageing, and a pass leaves less than a key group of
+            // each class held: nothing to do.
+            return Ok(());
+        }
+        if !map.quantizes() {
+            self.hold.extend(self.stream.drain(..leaving));
+            return Ok(());
+        }
+        self.rebalance(pool, tokens, ops, leaving, &[])
     }
 
-    fn quantize_full(
-        &mut self,
-        pool: &mut SlotPool,
-        tokens: &ClassTokens,
-        ops: &mut Ops,
-    ) -> Result<(), PoolError> {
-        for k in 1..4 {
-            let class = KvClass::ALL[k];
-            let cap = tokens.of(class);
-            let per = tokens.fill_of(class);
-            let whole = per / F16_TOKENS;
-            loop {
-                let staged: usize = self.staging[k].iter().map(|b| b.pos.len()).sum();
-                if staged < per || self.staging[k].len() < whole {
-                    break;
-                }
-                // Into the last block while it has room (it holds whole fills), else a new one.
-                let open = self.packed[k].last().is_some_and(|b| b.pos.len() < cap);
-                if !open {
-                    let slot = pool.alloc()?;
-                    self.packed[k].push(Block {
-                        slot,
-                        pos: Vec::with_capacity(cap),
-                    });
-                }
-                let taken: Vec<Block> = self.staging[k].drain(..whole).collect();
-                let mut src = Vec::with_capacity(per);
-                let last = self.packed[k].len() - 1;
-                let dst = &mut self.packed[k][last];
-                let start = dst.pos.len() as u32;
-                for b in &taken {
-                    for (i, &p) in b.pos.iter().enumerate() {
-                        src.push((b.slot, i as u32));
-                        dst.pos.push(p);
-                    }
-                    pool.release(b.slot);
-                }
-                ops.quantize_into(class, dst.slot, start, src);
-            }
+    /// Extend the class cache over positions appended since (classes at `self.now`).
+    fn cache_classes(&mut self, map: &ClassMap) {
+        self.class_at.truncate(self.tags.len());
+        for p in self.class_at.len()..self.tags.len() {
+            let c = map.class(p, &self.tags[p], self.now);
+            self.class_at.push(c);
         }
-        Ok(())
     }
 
-    /// Generation moves to (turn, step): every block (outside the stream) holding a token whose
-    /// class changed is moved to its tokens' classes (re-quantized from its decoded values).
+    /// Generation moves to (turn, step): every packed block holding a token whose class
+    /// changed is decoded back to 16 bits (its tokens re-quantized if a key group's worth of
+    /// their new class is held). Held 16-bit tokens need no move: only their class changed.
     pub fn age(
         &mut self,
         pool: &mut SlotPool,
@@ -620,37 +512,227 @@ impl SeqBlocks {
             return Ok(());
         }
         self.now = now;
-        let mut moved: Vec<(Block, KvClass)> = Vec::new();
-        let (tags, keep, staging, packed) = (
-            &self.tags,
-            &mut self.keep,
-            &mut self.staging,
-            &mut self.packed,
-        );
-        drain_stale(keep, KvClass::F16, KvClass::F16, tags, map, now, &mut moved);
-        for (k, class) in KvClass::ALL.iter().enumerate().skip(1) {
-            drain_stale(
-                &mut staging[k],
-                *class,
-                KvClass::F16,
-                tags,
-                map,
-                now,
-                &mut moved,
-            );
-            drain_stale(&mut packed[k], *class, *class, tags, map, now, &mut moved);
-        }
-        let mut moved = moved.into_iter();
-        while let Some((block, from)) = moved.next() {
-            if let Err(e) = self.scatter(pool, ops, map, block, from) {
-                // The caller releases the sequence: blocks not yet moved must not leak.
-                for (b, _) in moved {
-                    pool.release(b.slot);
+        self.class_at.clear();
+        self.cache_classes(map);
+        let mut stale = Vec::new();
+        for (k, list) in self.packed.iter().enumerate().skip(1) {
+            for (i, b) in list.iter().enumerate() {
+                if b.pos
+                    .iter()
+                    .any(|&p| self.class_at[p as usize] != KvClass::ALL[k])
+                {
+                    stale.push((k, i));
                 }
-                return Err(e);
             }
         }
-        self.quantize_full(pool, tokens, ops)
+        self.rebalance(pool, tokens, ops, 0, &stale)
+    }
+
+    /// Re-plan the 16-bit tokens out of the stream: the held blocks with a token waiting for
+    /// a key group, the first `leaving` stream blocks and the packed blocks `stale` (class
+    /// index, block index), with `class_at` current. Per class, whole key groups of its tokens
+    /// (oldest first) are quantized; a block that loses a token is freed and its other tokens
+    /// moved to the end of the held blocks, so held blocks stay dense. Planned first: on
+    /// `OutOfSlots` nothing changed.
+    fn rebalance(
+        &mut self,
+        pool: &mut SlotPool,
+        tokens: &ClassTokens,
+        ops: &mut Ops,
+        leaving: usize,
+        stale: &[(usize, usize)],
+    ) -> Result<(), PoolError> {
+        let class_at = &self.class_at;
+        // Held blocks of 16-bit-class tokens only stay as they are.
+        let (waiting, settled): (Vec<&Block>, Vec<&Block>) = self
+            .hold
+            .iter()
+            .partition(|b| b.pos.iter().any(|&p| class_at[p as usize] != KvClass::F16));
+        // Candidate blocks: held waiting, leaving, stale.
+        let mut cands: Vec<(&Block, KvClass)> = waiting
+            .into_iter()
+            .chain(&self.stream[..leaving])
+            .map(|b| (b, KvClass::F16))
+            .collect();
+        let held = cands.len();
+        cands.extend(
+            stale
+                .iter()
+                .map(|&(k, i)| (&self.packed[k][i], KvClass::ALL[k])),
+        );
+        let mut picked: Vec<Vec<bool>> = cands
+            .iter()
+            .map(|(b, _)| vec![false; b.pos.len()])
+            .collect();
+        // Per class: (block, token) of each quantized token, in order.
+        let mut groups: [Vec<(usize, usize)>; 4] = Default::default();
+        for (bi, (b, _)) in cands.iter().enumerate() {
+            for (ti, &p) in b.pos.iter().enumerate() {
+                groups[class_index(class_at[p as usize])].push((bi, ti));
+            }
+        }
+        groups[0].clear();
+        for (k, group) in groups.iter_mut().enumerate().skip(1) {
+            let class = KvClass::ALL[k];
+            let mine = std::mem::take(group);
+            let fill = tokens.fill_of(class);
+            let take = mine.len() / fill * fill;
+            for &(bi, ti) in &mine[..take] {
+                picked[bi][ti] = true;
+            }
+            *group = mine[..take].to_vec();
+        }
+        let kept: Vec<bool> = (0..cands.len())
+            .map(|bi| bi < held && !picked[bi].iter().any(|&x| x))
+            .collect();
+        // Tokens to place at the end of the held blocks: the unpicked of every freed block.
+        let to_place: Vec<(usize, usize)> = (0..cands.len())
+            .filter(|&bi| !kept[bi])
+            .flat_map(|bi| (0..cands[bi].0.pos.len()).map(move |ti| (bi, ti)))
+            .filter(|&(bi, ti)| !picked[bi][ti])
+            .collect();
+        // Picked tokens of stale blocks are decoded into scratch 16-bit blocks to quantize.
+        let scratch_tokens: usize = groups
+            .iter()
+            .flatten()
+            .filter(|&&(bi, _)| bi >= held)
+            .count();
+        let room: usize = (0..held)
+            .filter(|&bi| kept[bi])
+            .map(|bi| cands[bi].0)
+            .chain(settled.iter().copied())
+            .map(|b| F16_TOKENS - b.pos.len())
+            .sum();
+        let mut need = to_place.len().saturating_sub(room).div_ceil(F16_TOKENS)
+            + scratch_tokens.div_ceil(F16_TOKENS);
+        for (k, group) in groups.iter().enumerate().skip(1) {
+            if group.is_empty() {
+                continue;
+            }
+            let cap = tokens.of(KvClass::ALL[k]);
+            let stale_last = stale
+                .iter()
+                .any(|&(sk, si)| sk == k && si + 1 == self.packed[k].len());
+            let open = match self.packed[k].last() {
+                Some(b) if !stale_last => cap - b.pos.len(),
+                _ => 0,
+            };
+            need += group.len().saturating_sub(open).div_ceil(cap);
+        }
+        if pool.free() < need {
+            return Err(PoolError::OutOfSlots {
+                total: pool.total(),
+            });
+        }
+
+        // Where each candidate token is at the start of the pass (slot, class, token).
+        let origin = |bi: usize, ti: usize| (cands[bi].0.slot, cands[bi].1, ti as u32);
+        let pos_of = |bi: usize, ti: usize| cands[bi].0.pos[ti];
+        let mut new_hold: Vec<Block> = settled
+            .iter()
+            .map(|&b| b.clone())
+            .chain(
+                (0..held)
+                    .filter(|&bi| kept[bi])
+                    .map(|bi| cands[bi].0.clone()),
+            )
+            .collect();
+        let mut hold_moves = Vec::with_capacity(to_place.len());
+        {
+            let mut next = 0;
+            for &(bi, ti) in &to_place {
+                while next < new_hold.len() && new_hold[next].pos.len() == F16_TOKENS {
+                    next += 1;
+                }
+                if next == new_hold.len() {
+                    let slot = pool.alloc()?;
+                    ops.zero.push(slot);
+                    new_hold.push(Block {
+                        slot,
+                        pos: Vec::with_capacity(F16_TOKENS),
+                    });
+                }
+                let b = &mut new_hold[next];
+                hold_moves.push((origin(bi, ti), (b.slot, b.pos.len() as u32)));
+                b.pos.push(pos_of(bi, ti));
+            }
+        }
+        // Quantize sources: a 16-bit origin as is; a stale block's token via scratch.
+        let mut scratch: Vec<Block> = Vec::new();
+        let mut jobs: Vec<GroupJob> = Vec::new();
+        for (k, group) in groups.iter().enumerate().skip(1) {
+            let mut src = Vec::with_capacity(group.len());
+            let mut pos = Vec::with_capacity(group.len());
+            for &(bi, ti) in group {
+                if bi < held {
+                    src.push((cands[bi].0.slot, ti as u32));
+                } else {
+                    if scratch.last().is_none_or(|b| b.pos.len() == F16_TOKENS) {
+                        let slot = pool.alloc()?;
+                        ops.zero.push(slot);
+                        scratch.push(Block {
+                            slot,
+                            pos: Vec::with_capacity(F16_TOKENS),
+                        });
+                    }
+                    if let Some(b) = scratch.last_mut() {
+                        let dst = (b.slot, b.pos.len() as u32);
+                        hold_moves.push((origin(bi, ti), dst));
+                        src.push(dst);
+                        b.pos.push(pos_of(bi, ti));
+                    }
+                }
+                pos.push(pos_of(bi, ti));
+            }
+            if !src.is_empty() {
+                jobs.push(GroupJob { k, src, pos });
+            }
+        }
+        for ((src_slot, src_class, src_tok), (dst_slot, dst_tok)) in hold_moves {
+            ops.moves.push(Move {
+                src_slot,
+                src_class,
+                src_tok,
+                dst_slot,
+                dst_tok,
+            });
+        }
+        // Free what left: freed candidates, scratch (read by this pass's quantize only).
+        let freed: Vec<u32> = (0..cands.len())
+            .filter(|&bi| !kept[bi])
+            .map(|bi| cands[bi].0.slot)
+            .chain(scratch.iter().map(|b| b.slot))
+            .collect();
+        let mut stale_sorted = stale.to_vec();
+        stale_sorted.sort_unstable_by(|a, b| b.cmp(a));
+        for (k, i) in stale_sorted {
+            self.packed[k].remove(i);
+        }
+        self.stream.drain(..leaving);
+        self.hold = new_hold;
+        for slot in freed {
+            pool.release(slot);
+        }
+        for GroupJob { k, src, pos } in jobs {
+            let class = KvClass::ALL[k];
+            let (cap, fill) = (tokens.of(class), tokens.fill_of(class));
+            for (src, pos) in src.chunks(fill).zip(pos.chunks(fill)) {
+                // Into the last block while it has room (it holds whole fills), else a new one.
+                if self.packed[k].last().is_none_or(|b| b.pos.len() >= cap) {
+                    let slot = pool.alloc()?;
+                    self.packed[k].push(Block {
+                        slot,
+                        pos: Vec::with_capacity(cap),
+                    });
+                }
+                let last = self.packed[k].len() - 1;
+                let dst = &mut self.packed[k][last];
+                let start = dst.pos.len() as u32;
+                dst.pos.extend_from_slice(pos);
+                ops.quantize_into(class, dst.slot, start, src.to_vec());
+            }
+        }
+        Ok(())
     }
 
     /// Keep only the first `len` tokens (prefix reuse) when every later token is still in
@@ -681,20 +763,21 @@ impl SeqBlocks {
             b.pos.retain(|&p| (p as usize) < len);
         }
         self.tags.truncate(len);
+        self.class_at.truncate(len);
         len
     }
 
     /// Free every block (the sequence ends or is preempted).
     pub fn release(&mut self, pool: &mut SlotPool) {
         let lists = std::iter::once(std::mem::take(&mut self.stream))
-            .chain(std::iter::once(std::mem::take(&mut self.keep)))
-            .chain(self.staging.iter_mut().map(std::mem::take))
+            .chain(std::iter::once(std::mem::take(&mut self.hold)))
             .chain(self.packed.iter_mut().map(std::mem::take))
             .collect::<Vec<_>>();
         for b in lists.into_iter().flatten() {
             pool.release(b.slot);
         }
         self.tags.clear();
+        self.class_at.clear();
         self.now = (0, 0);
     }
 
@@ -748,7 +831,16 @@ mod tests {
                 self.blocks
                     .insert(s, (KvClass::F16, vec![None; F16_TOKENS]));
             }
+            // Moves run in parallel on the GPU: none may read what another writes.
+            let written: std::collections::HashSet<(u32, u32)> =
+                ops.moves.iter().map(|m| (m.dst_slot, m.dst_tok)).collect();
             for m in &ops.moves {
+                assert!(
+                    !written.contains(&(m.src_slot, m.src_tok)),
+                    "a move reads slot {} token {} another move of the pass writes",
+                    m.src_slot,
+                    m.src_tok
+                );
                 let (c, src) = &self.blocks[&m.src_slot];
                 assert_eq!(
                     *c, m.src_class,
@@ -978,6 +1070,53 @@ mod tests {
             .expect("room");
         assert!(ops.quantize.is_empty());
         other.release(&mut pool);
+        seq.release(&mut pool);
+        pool.commit();
+        assert_eq!(pool.free(), pool.total());
+    }
+
+    /// Tokens waiting for a key group share 16-bit blocks whatever their class, with the
+    /// sinks: the held blocks stay dense (all full but one), and quantizing a group moves the
+    /// other tokens of the blocks it empties, never one token twice in a pass.
+    #[test]
+    fn held_tokens_of_any_class_share_dense_blocks() {
+        let tokens = ClassTokens::default();
+        let mut map = ClassMap::uniform(KvClass::Int4, 4, 0);
+        map.classes.insert(
+            Tag {
+                role: Role::Observation,
+                modality: Modality::Text,
+                recency: Recency::Current,
+            },
+            KvClass::Int2,
+        );
+        let mut pool = SlotPool::new(256);
+        let mut dev = Device::default();
+        let mut seq = SeqBlocks::new();
+        let mut moved = 0;
+        for i in 0..60 {
+            let role = if i % 2 == 0 {
+                Role::Observation
+            } else {
+                Role::User
+            };
+            let ops = append_settle(
+                &mut seq,
+                &mut pool,
+                &mut dev,
+                &map,
+                &tokens,
+                &vec![tag(role, 1, 1); 7 + i % 13],
+            );
+            moved += ops.moves.len();
+            let held: usize = seq.hold.iter().map(|b| b.pos.len()).sum();
+            assert_eq!(seq.hold.len(), held.div_ceil(F16_TOKENS), "pass {i}");
+            // The sinks and less than a key group of each class.
+            assert!(held < 4 + 63 + 63, "pass {i}: {held} held");
+        }
+        let c = seq.counts();
+        assert!(c.tokens[1] >= 4 * 64 && c.tokens[2] >= 4 * 64, "{c:?}");
+        assert!(moved > 0, "groups were quantized out of mixed blocks");
         seq.release(&mut pool);
         pool.commit();
         assert_eq!(pool.free(), pool.total());
