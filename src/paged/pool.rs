@@ -1122,6 +1122,34 @@ mod tests {
         assert_eq!(pool.free(), pool.total());
     }
 
+    /// A settle that cannot get the slots it needs changes nothing: the caller may release
+    /// the sequence (or retry) without a leak.
+    #[test]
+    fn out_of_slots_settles_nothing() {
+        let tokens = ClassTokens::default();
+        let map = ClassMap::uniform(KvClass::Int2, 4, 0);
+        // 6 stream blocks: 5 leave (4 sinks, 76 INT2 tokens: a key group), which needs a
+        // packed block and a held one for the sinks and the other 12.
+        let mut pool = SlotPool::new(6);
+        let mut seq = SeqBlocks::new();
+        let mut ops = Ops::default();
+        seq.append(&mut pool, &vec![tag(Role::User, 1, 1); 90], &mut ops)
+            .expect("room");
+        assert_eq!(pool.free(), 0);
+        let (table, n) = (seq.table(), seq.len());
+        let mut ops = Ops::default();
+        assert_eq!(
+            seq.settle(&mut pool, &map, &tokens, &mut ops),
+            Err(PoolError::OutOfSlots { total: 6 })
+        );
+        assert!(ops.is_empty());
+        assert_eq!((seq.table(), seq.len(), pool.free()), (table, n, 0));
+        seq.check(&tokens).expect("consistent");
+        seq.release(&mut pool);
+        pool.commit();
+        assert_eq!(pool.free(), 6);
+    }
+
     #[test]
     fn out_of_slots_appends_nothing() {
         let mut pool = SlotPool::new(2);
