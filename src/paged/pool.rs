@@ -324,12 +324,9 @@ impl Ops {
     }
 }
 
-/// Key groups of class index `k` to quantize: 16-bit sources and their positions, in order.
-struct GroupJob {
-    k: usize,
-    src: Vec<(u32, u32)>,
-    pos: Vec<u32>,
-}
+/// A token as a pass plans it: where it is at the start of the pass (slot, class, token),
+/// and its position.
+type Planned = ((u32, KvClass, u32), u32);
 
 #[derive(Debug, Clone)]
 struct Block {
@@ -543,14 +540,19 @@ impl SeqBlocks {
         stale: &[(usize, usize)],
     ) -> Result<(), PoolError> {
         let class_at = &self.class_at;
-        // Held blocks of 16-bit-class tokens only stay as they are.
-        let (waiting, settled): (Vec<&Block>, Vec<&Block>) = self
-            .hold
-            .iter()
-            .partition(|b| b.pos.iter().any(|&p| class_at[p as usize] != KvClass::F16));
-        // Candidate blocks: held waiting, leaving, stale.
+        // Candidate blocks: held ones with a token waiting for a key group (held blocks of
+        // 16-bit-class tokens only stay as they are), leaving, stale; where each sits.
+        let waiting: Vec<usize> = (0..self.hold.len())
+            .filter(|&i| {
+                self.hold[i]
+                    .pos
+                    .iter()
+                    .any(|&p| class_at[p as usize] != KvClass::F16)
+            })
+            .collect();
         let mut cands: Vec<(&Block, KvClass)> = waiting
-            .into_iter()
+            .iter()
+            .map(|&i| &self.hold[i])
             .chain(&self.stream[..leaving])
             .map(|b| (b, KvClass::F16))
             .collect();
@@ -560,11 +562,7 @@ impl SeqBlocks {
                 .iter()
                 .map(|&(k, i)| (&self.packed[k][i], KvClass::ALL[k])),
         );
-        let mut picked: Vec<Vec<bool>> = cands
-            .iter()
-            .map(|(b, _)| vec![false; b.pos.len()])
-            .collect();
-        // Per class: (block, token) of each quantized token, in order.
+        // Per class, the (block, token) of its tokens in order; whole key groups are taken.
         let mut groups: [Vec<(usize, usize)>; 4] = Default::default();
         for (bi, (b, _)) in cands.iter().enumerate() {
             for (ti, &p) in b.pos.iter().enumerate() {
@@ -572,44 +570,69 @@ impl SeqBlocks {
             }
         }
         groups[0].clear();
+        let mut picked: Vec<Vec<bool>> = cands
+            .iter()
+            .map(|(b, _)| vec![false; b.pos.len()])
+            .collect();
         for (k, group) in groups.iter_mut().enumerate().skip(1) {
-            let class = KvClass::ALL[k];
-            let mine = std::mem::take(group);
-            let fill = tokens.fill_of(class);
-            let take = mine.len() / fill * fill;
-            for &(bi, ti) in &mine[..take] {
+            let fill = tokens.fill[k];
+            group.truncate(group.len() / fill * fill);
+            for &(bi, ti) in group.iter() {
                 picked[bi][ti] = true;
             }
-            *group = mine[..take].to_vec();
         }
         let kept: Vec<bool> = (0..cands.len())
-            .map(|bi| bi < held && !picked[bi].iter().any(|&x| x))
+            .map(|bi| bi < held && !picked[bi].contains(&true))
             .collect();
-        // Tokens to place at the end of the held blocks: the unpicked of every freed block.
-        let to_place: Vec<(usize, usize)> = (0..cands.len())
+        let token = |bi: usize, ti: usize| {
+            let (b, c) = cands[bi];
+            ((b.slot, c, ti as u32), b.pos[ti])
+        };
+        // To place at the end of the held blocks: the unpicked tokens of every freed block.
+        let to_place: Vec<Planned> = (0..cands.len())
             .filter(|&bi| !kept[bi])
             .flat_map(|bi| (0..cands[bi].0.pos.len()).map(move |ti| (bi, ti)))
             .filter(|&(bi, ti)| !picked[bi][ti])
+            .map(|(bi, ti)| token(bi, ti))
             .collect();
-        // Picked tokens of stale blocks are decoded into scratch 16-bit blocks to quantize.
-        let scratch_tokens: usize = groups
+        let jobs: Vec<Vec<Planned>> = groups
+            .iter()
+            .map(|g| g.iter().map(|&(bi, ti)| token(bi, ti)).collect())
+            .collect();
+        let freed: Vec<u32> = (0..cands.len())
+            .filter(|&bi| !kept[bi])
+            .map(|bi| cands[bi].0.slot)
+            .collect();
+        let kept_hold: Vec<bool> = {
+            let mut k = vec![true; self.hold.len()];
+            for (wi, &i) in waiting.iter().enumerate() {
+                k[i] = kept[wi];
+            }
+            k
+        };
+        let kept_leaving = kept[waiting.len()..held].to_vec();
+
+        // Slots needed: held blocks past the room of those kept, scratch blocks for stale
+        // tokens to quantize, packed blocks past each class's open one.
+        let room: usize = self
+            .hold
+            .iter()
+            .zip(&kept_hold)
+            .filter(|(_, &k)| k)
+            .map(|(b, _)| F16_TOKENS - b.pos.len())
+            .sum();
+        let scratch_tokens = jobs
             .iter()
             .flatten()
-            .filter(|&&(bi, _)| bi >= held)
+            .filter(|((_, c, _), _)| *c != KvClass::F16)
             .count();
-        let room: usize = (0..held)
-            .filter(|&bi| kept[bi])
-            .map(|bi| cands[bi].0)
-            .chain(settled.iter().copied())
-            .map(|b| F16_TOKENS - b.pos.len())
-            .sum();
         let mut need = to_place.len().saturating_sub(room).div_ceil(F16_TOKENS)
             + scratch_tokens.div_ceil(F16_TOKENS);
-        for (k, group) in groups.iter().enumerate().skip(1) {
-            if group.is_empty() {
+        for (k, job) in jobs.iter().enumerate().skip(1) {
+            if job.is_empty() {
                 continue;
             }
-            let cap = tokens.of(KvClass::ALL[k]);
+            let cap = tokens.capacity[k];
             let stale_last = stale
                 .iter()
                 .any(|&(sk, si)| sk == k && si + 1 == self.packed[k].len());
@@ -617,7 +640,7 @@ impl SeqBlocks {
                 Some(b) if !stale_last => cap - b.pos.len(),
                 _ => 0,
             };
-            need += group.len().saturating_sub(open).div_ceil(cap);
+            need += job.len().saturating_sub(open).div_ceil(cap);
         }
         if pool.free() < need {
             return Err(PoolError::OutOfSlots {
@@ -625,98 +648,86 @@ impl SeqBlocks {
             });
         }
 
-        // Where each candidate token is at the start of the pass (slot, class, token).
-        let origin = |bi: usize, ti: usize| (cands[bi].0.slot, cands[bi].1, ti as u32);
-        let pos_of = |bi: usize, ti: usize| cands[bi].0.pos[ti];
-        let mut new_hold: Vec<Block> = settled
-            .iter()
-            .map(|&b| b.clone())
-            .chain(
-                (0..held)
-                    .filter(|&bi| kept[bi])
-                    .map(|bi| cands[bi].0.clone()),
-            )
-            .collect();
-        let mut hold_moves = Vec::with_capacity(to_place.len());
-        {
-            let mut next = 0;
-            for &(bi, ti) in &to_place {
-                while next < new_hold.len() && new_hold[next].pos.len() == F16_TOKENS {
-                    next += 1;
-                }
-                if next == new_hold.len() {
-                    let slot = pool.alloc()?;
-                    ops.zero.push(slot);
-                    new_hold.push(Block {
-                        slot,
-                        pos: Vec::with_capacity(F16_TOKENS),
-                    });
-                }
-                let b = &mut new_hold[next];
-                hold_moves.push((origin(bi, ti), (b.slot, b.pos.len() as u32)));
-                b.pos.push(pos_of(bi, ti));
-            }
-        }
-        // Quantize sources: a 16-bit origin as is; a stale block's token via scratch.
-        let mut scratch: Vec<Block> = Vec::new();
-        let mut jobs: Vec<GroupJob> = Vec::new();
-        for (k, group) in groups.iter().enumerate().skip(1) {
-            let mut src = Vec::with_capacity(group.len());
-            let mut pos = Vec::with_capacity(group.len());
-            for &(bi, ti) in group {
-                if bi < held {
-                    src.push((cands[bi].0.slot, ti as u32));
-                } else {
-                    if scratch.last().is_none_or(|b| b.pos.len() == F16_TOKENS) {
-                        let slot = pool.alloc()?;
-                        ops.zero.push(slot);
-                        scratch.push(Block {
-                            slot,
-                            pos: Vec::with_capacity(F16_TOKENS),
-                        });
-                    }
-                    if let Some(b) = scratch.last_mut() {
-                        let dst = (b.slot, b.pos.len() as u32);
-                        hold_moves.push((origin(bi, ti), dst));
-                        src.push(dst);
-                        b.pos.push(pos_of(bi, ti));
-                    }
-                }
-                pos.push(pos_of(bi, ti));
-            }
-            if !src.is_empty() {
-                jobs.push(GroupJob { k, src, pos });
-            }
-        }
-        for ((src_slot, src_class, src_tok), (dst_slot, dst_tok)) in hold_moves {
-            ops.moves.push(Move {
-                src_slot,
-                src_class,
-                src_tok,
-                dst_slot,
-                dst_tok,
-            });
-        }
-        // Free what left: freed candidates, scratch (read by this pass's quantize only).
-        let freed: Vec<u32> = (0..cands.len())
-            .filter(|&bi| !kept[bi])
-            .map(|bi| cands[bi].0.slot)
-            .chain(scratch.iter().map(|b| b.slot))
-            .collect();
+        // Apply: the kept blocks stay (no copy), the freed ones go.
         let mut stale_sorted = stale.to_vec();
         stale_sorted.sort_unstable_by(|a, b| b.cmp(a));
         for (k, i) in stale_sorted {
             self.packed[k].remove(i);
         }
-        self.stream.drain(..leaving);
-        self.hold = new_hold;
+        let mut keep = kept_hold.into_iter();
+        self.hold.retain(|_| keep.next().unwrap_or(true));
+        let mut keep = kept_leaving.into_iter();
+        let left: Vec<Block> = self.stream.drain(..leaving).collect();
+        self.hold
+            .extend(left.into_iter().filter(|_| keep.next().unwrap_or(false)));
         for slot in freed {
             pool.release(slot);
         }
-        for GroupJob { k, src, pos } in jobs {
+        // Moves (origins only: a move never reads what another writes) into the held blocks'
+        // room, then new blocks.
+        let mut next = 0;
+        for ((src_slot, src_class, src_tok), pos) in to_place {
+            while next < self.hold.len() && self.hold[next].pos.len() == F16_TOKENS {
+                next += 1;
+            }
+            if next == self.hold.len() {
+                let slot = pool.alloc()?;
+                ops.zero.push(slot);
+                self.hold.push(Block {
+                    slot,
+                    pos: Vec::with_capacity(F16_TOKENS),
+                });
+            }
+            let b = &mut self.hold[next];
+            ops.moves.push(Move {
+                src_slot,
+                src_class,
+                src_tok,
+                dst_slot: b.slot,
+                dst_tok: b.pos.len() as u32,
+            });
+            b.pos.push(pos);
+        }
+        // Quantize: a 16-bit origin as is; a stale block's token decoded into scratch first
+        // (freed at once: reusable only after this pass's quantize has read it).
+        let mut scratch: Option<Block> = None;
+        for (k, job) in jobs.into_iter().enumerate().skip(1) {
             let class = KvClass::ALL[k];
-            let (cap, fill) = (tokens.of(class), tokens.fill_of(class));
-            for (src, pos) in src.chunks(fill).zip(pos.chunks(fill)) {
+            let (cap, fill) = (tokens.capacity[k], tokens.fill[k]);
+            for group in job.chunks(fill) {
+                let mut src = Vec::with_capacity(group.len());
+                for &((slot, c, tok), pos) in group {
+                    if c == KvClass::F16 {
+                        src.push((slot, tok));
+                        continue;
+                    }
+                    let s = match scratch.take() {
+                        Some(s) if s.pos.len() < F16_TOKENS => s,
+                        full => {
+                            if let Some(f) = full {
+                                pool.release(f.slot);
+                            }
+                            let slot = pool.alloc()?;
+                            ops.zero.push(slot);
+                            Block {
+                                slot,
+                                pos: Vec::with_capacity(F16_TOKENS),
+                            }
+                        }
+                    };
+                    let dst = (s.slot, s.pos.len() as u32);
+                    ops.moves.push(Move {
+                        src_slot: slot,
+                        src_class: c,
+                        src_tok: tok,
+                        dst_slot: dst.0,
+                        dst_tok: dst.1,
+                    });
+                    src.push(dst);
+                    let mut s = s;
+                    s.pos.push(pos);
+                    scratch = Some(s);
+                }
                 // Into the last block while it has room (it holds whole fills), else a new one.
                 if self.packed[k].last().is_none_or(|b| b.pos.len() >= cap) {
                     let slot = pool.alloc()?;
@@ -728,9 +739,12 @@ impl SeqBlocks {
                 let last = self.packed[k].len() - 1;
                 let dst = &mut self.packed[k][last];
                 let start = dst.pos.len() as u32;
-                dst.pos.extend_from_slice(pos);
-                ops.quantize_into(class, dst.slot, start, src.to_vec());
+                dst.pos.extend(group.iter().map(|&(_, pos)| pos));
+                ops.quantize_into(class, dst.slot, start, src);
             }
+        }
+        if let Some(s) = scratch {
+            pool.release(s.slot);
         }
         Ok(())
     }
