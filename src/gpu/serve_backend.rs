@@ -530,7 +530,7 @@ impl<E: Executor + Send + 'static> Backend for GpuBackend<E> {
                 }
             }
         }
-        // Settle what ran: full window blocks to their classes, staged blocks quantized.
+        // Settle what ran: full window blocks held, held key groups quantized.
         let mut ops = Ops::default();
         for i in ran {
             let blocks = &mut batch[i].seq.blocks;

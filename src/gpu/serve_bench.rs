@@ -1122,7 +1122,7 @@ impl<E: Executor> Run<'_, E> {
             }
         }
 
-        // Settle: window → classes, full staging → packed blocks, ageing at a new turn.
+        // Settle: window → held, held key groups → packed blocks, ageing at a new turn.
         let mut ops = Ops::default();
         for c in 0..self.clients.len() {
             if self.clients[c].phase == Phase::Waiting || self.clients[c].blocks.is_empty() {

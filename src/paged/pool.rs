@@ -44,7 +44,7 @@ pub enum PoolError {
 pub struct ClassTokens {
     pub capacity: [usize; 4],
     /// INT4/INT2: a key group (per-channel key scales need its tokens together; values are
-    /// per token), so a block fills group by group and staging waits for one group, not a
+    /// per token), so a block fills group by group and held tokens wait for one group, not a
     /// block. FP8 (one scale per block) and 16-bit: the whole block.
     pub fill: [usize; 4],
 }
@@ -701,7 +701,7 @@ impl SeqBlocks {
                         src.push((slot, tok));
                         continue;
                     }
-                    let s = match scratch.take() {
+                    let mut s = match scratch.take() {
                         Some(s) if s.pos.len() < F16_TOKENS => s,
                         full => {
                             if let Some(f) = full {
@@ -724,7 +724,6 @@ impl SeqBlocks {
                         dst_tok: dst.1,
                     });
                     src.push(dst);
-                    let mut s = s;
                     s.pos.push(pos);
                     scratch = Some(s);
                 }
@@ -1033,7 +1032,7 @@ mod tests {
         assert_eq!(pool.free(), pool.total());
     }
 
-    /// INT2 staging waits for one 64-token key group, not a 128-token block: groups are
+    /// Held INT2 tokens wait for one 64-token key group, not a 128-token block: groups are
     /// appended to the open block, and groups of one pass into one block are one job.
     #[test]
     fn int2_blocks_fill_a_key_group_at_a_time() {
