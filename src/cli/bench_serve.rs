@@ -199,6 +199,12 @@ fn markdown(rows: &[ServeBenchRow], head: &str, timed: bool) -> String {
         ("mean decode batch", "--:", |r: &ServeBenchRow| {
             format!("{:.1}", r.mean_decode_batch)
         }),
+        ("mean pool use", "--:", |r: &ServeBenchRow| {
+            format!("{:.1}%", 100.0 * r.mean_occupancy)
+        }),
+        ("mean tokens / session", "--:", |r: &ServeBenchRow| {
+            format!("{:.0}", r.mean_tokens / r.mean_sessions.max(1e-9))
+        }),
     ];
     let times: [Column; 4] = [
         ("decode tok/s", "--:", |r: &ServeBenchRow| {

@@ -83,6 +83,13 @@ pub struct ServeBenchRow {
     pub peak_sessions: usize,
     pub mean_sessions: f64,
     pub mean_decode_batch: f64,
+    /// Time-weighted means of the pool's slots in use (share of all) and of the tokens held:
+    /// how full admission keeps the pool, and the context it holds (per session: divide by
+    /// `mean_sessions`).
+    #[serde(default)]
+    pub mean_occupancy: f64,
+    #[serde(default)]
+    pub mean_tokens: f64,
     /// Tokens held at the peak and the stored bits per K/V element then (pool bytes in use,
     /// 16-bit blocks and slab padding included, over the tokens' K/V elements).
     pub peak_tokens: usize,
@@ -168,11 +175,22 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-/// Headroom kept free at admission: a slot per resident session (its next token), the 16-bit
-/// blocks of one prefill budget, and a tenth of the pool (admitting to the brim makes the
-/// sessions' growth preempt, and recompute, one another).
+/// Headroom kept free at admission: the 16-bit blocks one iteration may open before it
+/// settles (a new stream block for one resident session in 16, those of one prefill budget)
+/// and a share of the pool for the resident sessions' next turns, which are not admitted
+/// again (admitting to the brim makes their growth preempt, and recompute, one another).
+/// Growth within a turn is not here: a session's estimate covers its whole turn
+/// (`Client::reserved`). The share is a tenth of the pool up to 25 sessions and
+/// `0.5 / sqrt(resident)` past them: `n` sessions sharing a pool each hold ~1/n of it, so the
+/// sum of their next turns' growth varies by ~1/sqrt(n) of the pool (a 16-bit cache of ~20
+/// sessions keeps its tenth; a 2.8-bit pool of ~100, 5%). Host check (`bench serve
+/// --host-check 4000`, 320 clients, 16 GiB): tag-only-2.55-w0 111.1 -> 118.0 mean sessions
+/// with 0 preemptions, FP8 38.4 -> 39.2 with 0, bf16 unchanged (20.5, 2 preemptions); a flat
+/// 2% of the pool gives the profile 117.1 with 0 preemptions but bf16 9 (8,824 recomputed
+/// tokens).
 fn headroom(resident: usize, chunk: usize, total: usize) -> usize {
-    resident + chunk.div_ceil(F16_TOKENS) + 8 + total / 10
+    let share = (0.5 / (resident.max(1) as f64).sqrt()).min(0.1);
+    resident.div_ceil(F16_TOKENS) + chunk.div_ceil(F16_TOKENS) + 8 + (total as f64 * share) as usize
 }
 
 /// A session needing `need` slots may enter when the free slots cover it on top of `taken`
@@ -183,8 +201,10 @@ fn admits(free: usize, taken: usize, need: usize) -> bool {
 }
 
 /// Slots a session's cache would take holding `tags` at `now`, settled: each class's whole
-/// key groups packed, the rest held at 16 bits (dense, any classes together), the 16-bit
-/// window, and a slot of slack for a pass's moves.
+/// key groups packed, the rest held at 16 bits (dense, any classes together) and the 16-bit
+/// window with the stream block that takes the next tokens. (A slot per session of slack
+/// was here: with ~100 sessions it kept 1.5% of a 2.8-bit pool idle; a pass's transient
+/// blocks are the headroom's.)
 pub(crate) fn estimate_slots(
     map: &ClassMap,
     tokens: &ClassTokens,
@@ -197,7 +217,7 @@ pub(crate) fn estimate_slots(
         per[class_index(c)] += 1;
     }
     let mut held = per[0];
-    let mut slots = (map.window + F16_TOKENS).div_ceil(F16_TOKENS) + 1;
+    let mut slots = (map.window + F16_TOKENS).div_ceil(F16_TOKENS);
     for (k, &n) in per.iter().enumerate().skip(1) {
         let packed = n / tokens.fill[k] * tokens.fill[k];
         held += n - packed;
@@ -1168,10 +1188,13 @@ impl<E: Executor> Run<'_, E> {
             let resident = self.resident();
             self.row.mean_sessions += resident as f64 * dt;
             self.row.mean_decode_batch += dec.len() as f64 * dt;
+            let held: usize = self.clients.iter().map(|c| c.blocks.len()).sum();
+            self.row.mean_occupancy +=
+                self.pool.used() as f64 / self.pool.total().max(1) as f64 * dt;
+            self.row.mean_tokens += held as f64 * dt;
             if resident > self.row.peak_sessions {
                 self.row.peak_sessions = resident;
             }
-            let held: usize = self.clients.iter().map(|c| c.blocks.len()).sum();
             if held > self.row.peak_tokens {
                 self.row.peak_tokens = held;
                 let elements = held * self.cfg.shape.layers * self.cfg.shape.kv_heads * 128 * 2;
@@ -1337,6 +1360,8 @@ pub fn serve_cache<E: Executor>(
     if measured > 0.0 {
         row.mean_sessions /= run.weight.max(1e-9);
         row.mean_decode_batch /= run.weight.max(1e-9);
+        row.mean_occupancy /= run.weight.max(1e-9);
+        row.mean_tokens /= run.weight.max(1e-9);
         row.decode_tokens_per_s = row.generated_tokens as f64 / measured;
         row.prefill_tokens_per_s = run.prefill_tokens as f64 / measured;
     }
@@ -1625,16 +1650,16 @@ mod tests {
         };
         let tokens = ClassTokens::default();
         // 1,000 INT2 tokens: 15 key groups packed (960 tokens, 8 blocks), 40 held at 16 bits
-        // with the 4 sinks (44: 3 blocks), a 64-token window (+16: 5 blocks), 1 of slack.
+        // with the 4 sinks (44: 3 blocks), a 64-token window (+16: 5 blocks).
         let map = ClassMap::uniform(KvClass::Int2, 4, 64);
         assert_eq!(
             estimate_slots(&map, &tokens, &vec![tag; 1004], (1, 1)),
-            8 + 3 + 5 + 1
+            8 + 3 + 5
         );
         let f16 = ClassMap::uniform(KvClass::F16, 0, 0);
         assert_eq!(
             estimate_slots(&f16, &tokens, &vec![tag; 1000], (1, 1)),
-            63 + 1 + 1
+            63 + 1
         );
     }
 
@@ -1665,6 +1690,14 @@ mod tests {
     fn admission_counts_slots_promised_but_not_held() {
         let (free, head) = (100, headroom(0, 16, 100));
         assert_eq!(head, 1 + 8 + 10);
+        assert_eq!(
+            headroom(17, 16, 100),
+            2 + 1 + 8 + 10,
+            "a slot per 16 resident sessions"
+        );
+        // Past 25 sessions the pool's share falls as 1 / sqrt(resident).
+        assert_eq!(headroom(25, 16, 1000), 2 + 1 + 8 + 100);
+        assert_eq!(headroom(100, 16, 1000), 7 + 1 + 8 + 50);
         let mut taken = head;
         let mut admitted = 0;
         for need in [30, 30, 30] {
