@@ -271,11 +271,13 @@ fn markdown(rows: &[ServeBenchRow], head: &str, timed: bool) -> String {
             };
             let _ = writeln!(
                 s,
-                "- {} vs {}: {:.2}x peak sessions, {:.2}x mean sessions, {last}",
+                "- {} vs {}: {:.2}x peak sessions, {:.2}x mean sessions ({:.2}x mean tokens \
+                 held), {last}",
                 r.cache,
                 base.cache,
                 ratio(r.peak_sessions as f64, base.peak_sessions as f64),
                 ratio(r.mean_sessions, base.mean_sessions),
+                ratio(r.mean_tokens, base.mean_tokens),
             );
         }
     }
