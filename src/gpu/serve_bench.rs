@@ -182,12 +182,9 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
 /// Growth within a turn is not here: a session's estimate covers its whole turn
 /// (`Client::reserved`). The share is a tenth of the pool up to 25 sessions and
 /// `0.5 / sqrt(resident)` past them: `n` sessions sharing a pool each hold ~1/n of it, so the
-/// sum of their next turns' growth varies by ~1/sqrt(n) of the pool (a 16-bit cache of ~20
-/// sessions keeps its tenth; a 2.8-bit pool of ~100, 5%). Host check (`bench serve
-/// --host-check 4000`, 320 clients, 16 GiB): tag-only-2.55-w0 111.1 -> 118.0 mean sessions
-/// with 0 preemptions, FP8 38.4 -> 39.2 with 0, bf16 unchanged (20.5, 2 preemptions); a flat
-/// 2% of the pool gives the profile 117.1 with 0 preemptions but bf16 9 (8,824 recomputed
-/// tokens).
+/// sum of their next turns' growth varies by ~1/sqrt(n) of the pool. A flat share small
+/// enough for ~100 compressed sessions preempts the ~20 of a 16-bit cache
+/// (`bench-results/serve-host-check/admission/`).
 fn headroom(resident: usize, chunk: usize, total: usize) -> usize {
     let share = (0.5 / (resident.max(1) as f64).sqrt()).min(0.1);
     resident.div_ceil(F16_TOKENS) + chunk.div_ceil(F16_TOKENS) + 8 + (total as f64 * share) as usize
@@ -202,9 +199,8 @@ fn admits(free: usize, taken: usize, need: usize) -> bool {
 
 /// Slots a session's cache would take holding `tags` at `now`, settled: each class's whole
 /// key groups packed, the rest held at 16 bits (dense, any classes together) and the 16-bit
-/// window with the stream block that takes the next tokens. (A slot per session of slack
-/// was here: with ~100 sessions it kept 1.5% of a 2.8-bit pool idle; a pass's transient
-/// blocks are the headroom's.)
+/// window with the stream block that takes the next tokens. No per-session slack: a pass's
+/// transient blocks are the headroom's, once for all sessions.
 pub(crate) fn estimate_slots(
     map: &ClassMap,
     tokens: &ClassTokens,
