@@ -181,6 +181,34 @@ fn profiles(args: &ServeArgs) -> Result<Vec<Profile>> {
         .collect()
 }
 
+/// What a quantizing cache's 16-bit blocks held at its peak (the stored bits above its
+/// packed classes'); `None` for a cache that keeps every token at 16 bits.
+fn f16_breakdown(r: &ServeBenchRow) -> Option<String> {
+    let u = &r.peak_f16;
+    let f16 = u.stream_tokens + u.held_tokens.iter().sum::<usize>();
+    if f16 >= r.peak_tokens {
+        return None;
+    }
+    let blocks = u.stream_blocks + u.held_blocks;
+    Some(format!(
+        "- {}: at the peak ({} tokens), {} of {} slots in use were 16-bit ({:.1}%): {} stream \
+         blocks of {} tokens, {} held blocks of {} sinks / 16-bit tags and {} / {} / {} tokens \
+         waiting for an INT4 / INT2 / FP8 group",
+        r.cache,
+        r.peak_tokens,
+        blocks,
+        r.peak_slots_used,
+        100.0 * blocks as f64 / r.peak_slots_used.max(1) as f64,
+        u.stream_blocks,
+        u.stream_tokens,
+        u.held_blocks,
+        u.held_tokens[0],
+        u.held_tokens[1],
+        u.held_tokens[2],
+        u.held_tokens[3],
+    ))
+}
+
 type Column = (&'static str, &'static str, fn(&ServeBenchRow) -> String);
 
 fn markdown(rows: &[ServeBenchRow], head: &str, timed: bool) -> String {
@@ -253,6 +281,12 @@ fn markdown(rows: &[ServeBenchRow], head: &str, timed: bool) -> String {
     );
     for r in rows {
         let _ = writeln!(s, "{}", line(cols.iter().map(|c| (c.2)(r)).collect()));
+    }
+    let _ = writeln!(s);
+    for r in rows {
+        if let Some(line) = f16_breakdown(r) {
+            let _ = writeln!(s, "{line}");
+        }
     }
     if let Some(base) = rows.first() {
         let _ = writeln!(s);

@@ -18,7 +18,9 @@ use super::decode_step::{DecodeStep, DeviceWeights, KvCaches, ModelShape, StepOp
 use super::prefill_attention::PrefillCall;
 use super::token_moves::TokenMoves;
 use super::{DeviceCache, GpuContext, GpuError};
-use crate::paged::pool::{ClassMap, ClassTokens, Ops, PoolError, SeqBlocks, SlotPool, F16_TOKENS};
+use crate::paged::pool::{
+    ClassMap, ClassTokens, F16Use, Ops, PoolError, SeqBlocks, SlotPool, F16_TOKENS,
+};
 use crate::paged::workload::Workload;
 use crate::quant::KvClass;
 use crate::tags::TokenTag;
@@ -94,6 +96,11 @@ pub struct ServeBenchRow {
     /// 16-bit blocks and slab padding included, over the tokens' K/V elements).
     pub peak_tokens: usize,
     pub effective_bits: f64,
+    /// At the peak: slots in use and the 16-bit blocks among them, by what they hold.
+    #[serde(default)]
+    pub peak_slots_used: usize,
+    #[serde(default)]
+    pub peak_f16: F16Use,
     /// Share of held tokens per class at the end (F16, INT4, INT2, FP8).
     pub class_share: [f64; 4],
     pub generated_tokens: usize,
@@ -1196,6 +1203,11 @@ impl<E: Executor> Run<'_, E> {
                 let elements = held * self.cfg.shape.layers * self.cfg.shape.kv_heads * 128 * 2;
                 self.row.effective_bits =
                     self.pool.used() as f64 * self.row.slot_bytes as f64 * 8.0 / elements as f64;
+                self.row.peak_slots_used = self.pool.used();
+                self.row.peak_f16 = F16Use::default();
+                for c in &self.clients {
+                    self.row.peak_f16 += c.blocks.f16_use();
+                }
             }
         }
         Ok(())

@@ -349,6 +349,29 @@ pub struct SeqBlocks {
     class_at: Vec<KvClass>,
 }
 
+/// Where a sequence's 16-bit tokens are: the stream, and the held blocks with their tokens by
+/// the class they wait for (`F16`: sinks and 16-bit tags, which stay). What the stored bits
+/// above the packed classes' are made of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct F16Use {
+    pub stream_blocks: usize,
+    pub stream_tokens: usize,
+    pub held_blocks: usize,
+    /// In `KvClass::ALL` order.
+    pub held_tokens: [usize; 4],
+}
+
+impl std::ops::AddAssign for F16Use {
+    fn add_assign(&mut self, o: Self) {
+        self.stream_blocks += o.stream_blocks;
+        self.stream_tokens += o.stream_tokens;
+        self.held_blocks += o.held_blocks;
+        for (a, b) in self.held_tokens.iter_mut().zip(o.held_tokens) {
+            *a += b;
+        }
+    }
+}
+
 /// Tokens and blocks of one sequence by where they are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SeqCounts {
@@ -396,6 +419,21 @@ impl SeqBlocks {
             c.blocks[k] = self.packed[k].len();
         }
         c
+    }
+
+    /// The 16-bit blocks and what they hold, with classes at `self.now`.
+    pub fn f16_use(&self) -> F16Use {
+        let mut u = F16Use {
+            stream_blocks: self.stream.len(),
+            stream_tokens: self.stream.iter().map(|b| b.pos.len()).sum(),
+            held_blocks: self.hold.len(),
+            ..Default::default()
+        };
+        for &p in self.hold.iter().flat_map(|b| &b.pos) {
+            let c = self.class_at.get(p as usize).copied();
+            u.held_tokens[class_index(c.unwrap_or(KvClass::F16))] += 1;
+        }
+        u
     }
 
     /// Slots held.
@@ -1130,6 +1168,15 @@ mod tests {
         let c = seq.counts();
         assert!(c.tokens[1] >= 4 * 64 && c.tokens[2] >= 4 * 64, "{c:?}");
         assert!(moved > 0, "groups were quantized out of mixed blocks");
+        let u = seq.f16_use();
+        assert_eq!(u.held_tokens[0], 4, "the sinks stay: {u:?}");
+        assert!(u.held_tokens[1] < 64 && u.held_tokens[2] < 64, "{u:?}");
+        assert_eq!(u.held_tokens[3], 0);
+        assert_eq!(
+            u.held_tokens.iter().sum::<usize>() + u.stream_tokens,
+            c.tokens[0]
+        );
+        assert_eq!(u.held_blocks + u.stream_blocks, c.blocks[0]);
         seq.release(&mut pool);
         pool.commit();
         assert_eq!(pool.free(), pool.total());
