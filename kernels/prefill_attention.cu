@@ -372,9 +372,10 @@ struct MoveParams {
   unsigned char* pool;
   long long slab_bytes;
   long long layer_slots;
-  int kv_heads, n, v_group, _pad;
+  int kv_heads, n, v_group;
+  float fp8_scale;  // the store's scale of FP8 blocks (`HOLD_FP8_SCALE`), K and V alike
   const int* slot;  // n blocks (pool slot within a layer)
-  const int* cls;   // their classes (gather) — unused by the 16-bit store
+  const int* cls;   // their classes (gather: any; store: 16-bit or FP8)
   const int* tok;   // token index inside each block
   float* k;         // f32 [layer][n][kv_heads][128]
   float* v;
@@ -432,13 +433,31 @@ extern "C" __global__ void __launch_bounds__(128) tkv_gather_tokens_f16(const Mo
   }
 }
 
-// Grid (n, kv_heads, layers) x 128 threads: f32 k/v of token i -> fp16 into token tok[i] of the
-// 16-bit block in slot slot[i].
+// E4M3 of x, round to nearest even, saturating (the quantize-append kernel's encoder).
+__device__ __forceinline__ unsigned char e4m3_encode(float x) {
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(0.f), "f"(x));
+  return (unsigned char)(r & 0xffu);
+}
+
+// Grid (n, kv_heads, layers) x 128 threads: f32 k/v of token i into token tok[i] of the block in
+// slot slot[i]: fp16 for a 16-bit block; E4M3 of x / fp8_scale for an FP8 one, whose K and V
+// scales every token of the block writes alike (the block's tokens arrive over many launches).
 extern "C" __global__ void __launch_bounds__(128) tkv_store_f16(const MoveParams p) {
   const int i = blockIdx.x, h = blockIdx.y, l = blockIdx.z, d = threadIdx.x;
   unsigned char* slab = p.pool + ((l * p.layer_slots + p.slot[i]) * p.kv_heads + h) * p.slab_bytes;
   const long long o = (((long long)l * p.n + i) * p.kv_heads + h) * D + d;
+  const int c = p.cls[i];
   int off, shift;
+  if (c == CLASS_FP8) {
+    const float inv = 1.f / p.fp8_scale;
+    k_pos(CLASS_FP8, p.tok[i], d, off, shift);
+    slab[off] = e4m3_encode(p.k[o] * inv);
+    v_pos(CLASS_FP8, p.ct[CLASS_FP8].v_off, p.tok[i], d, off, shift);
+    slab[off] = e4m3_encode(p.v[o] * inv);
+    if (d < 2) reinterpret_cast<float*>(slab + p.ct[CLASS_FP8].ks_off)[d] = p.fp8_scale;
+    return;
+  }
   k_pos(CLASS_F16, p.tok[i], d, off, shift);
   *reinterpret_cast<__half*>(slab + off) = __float2half_rn(p.k[o]);
   v_pos(CLASS_F16, p.ct[CLASS_F16].v_off, p.tok[i], d, off, shift);

@@ -117,6 +117,7 @@ impl CacheSettings {
             value_group: self.value_group,
             unit: self.recency_unit,
             value_clip: false,
+            wait_fp8: false,
         }
     }
 

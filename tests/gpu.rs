@@ -15,7 +15,7 @@ use triaxkv::gpu::{
     driver_available, DecodeAttention, GpuContext, HostCache, PagedLayout, QuantizeAppend,
     QuantizeJob,
 };
-use triaxkv::quant::layout::{BlockGeometry, KvClass, QuantizedBlock};
+use triaxkv::quant::layout::{e4m3_decode, e4m3_encode, BlockGeometry, KvClass, QuantizedBlock};
 use triaxkv::quant::reference_attention;
 
 const TOL: f64 = 2e-3;
@@ -1422,6 +1422,7 @@ fn token_moves_match_cpu_blocks_in_every_layer() {
             src_class: KvClass::Int2,
             src_tok: t,
             dst_slot: 4 + t / 16,
+            dst_class: KvClass::F16,
             dst_tok: t % 16,
         });
     }
@@ -1438,14 +1439,17 @@ fn token_moves_match_cpu_blocks_in_every_layer() {
             src_class: c,
             src_tok: t,
             dst_slot: 12,
+            dst_class: KvClass::F16,
             dst_tok: i as u32,
         });
     }
     moves.run(&gpu, &layout, &mut pool, &ops).unwrap();
     // Pass 2: quantize from the 16-bit copies: INT4 from slots 4..8, INT2 from 4..12, FP8
     // from 4..6.
-    let src = |blocks: std::ops::Range<u32>| -> Vec<(u32, u32)> {
-        blocks.flat_map(|b| (0..16).map(move |t| (b, t))).collect()
+    let src = |blocks: std::ops::Range<u32>| -> Vec<(u32, KvClass, u32)> {
+        blocks
+            .flat_map(|b| (0..16).map(move |t| (b, KvClass::F16, t)))
+            .collect()
     };
     let ops2 = Ops {
         quantize: vec![
@@ -1497,6 +1501,47 @@ fn token_moves_match_cpu_blocks_in_every_layer() {
         };
         moves.run(&gpu, &layout, &mut pool, &ops).unwrap();
     }
+    // Pass 4: the first 64 of the INT2 block's 16-bit copies wait in FP8 blocks 17 and 18
+    // (fixed scale, written a token at a time over two launches); pass 5: a key group
+    // quantized from them into INT2 slot 19.
+    let mut wait = Ops {
+        zero: vec![17, 18],
+        ..Default::default()
+    };
+    for t in 0..64u32 {
+        wait.moves.push(Move {
+            src_slot: 4 + t / 16,
+            src_class: KvClass::F16,
+            src_tok: t % 16,
+            dst_slot: 17 + t / 32,
+            dst_class: KvClass::Fp8,
+            dst_tok: t % 32,
+        });
+    }
+    let (first, second) = wait.moves.split_at(40);
+    let mut ops = Ops {
+        zero: wait.zero.clone(),
+        moves: first.to_vec(),
+        ..Default::default()
+    };
+    moves.run(&gpu, &layout, &mut pool, &ops).unwrap();
+    ops = Ops {
+        moves: second.to_vec(),
+        ..Default::default()
+    };
+    moves.run(&gpu, &layout, &mut pool, &ops).unwrap();
+    let from_fp8 = Ops {
+        quantize: vec![Quantize {
+            class: KvClass::Int2,
+            dst_slot: 19,
+            start: 0,
+            src: (0..64u32)
+                .map(|t| (17 + t / 32, KvClass::Fp8, t % 32))
+                .collect(),
+        }],
+        ..Default::default()
+    };
+    moves.run(&gpu, &layout, &mut pool, &from_fp8).unwrap();
     let got = gpu.download(&pool).unwrap();
     let f16 = |x: f32| half::f16::from_f32(x).to_f32();
     let g16 = *layout.geom(KvClass::F16);
@@ -1559,13 +1604,40 @@ fn token_moves_match_cpu_blocks_in_every_layer() {
                 &got[whole..whole + layout.slab_bytes],
                 "layer {l} head {h}: INT2 block appended per key group differs from one quantize"
             );
+            // Waiting in FP8: each value E4M3-rounded at scale 1, exactly; the INT2 group
+            // quantized from them is the CPU packer's of those values.
+            let round = |x: &f32| e4m3_decode(e4m3_encode(*x));
+            let k8: Vec<f32> = k16[..64 * d].iter().map(round).collect();
+            let v8: Vec<f32> = v16[..64 * d].iter().map(round).collect();
+            let g8 = *layout.geom(KvClass::Fp8);
+            for b in 0..2 {
+                let at = base + layout.slab_offset(17 + b, h);
+                let (k, v) = QuantizedBlock::unpack(g8, &got[at..at + g8.slab_bytes()], 32)
+                    .unwrap()
+                    .dequantize();
+                let r = b * 32 * d..(b + 1) * 32 * d;
+                assert_eq!(
+                    &k[..],
+                    &k8[r.clone()],
+                    "layer {l} head {h}: FP8 waiting keys"
+                );
+                assert_eq!(&v[..], &v8[r], "layer {l} head {h}: FP8 waiting values");
+            }
+            let g2 = *layout.geom(KvClass::Int2);
+            let want = QuantizedBlock::quantize(g2, &k8, &v8).unwrap().pack();
+            let at = base + layout.slab_offset(19, h);
+            assert_eq!(
+                &got[at..at + want.len()],
+                &want[..],
+                "layer {l} head {h}: INT2 group quantized from FP8 waiting blocks differs"
+            );
         }
     }
     assert!(
         worst < 1e-3,
         "moved tokens differ from the CPU's decoded values by {worst}"
     );
-    eprintln!("token moves: 2 layers × {kv_heads} heads, max |Δ| {worst:.2e}; 3 quantized blocks byte-identical, INT2 appended per key group identical");
+    eprintln!("token moves: 2 layers × {kv_heads} heads, max |Δ| {worst:.2e}; 3 quantized blocks byte-identical, INT2 appended per key group identical, FP8 waiting exact and INT2 from it byte-identical");
 }
 
 /// Feed `seqs` (ids, tags, prompt length) through `backend` as the engine does — prompt
@@ -1877,6 +1949,7 @@ fn fused_step_generates_what_separate_steps_do() {
                 warmup_s: 0.0,
                 v_group: 64,
                 k_group: 64,
+                wait_fp8: false,
                 seed: 7,
                 fused_step,
             };

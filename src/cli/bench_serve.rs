@@ -13,6 +13,13 @@ use triaxkv::gpu::serve_bench::{self, BenchCache, ServeBenchConfig, ServeBenchRo
 use triaxkv::gpu::GpuContext;
 use triaxkv::paged::pool::ClassMap;
 use triaxkv::paged::workload::Workload;
+
+/// Where tokens waiting for a key group are kept (`--wait`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wait {
+    F16,
+    Fp8,
+}
 use triaxkv::profile::Profile;
 use triaxkv::quant::KvClass;
 use triaxkv::trace::read_glob;
@@ -117,6 +124,11 @@ pub struct ServeArgs {
     /// 5% smaller INT2 slabs and coarser keys (`profiles/README.md`).
     #[arg(long)]
     k_group: Option<usize>,
+    /// Where tokens waiting for an INT4/INT2 key group are kept until their group is
+    /// quantized: 16-bit blocks, or FP8 (E4M3, scale 1) blocks of half the bytes per token
+    /// (`paged::pool`, `docs/KV_LAYOUT.md`).
+    #[arg(long, value_enum, default_value_t = Wait::F16)]
+    wait: Wait,
     #[arg(long, default_value_t = 0)]
     device: usize,
     /// No GPU: run N scheduler iterations per cache against a host model of the device that
@@ -181,8 +193,8 @@ fn profiles(args: &ServeArgs) -> Result<Vec<Profile>> {
         .collect()
 }
 
-/// What a quantizing cache's 16-bit blocks held at its peak (the stored bits above its
-/// packed classes'); `None` for a cache that keeps every token at 16 bits.
+/// What a quantizing cache's 16-bit blocks (and FP8 waiting blocks) held at its peak (the
+/// stored bits above its packed classes'); `None` for a cache that keeps every token at 16 bits.
 fn f16_breakdown(r: &ServeBenchRow) -> Option<String> {
     let u = &r.peak_f16;
     let f16 = u.stream_tokens + u.held_tokens.iter().sum::<usize>();
@@ -190,7 +202,7 @@ fn f16_breakdown(r: &ServeBenchRow) -> Option<String> {
         return None;
     }
     let blocks = u.stream_blocks + u.held_blocks;
-    Some(format!(
+    let mut line = format!(
         "- {}: at the peak ({} tokens), {} of {} slots in use were 16-bit ({:.1}%): {} stream \
          blocks of {} tokens, {} held blocks of {} sinks / 16-bit tags and {} / {} / {} tokens \
          waiting for an INT4 / INT2 / FP8 group",
@@ -206,7 +218,19 @@ fn f16_breakdown(r: &ServeBenchRow) -> Option<String> {
         u.held_tokens[1],
         u.held_tokens[2],
         u.held_tokens[3],
-    ))
+    );
+    if u.wait_blocks > 0 {
+        let _ = write!(
+            line,
+            "; {} FP8 waiting blocks ({:.1}% of the slots) of {} / {} tokens waiting for an \
+             INT4 / INT2 group",
+            u.wait_blocks,
+            100.0 * u.wait_blocks as f64 / r.peak_slots_used.max(1) as f64,
+            u.wait_tokens[1],
+            u.wait_tokens[2],
+        );
+    }
+    Some(line)
 }
 
 type Column = (&'static str, &'static str, fn(&ServeBenchRow) -> String);
@@ -350,6 +374,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         warmup_s: args.warmup,
         v_group,
         k_group,
+        wait_fp8: args.wait == Wait::Fp8,
         seed: 0x5eed,
         fused_step: !args.separate_steps,
     };

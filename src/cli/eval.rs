@@ -53,6 +53,11 @@ pub struct EvalArgs {
     /// pool and `serve` quantize with min/max.
     #[arg(long)]
     value_clip: bool,
+    /// Per-channel keys wait for their key group in FP8 (E4M3, scale 1) instead of 16 bits
+    /// and values are quantized from their E4M3 rounding, in every profile (the name gets
+    /// `-wait8`): what `bench serve --wait fp8` stores.
+    #[arg(long)]
+    wait_fp8: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -171,6 +176,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             if args.value_clip {
                 profile.name = format!("{}-vclip", profile.name);
             }
+            if args.wait_fp8 {
+                profile.name = format!("{}-wait8", profile.name);
+            }
             Ok((p.clone(), profile))
         })
         .collect::<Result<Vec<_>, triaxkv::profile::ProfileError>>()?;
@@ -190,6 +198,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         positions: (args.positions > 0).then_some(args.positions),
         progress: true,
         value_clip: args.value_clip,
+        wait_fp8: args.wait_fp8,
         ..EvalOptions::default()
     };
     let (plans, notes) = prepare_plans(

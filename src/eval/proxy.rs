@@ -136,6 +136,7 @@ fn cache_config(t: &TableView) -> QuantCacheConfig {
         value_group: q.value_group,
         unit: t.unit,
         value_clip: false,
+        wait_fp8: false,
     }
 }
 

@@ -33,6 +33,8 @@ pub struct EvalOptions {
     pub progress: bool,
     /// Every profile's value groups quantized with least-squares ranges (`--value-clip`).
     pub value_clip: bool,
+    /// Every profile's waiting keys (and values) rounded to FP8 (`--wait-fp8`).
+    pub wait_fp8: bool,
 }
 
 impl Default for EvalOptions {
@@ -45,6 +47,7 @@ impl Default for EvalOptions {
             chunk: DEFAULT_PREFILL_CHUNK,
             progress: false,
             value_clip: false,
+            wait_fp8: false,
         }
     }
 }
@@ -253,6 +256,8 @@ pub struct EvalOptionsOut {
     pub chunk: usize,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub value_clip: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub wait_fp8: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -340,6 +345,7 @@ pub fn evaluate(
         .map(|p| {
             let cfg = QuantCacheConfig {
                 value_clip: opts.value_clip,
+                wait_fp8: opts.wait_fp8,
                 ..p.profile.cache.cache_config()
             };
             Ok((p.profile.to_policy()?, cfg))
@@ -521,6 +527,7 @@ pub fn evaluate(
             positions: opts.positions,
             chunk: opts.chunk,
             value_clip: opts.value_clip,
+            wait_fp8: opts.wait_fp8,
         },
         trajectories: infos,
         reference: ReferenceSummary {

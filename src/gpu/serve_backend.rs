@@ -42,6 +42,8 @@ pub struct PoolSpec {
     pub kv_memory: usize,
     pub v_group: usize,
     pub k_group: usize,
+    /// Tokens waiting for an INT4/INT2 key group wait in FP8 blocks (`ClassTokens::wait_fp8`).
+    pub wait_fp8: bool,
 }
 
 impl PoolSpec {
@@ -53,6 +55,7 @@ impl PoolSpec {
             kv_memory,
             v_group: 64,
             k_group: 64,
+            wait_fp8: false,
         }
     }
 
@@ -64,6 +67,7 @@ impl PoolSpec {
             kv_memory,
             v_group: p.cache.value_group,
             k_group: p.cache.block_tokens,
+            wait_fp8: false,
         }
     }
 }
@@ -186,7 +190,10 @@ impl<E: Executor> GpuBackend<E> {
         let class_bytes =
             KvClass::ALL.map(|c| layout.kv_heads * layout.geom(c).slab_bytes() * shape.layers);
         Ok(PoolShape {
-            tokens: class_tokens(&layout),
+            tokens: ClassTokens {
+                wait_fp8: spec.wait_fp8,
+                ..class_tokens(&layout)
+            },
             layout,
             slot_bytes,
             class_bytes,

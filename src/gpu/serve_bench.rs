@@ -55,6 +55,8 @@ pub struct ServeBenchConfig {
     pub v_group: usize,
     /// Tokens per per-channel key group of the INT2 blocks (64 or 128; INT4 blocks hold 64).
     pub k_group: usize,
+    /// Tokens waiting for an INT4/INT2 key group wait in FP8 blocks (`ClassTokens::wait_fp8`).
+    pub wait_fp8: bool,
     pub seed: u32,
     /// Run an iteration's prefill chunks and decode rows as one step (one pass over the
     /// weights) instead of two.
@@ -205,9 +207,10 @@ fn admits(free: usize, taken: usize, need: usize) -> bool {
 }
 
 /// Slots a session's cache would take holding `tags` at `now`, settled: each class's whole
-/// key groups packed, the rest held at 16 bits (dense, any classes together) and the 16-bit
-/// window with the stream block that takes the next tokens. No per-session slack: a pass's
-/// transient blocks are the headroom's, once for all sessions.
+/// key groups packed, the rest held at 16 bits (dense, any classes together; or in FP8
+/// blocks, `ClassTokens::wait_fp8`) and the 16-bit window with the stream block that takes
+/// the next tokens. No per-session slack: a pass's transient blocks are the headroom's, once
+/// for all sessions.
 pub(crate) fn estimate_slots(
     map: &ClassMap,
     tokens: &ClassTokens,
@@ -219,14 +222,18 @@ pub(crate) fn estimate_slots(
         let c = map.class(p, t, now);
         per[class_index(c)] += 1;
     }
-    let mut held = per[0];
+    let (mut held, mut wait) = (per[0], 0);
     let mut slots = (map.window + F16_TOKENS).div_ceil(F16_TOKENS);
     for (k, &n) in per.iter().enumerate().skip(1) {
         let packed = n / tokens.fill[k] * tokens.fill[k];
-        held += n - packed;
+        if tokens.waits_fp8(KvClass::ALL[k]) {
+            wait += n - packed;
+        } else {
+            held += n - packed;
+        }
         slots += packed.div_ceil(tokens.capacity[k]);
     }
-    slots + held.div_ceil(F16_TOKENS)
+    slots + held.div_ceil(F16_TOKENS) + wait.div_ceil(tokens.of(KvClass::Fp8))
 }
 
 /// This iteration's prefill chunk: its client, tokens already fed, 16-bit tokens before it
@@ -675,9 +682,35 @@ impl Executor for HostCheck {
             self.class.insert(z, KvClass::F16);
             self.filled.remove(&z);
         }
+        // Moves run in parallel: check every source before any target changes class.
         for m in &ops.moves {
             self.slot_is(m.src_slot, m.src_class, "a move's source")?;
-            self.slot_is(m.dst_slot, KvClass::F16, "a move's target")?;
+        }
+        for m in &ops.moves {
+            match m.dst_class {
+                KvClass::F16 => self.slot_is(m.dst_slot, KvClass::F16, "a move's target")?,
+                KvClass::Fp8 => {
+                    // A zeroed slot (16-bit until written) or a waiting block, filled in order.
+                    let filled = self.filled.get(&m.dst_slot).copied().unwrap_or(0);
+                    if self.class.get(&m.dst_slot) == Some(&KvClass::F16) && filled == 0 {
+                        self.class.insert(m.dst_slot, KvClass::Fp8);
+                    }
+                    self.slot_is(m.dst_slot, KvClass::Fp8, "a move's FP8 target")?;
+                    if m.dst_tok as usize != filled {
+                        return Err(GpuError::Shape(format!(
+                            "a move writes token {} of FP8 slot {} holding {filled}",
+                            m.dst_tok, m.dst_slot
+                        )));
+                    }
+                    self.filled.insert(m.dst_slot, filled + 1);
+                }
+                c => {
+                    return Err(GpuError::Shape(format!(
+                        "a move into a {c:?} block (slot {})",
+                        m.dst_slot
+                    )))
+                }
+            }
         }
         let mut named = std::collections::HashSet::new();
         for q in &ops.quantize {
@@ -695,8 +728,8 @@ impl Executor for HostCheck {
                     q.dst_slot
                 )));
             }
-            for &(slot, _) in &q.src {
-                self.slot_is(slot, KvClass::F16, "a quantize source")?;
+            for &(slot, c, _) in &q.src {
+                self.slot_is(slot, c, "a quantize source")?;
             }
             let filled = self.filled.get(&q.dst_slot).copied();
             if start > 0 {
@@ -1145,31 +1178,37 @@ impl<E: Executor> Run<'_, E> {
             }
         }
 
-        // Settle: window → held, held key groups → packed blocks, ageing at a new turn.
-        let mut ops = Ops::default();
-        for c in 0..self.clients.len() {
-            if self.clients[c].phase == Phase::Waiting || self.clients[c].blocks.is_empty() {
-                continue;
-            }
-            let now = self.now_of(c);
-            let cl = &mut self.clients[c];
-            let r = cl
-                .blocks
-                .age(&mut self.pool, self.map, &self.tokens, now, &mut ops)
-                .and_then(|_| {
+        // Settle: ageing at a new turn, then window → held, held key groups → packed blocks.
+        // Two passes: a pass's moves run in parallel, and settling may move a token that
+        // ageing just moved.
+        for ageing in [true, false] {
+            let mut ops = Ops::default();
+            for c in 0..self.clients.len() {
+                if self.clients[c].phase == Phase::Waiting || self.clients[c].blocks.is_empty() {
+                    continue;
+                }
+                let now = self.now_of(c);
+                let cl = &mut self.clients[c];
+                let r = if ageing {
+                    cl.blocks
+                        .age(&mut self.pool, self.map, &self.tokens, now, &mut ops)
+                } else {
                     cl.blocks
                         .settle(&mut self.pool, self.map, &self.tokens, &mut ops)
-                });
-            if r.is_err() {
-                // Its released slots stay pending until this pass's work is queued.
-                cl.recompute = cl.blocks.len();
-                cl.blocks.release(&mut self.pool);
-                cl.phase = Phase::Waiting;
-                self.row.preemptions += 1;
+                };
+                if r.is_err() {
+                    // Its released slots stay pending until this pass's work is queued.
+                    cl.recompute = cl.blocks.len();
+                    cl.blocks.release(&mut self.pool);
+                    cl.phase = Phase::Waiting;
+                    self.row.preemptions += 1;
+                }
             }
+            if !ops.is_empty() {
+                self.pool_op(&ops)?;
+            }
+            self.pool.commit();
         }
-        self.pool_op(&ops)?;
-        self.pool.commit();
         self.exec.sync()?;
         if measure {
             let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
@@ -1223,6 +1262,14 @@ pub fn pool_layout(
     pool_layout_for(&cfg.shape, cfg.v_group, cfg.k_group, cfg.kv_memory, map)
 }
 
+/// The pool's `ClassTokens` for `cfg`.
+fn cfg_tokens(cfg: &ServeBenchConfig, layout: &PagedLayout) -> ClassTokens {
+    ClassTokens {
+        wait_fp8: cfg.wait_fp8,
+        ..class_tokens(layout)
+    }
+}
+
 /// `pool_layout` for any model shape and pool size.
 pub fn pool_layout_for(
     shape: &ModelShape,
@@ -1235,6 +1282,9 @@ pub fn pool_layout_for(
         PagedLayout::new(shape.q_heads, shape.kv_heads, 1, v_group)?.with_k_group(k_group)?;
     let mut used = vec![KvClass::F16, map.default];
     used.extend(map.classes.values().copied());
+    if map.quantizes() {
+        used.push(KvClass::Fp8); // tokens may wait in FP8 blocks (`ClassTokens::wait_fp8`)
+    }
     layout.slab_bytes = used
         .iter()
         .map(|&c| layout.geom(c).slab_bytes())
@@ -1251,11 +1301,12 @@ pub fn pool_layout_for(
     Ok((layout, slot_bytes))
 }
 
-/// Block capacity of each class in `layout`.
+/// Block capacity of each class in `layout`; waiting tokens at 16 bits.
 pub fn class_tokens(layout: &PagedLayout) -> ClassTokens {
     ClassTokens {
         capacity: KvClass::ALL.map(|c| layout.geom(c).tokens),
         fill: KvClass::ALL.map(|c| layout.geom(c).k_group),
+        wait_fp8: false,
     }
 }
 
@@ -1284,7 +1335,7 @@ pub fn serve_cache<E: Executor>(
             reserved: 0,
         })
         .collect();
-    let tokens = class_tokens(&layout);
+    let tokens = cfg_tokens(cfg, &layout);
     let mut run = Run {
         exec,
         cfg,
@@ -1589,8 +1640,11 @@ mod tests {
                 map: mixed(),
             },
         ];
-        // Separate prefill and decode steps, then both in one (the default).
-        for (bc, fused_step) in caches.iter().flat_map(|bc| [(bc, false), (bc, true)]) {
+        // Separate steps, fused ones, fused with tokens waiting in FP8 blocks.
+        for (bc, fused_step, wait_fp8) in caches
+            .iter()
+            .flat_map(|bc| [(bc, false, false), (bc, true, false), (bc, true, true)])
+        {
             let shape = crate::gpu::decode_step::ModelShape::llama3_8b();
             // 200 slots: room for a few sessions at 16 bits, many more mixed.
             let slot = shape.layers * shape.kv_heads * 9728;
@@ -1605,6 +1659,7 @@ mod tests {
                 warmup_s: 0.0,
                 v_group: 64,
                 k_group: 128,
+                wait_fp8,
                 seed: 0,
                 fused_step,
             };

@@ -1,6 +1,7 @@
 //! The device side of the serving block pool (`paged::pool`): zero new slots, move tokens
-//! (decoded from any class) into 16-bit blocks, and quantize a block's worth of 16-bit
-//! tokens into a packed block — for every layer of the stacked pool in one launch each.
+//! (decoded from any class) into 16-bit blocks or FP8 blocks of waiting tokens, and quantize
+//! a key group's worth of tokens of any class into a packed block — for every layer of the
+//! stacked pool in one launch each.
 //! Kernels in `kernels/prefill_attention.cu` (they share its block decoding).
 
 use super::decode_attention::{class_index, PagedLayout, HEAD_DIM};
@@ -8,7 +9,7 @@ use super::nvrtc::PREFILL_ATTENTION;
 use super::prefill_attention::{class_offsets, ClassTable};
 use super::quantize_append::{QuantizeAppend, QuantizeJob};
 use super::{DriverResult, GpuContext, GpuError};
-use crate::paged::pool::{Ops, F16_TOKENS};
+use crate::paged::pool::{Ops, HOLD_FP8_SCALE};
 use crate::quant::KvClass;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -22,7 +23,7 @@ struct MoveParams {
     kv_heads: i32,
     n: i32,
     v_group: i32,
-    _pad: i32,
+    fp8_scale: f32,
     slot: u64,
     cls: u64,
     tok: u64,
@@ -114,7 +115,13 @@ impl TokenMoves {
         Self::check_slots(layout, &slots)?;
         for &(_, c, t) in items {
             let cap = layout.geoms.get(c as usize).map_or(0, |g| g.tokens);
-            let cap = if gather { cap } else { F16_TOKENS };
+            // The store writes 16-bit and FP8 blocks only.
+            let storable = [KvClass::F16, KvClass::Fp8].map(|k| class_index(k) as i32);
+            let cap = if gather || storable.contains(&c) {
+                cap
+            } else {
+                0
+            };
             if t < 0 || t as usize >= cap {
                 return Err(GpuError::Shape(format!(
                     "token {t} of a block of {cap} (class {c})"
@@ -248,7 +255,13 @@ impl TokenMoves {
                 .collect();
             let dst: Vec<(i32, i32, i32)> = chunk
                 .iter()
-                .map(|m| (m.dst_slot as i32, 0, m.dst_tok as i32))
+                .map(|m| {
+                    (
+                        m.dst_slot as i32,
+                        class_index(m.dst_class) as i32,
+                        m.dst_tok as i32,
+                    )
+                })
                 .collect();
             let ptr = pool.device_ptr(gpu.stream()).0;
             self.launch(gpu, layout, ptr, &src, true)?;
@@ -273,7 +286,11 @@ impl TokenMoves {
             let batch = &ops.quantize[i..j];
             let src: Vec<(i32, i32, i32)> = batch
                 .iter()
-                .flat_map(|q| q.src.iter().map(|&(s, t)| (s as i32, 0, t as i32)))
+                .flat_map(|q| {
+                    q.src
+                        .iter()
+                        .map(|&(s, c, t)| (s as i32, class_index(c) as i32, t as i32))
+                })
                 .collect();
             let ptr = pool.device_ptr(gpu.stream()).0;
             self.launch(gpu, layout, ptr, &src, true)?;
@@ -302,7 +319,7 @@ impl TokenMoves {
     }
 
     /// Gather (`gather`: decode tokens `(slot, class, tok)` into the scratch) or store (the
-    /// scratch's first tokens into 16-bit `(slot, _, tok)`), every layer of the pool at
+    /// scratch's first tokens into 16-bit or FP8 `(slot, class, tok)`), every layer of the pool at
     /// device address `pool` (checked by the caller to hold `self.layers` layer pools).
     fn launch(
         &self,
@@ -348,6 +365,7 @@ impl TokenMoves {
             kv_heads: layout.kv_heads as i32,
             n: range.len() as i32,
             v_group: layout.v_group() as i32,
+            fp8_scale: HOLD_FP8_SCALE,
             slot: at(0),
             cls: at(1),
             tok: at(2),

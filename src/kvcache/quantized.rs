@@ -11,6 +11,7 @@
 use super::full::causal_attention;
 use super::{KvCache, KvShape};
 use crate::quant::int::quantize_with;
+use crate::quant::layout::{e4m3_decode, e4m3_encode};
 use crate::quant::{
     clipped_group_params, fwht, group_params, Bits, GroupParams, KeyMode, QuantError,
 };
@@ -112,6 +113,10 @@ pub struct QuantCacheConfig {
     /// Value groups' ranges by least squared error (`clipped_group_params`) rather than
     /// min/max: `eval --value-clip` only (the GPU quantizer and profiles use min/max).
     pub value_clip: bool,
+    /// Per-channel keys wait for their block in FP8 (E4M3 at scale 1) instead of 16 bits, and
+    /// values are quantized from their E4M3 rounding: what a GPU pool holding waiting tokens
+    /// in FP8 blocks stores (`bench serve --wait fp8`, `paged::pool::HOLD_FP8_SCALE`).
+    pub wait_fp8: bool,
 }
 
 impl Default for QuantCacheConfig {
@@ -125,6 +130,7 @@ impl Default for QuantCacheConfig {
             value_group: 64,
             unit: RecencyUnit::Turn,
             value_clip: false,
+            wait_fp8: false,
         }
     }
 }
@@ -201,7 +207,8 @@ pub struct CacheBytes {
     pub packed: usize,
     /// fp16 scales and zeros.
     pub params: usize,
-    /// 16-bit keys and values (sinks, window, staged keys, 16-bit classes).
+    /// 16-bit keys and values (sinks, window, staged keys, 16-bit classes); staged keys at
+    /// one byte with `wait_fp8`.
     pub half: usize,
     /// K and V elements stored (tokens × layers × kv_heads × head_dim × 2).
     pub elements: usize,
@@ -372,8 +379,14 @@ impl QuantCache {
         let cfg = self.cfg;
         let per_channel = cfg.key_mode == KeyMode::PerChannel;
         let layer = &mut self.layers[l];
-        let kx = layer.k[pos * row..(pos + 1) * row].to_vec();
-        let vx = layer.v[pos * row..(pos + 1) * row].to_vec();
+        let mut kx = layer.k[pos * row..(pos + 1) * row].to_vec();
+        let mut vx = layer.v[pos * row..(pos + 1) * row].to_vec();
+        if cfg.wait_fp8 && per_channel && class.k != KEEP {
+            // The GPU pool's waiting FP8 block holds both; the group is quantized from it.
+            for x in kx.iter_mut().chain(vx.iter_mut()) {
+                *x = e4m3_decode(e4m3_encode(*x));
+            }
+        }
         let k = if class.k == KEEP || per_channel {
             // Per-channel keys wait at 16 bits until their block is full.
             Coded::Half(kx.iter().map(|&x| f16::from_f32(x)).collect())
@@ -480,6 +493,10 @@ impl QuantCache {
                 for e in &blk.entries {
                     for (c, bits) in [(&e.k, blk.class.k), (&e.v, blk.class.v)] {
                         match c {
+                            // A staged key waits in FP8 with `wait_fp8`.
+                            Coded::Half(x) if self.cfg.wait_fp8 && bits != KEEP => {
+                                out.half += x.len()
+                            }
                             Coded::Half(x) => out.half += 2 * x.len(),
                             Coded::Int { codes, params } => {
                                 out.packed += (codes.len() * bits as usize).div_ceil(8);
@@ -784,6 +801,41 @@ mod tests {
         last_q
     }
 
+    /// With `wait_fp8`, keys waiting for their block are the E4M3 rounding of what came in
+    /// (16-bit without); a sealed block quantizes from those.
+    #[test]
+    fn waiting_keys_hold_their_fp8_rounding() {
+        let s = shape();
+        let row = s.num_kv_heads * s.head_dim;
+        let policy = KvPolicy::uniform(s.num_layers, PrecisionClass::new(2, 2).unwrap());
+        let k: Vec<f32> = (0..8 * row)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
+        let v: Vec<f32> = (0..8 * row).map(|i| (i as f32 * 0.11).cos()).collect();
+        for wait_fp8 in [false, true] {
+            let cfg = QuantCacheConfig {
+                sinks: 0,
+                window: 0,
+                block_tokens: 16,
+                wait_fp8,
+                ..QuantCacheConfig::default()
+            };
+            let mut c = QuantCache::new(s, policy.clone(), cfg).unwrap();
+            c.append(0, &k, &v, &tags(8));
+            let (kd, _) = c.dequantize(0).unwrap();
+            for (&got, &x) in kd.iter().zip(&k) {
+                // Tokens come in at 16 bits (the window; the GPU's stream blocks).
+                let x16 = f16::from_f32(x).to_f32();
+                let want = if wait_fp8 {
+                    e4m3_decode(e4m3_encode(x16))
+                } else {
+                    x16
+                };
+                assert_eq!(got, want, "wait_fp8 {wait_fp8}: x {x}");
+            }
+        }
+    }
+
     /// `value_clip` changes only the values, and on bell-shaped values lowers their INT2
     /// reconstruction error.
     #[test]
@@ -899,6 +951,7 @@ mod tests {
             value_group: 32,
             unit: RecencyUnit::Turn,
             value_clip: false,
+            wait_fp8: false,
         };
         let mut c = QuantCache::new(
             s,

@@ -9,20 +9,25 @@
 //!   tokens (sinks, 16-bit tags) and tokens waiting for a key group of their class (per-channel
 //!   key scales need the group's tokens at once), of any classes together, dense (all blocks
 //!   full but one);
+//! - **wait** (only with `ClassTokens::wait_fp8`): FP8 blocks (fixed scale `HOLD_FP8_SCALE`)
+//!   of the tokens waiting for an INT4/INT2 key group instead of the 16-bit hold: half the
+//!   bytes of what waits, dense like the hold;
 //! - **packed[c]**: quantized blocks of class `c`, all full but the last, which holds whole
 //!   key groups.
 //!
 //! Full stream blocks that have left the window join the held blocks (relabelled, no copy).
 //! A class with a key group's worth held (`ClassTokens::fill`) has it quantized (`Quantize`)
 //! into its open block, or a new one; a held block that gives up a token is freed and its
-//! other tokens are moved to the end of the held blocks, so at most 63 tokens per class (plus
-//! the 16-bit ones) wait, in as few blocks as they fill. Moves of one pass never read what
+//! other tokens are moved to the end of the held (or waiting) blocks, so at most 63 tokens per
+//! class (plus the 16-bit ones) wait, in as few blocks as they fill. Moves of one pass never read what
 //! another writes (they run in parallel).
 //! When the (turn, step) being generated moves (recency aging), a packed block holding a token
 //! whose class changed is decoded token by token back to 16 bits and its tokens planned like
 //! held ones; a held token only changes the class it waits for (no move).
 //! Slots freed during a pass are reusable only after the pass's device work is queued
-//! (`SlotPool::commit`), so no device write lands in a block still being read.
+//! (`SlotPool::commit`), so no device write lands in a block still being read. A pass holds
+//! at most one `age` or `settle` of a sequence: the second could move a token the first
+//! moves, and a pass's moves run in parallel.
 
 use crate::gpu::decode_attention::class_index;
 use crate::quant::layout::KvClass;
@@ -31,6 +36,12 @@ use std::collections::HashMap;
 
 /// Tokens of a 16-bit block (`BlockGeometry::default_for(F16)`).
 pub const F16_TOKENS: usize = 16;
+
+/// The scale of the FP8 blocks tokens wait in (`ClassTokens::wait_fp8`): one for every block,
+/// since a block gains tokens one pass at a time and a scale fitted to its first tokens would
+/// clip later ones. 1.0 is what FP8 KV caches use without calibrated scales (E4M3 holds
+/// |x| up to 448 at 3 mantissa bits); a waiting token is re-quantized to INT4/INT2 from it.
+pub const HOLD_FP8_SCALE: f32 = 1.0;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PoolError {
@@ -47,6 +58,8 @@ pub struct ClassTokens {
     /// per token), so a block fills group by group and held tokens wait for one group, not a
     /// block. FP8 (one scale per block) and 16-bit: the whole block.
     pub fill: [usize; 4],
+    /// Tokens waiting for an INT4/INT2 key group wait in FP8 blocks, not 16-bit ones.
+    pub wait_fp8: bool,
 }
 
 impl Default for ClassTokens {
@@ -55,6 +68,7 @@ impl Default for ClassTokens {
         ClassTokens {
             capacity: [F16_TOKENS, 64, 128, 32],
             fill: [F16_TOKENS, 64, 64, 32],
+            wait_fp8: false,
         }
     }
 }
@@ -66,6 +80,11 @@ impl ClassTokens {
 
     pub fn fill_of(&self, c: KvClass) -> usize {
         self.fill[class_index(c)]
+    }
+
+    /// Whether a token of class `c` out of the stream, not packed, waits in an FP8 block.
+    pub fn waits_fp8(&self, c: KvClass) -> bool {
+        self.wait_fp8 && matches!(c, KvClass::Int4 | KvClass::Int2)
     }
 }
 
@@ -270,24 +289,27 @@ impl std::fmt::Display for ProfileFit {
     }
 }
 
-/// One token copied (and dequantized) from any block into a 16-bit block.
+/// One token copied (and dequantized) from any block into a 16-bit block, or an FP8 block
+/// of waiting tokens (`dst_class`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Move {
     pub src_slot: u32,
     pub src_class: KvClass,
     pub src_tok: u32,
     pub dst_slot: u32,
+    pub dst_class: KvClass,
     pub dst_tok: u32,
 }
 
-/// 16-bit tokens `src` (slot, token), in order, quantized into packed block `dst_slot` as its
-/// tokens `start..` (`start > 0`: appended after whole key groups already there).
+/// Tokens `src` (slot, class, token) of any blocks, in order, quantized into packed block
+/// `dst_slot` as its tokens `start..` (`start > 0`: appended after whole key groups already
+/// there).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quantize {
     pub class: KvClass,
     pub dst_slot: u32,
     pub start: u32,
-    pub src: Vec<(u32, u32)>,
+    pub src: Vec<(u32, KvClass, u32)>,
 }
 
 /// Device work of one pass, run in this order: zero new 16-bit slots, moves, quantizes.
@@ -306,7 +328,13 @@ impl Ops {
     /// Queue quantizing `src` into `dst_slot` from token `start`; a job of this pass already
     /// filling the block's tokens before `start` takes them, so no two jobs name one block
     /// (the kernel reads a block it appends to).
-    fn quantize_into(&mut self, class: KvClass, dst_slot: u32, start: u32, src: Vec<(u32, u32)>) {
+    fn quantize_into(
+        &mut self,
+        class: KvClass,
+        dst_slot: u32,
+        start: u32,
+        src: Vec<(u32, KvClass, u32)>,
+    ) {
         if let Some(q) =
             self.quantize.iter_mut().rev().find(|q| {
                 q.dst_slot == dst_slot && q.start as usize + q.src.len() == start as usize
@@ -343,6 +371,8 @@ pub struct SeqBlocks {
     /// 16-bit blocks of the tokens out of the stream not packed: 16-bit-class tokens and
     /// tokens waiting for a key group of their class, of any class together.
     hold: Vec<Block>,
+    /// FP8 blocks of tokens waiting for an INT4/INT2 key group (`ClassTokens::wait_fp8`).
+    wait: Vec<Block>,
     packed: [Vec<Block>; 4],
     now: (u32, u32),
     /// Each position's class at `now` (cached: settling looks at held tokens every pass).
@@ -359,6 +389,11 @@ pub struct F16Use {
     pub held_blocks: usize,
     /// In `KvClass::ALL` order.
     pub held_tokens: [usize; 4],
+    /// FP8 blocks of waiting tokens (`ClassTokens::wait_fp8`) and their tokens by class.
+    #[serde(default)]
+    pub wait_blocks: usize,
+    #[serde(default)]
+    pub wait_tokens: [usize; 4],
 }
 
 impl std::ops::AddAssign for F16Use {
@@ -366,7 +401,11 @@ impl std::ops::AddAssign for F16Use {
         self.stream_blocks += o.stream_blocks;
         self.stream_tokens += o.stream_tokens;
         self.held_blocks += o.held_blocks;
+        self.wait_blocks += o.wait_blocks;
         for (a, b) in self.held_tokens.iter_mut().zip(o.held_tokens) {
+            *a += b;
+        }
+        for (a, b) in self.wait_tokens.iter_mut().zip(o.wait_tokens) {
             *a += b;
         }
     }
@@ -375,9 +414,9 @@ impl std::ops::AddAssign for F16Use {
 /// Tokens and blocks of one sequence by where they are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SeqCounts {
-    /// Tokens per class (16-bit: stream and held).
+    /// Tokens per class (16-bit: stream and held; FP8: packed and waiting).
     pub tokens: [usize; 4],
-    /// Blocks per class (16-bit: stream and held).
+    /// Blocks per class (16-bit: stream and held; FP8: packed and waiting).
     pub blocks: [usize; 4],
 }
 
@@ -418,6 +457,9 @@ impl SeqBlocks {
             c.tokens[k] = self.packed[k].iter().map(|b| b.pos.len()).sum();
             c.blocks[k] = self.packed[k].len();
         }
+        let fp8 = class_index(KvClass::Fp8);
+        c.tokens[fp8] += self.wait.iter().map(|b| b.pos.len()).sum::<usize>();
+        c.blocks[fp8] += self.wait.len();
         c
     }
 
@@ -429,9 +471,20 @@ impl SeqBlocks {
             held_blocks: self.hold.len(),
             ..Default::default()
         };
+        let class = |p: u32| {
+            class_index(
+                self.class_at
+                    .get(p as usize)
+                    .copied()
+                    .unwrap_or(KvClass::F16),
+            )
+        };
         for &p in self.hold.iter().flat_map(|b| &b.pos) {
-            let c = self.class_at.get(p as usize).copied();
-            u.held_tokens[class_index(c.unwrap_or(KvClass::F16))] += 1;
+            u.held_tokens[class(p)] += 1;
+        }
+        u.wait_blocks = self.wait.len();
+        for &p in self.wait.iter().flat_map(|b| &b.pos) {
+            u.wait_tokens[class(p)] += 1;
         }
         u
     }
@@ -442,13 +495,18 @@ impl SeqBlocks {
     }
 
     /// The block tables of this sequence, `(class, slot, tokens)` in table order: the 16-bit
-    /// blocks (held, then the stream, so a chunk just appended is last), then each
-    /// packed class.
+    /// blocks (held, then the stream, so a chunk just appended is last), the FP8 waiting
+    /// blocks, then each packed class.
     pub fn table(&self) -> Vec<(KvClass, u32, usize)> {
         let mut t: Vec<(KvClass, u32, usize)> = self
             .f16_lists()
             .map(|b| (KvClass::F16, b.slot, b.pos.len()))
             .collect();
+        t.extend(
+            self.wait
+                .iter()
+                .map(|b| (KvClass::Fp8, b.slot, b.pos.len())),
+        );
         for (k, list) in self.packed.iter().enumerate().skip(1) {
             t.extend(list.iter().map(|b| (KvClass::ALL[k], b.slot, b.pos.len())));
         }
@@ -534,7 +592,8 @@ impl SeqBlocks {
 
     /// Generation moves to (turn, step): every packed block holding a token whose class
     /// changed is decoded back to 16 bits (its tokens re-quantized if a key group's worth of
-    /// their new class is held). Held 16-bit tokens need no move: only their class changed.
+    /// their new class is held). A waiting token needs no move unless its new class waits in the
+    /// other list (16-bit or FP8): only the class it waits for changed.
     pub fn age(
         &mut self,
         pool: &mut SlotPool,
@@ -563,12 +622,13 @@ impl SeqBlocks {
         self.rebalance(pool, tokens, ops, 0, &stale)
     }
 
-    /// Re-plan the 16-bit tokens out of the stream: the held blocks with a token waiting for
-    /// a key group, the first `leaving` stream blocks and the packed blocks `stale` (class
-    /// index, block index), with `class_at` current. Per class, whole key groups of its tokens
-    /// (oldest first) are quantized; a block that loses a token is freed and its other tokens
-    /// moved to the end of the held blocks, so held blocks stay dense. Planned first: on
-    /// `OutOfSlots` nothing changed.
+    /// Re-plan the tokens out of the stream not packed: the held blocks with a token waiting
+    /// for a key group, the FP8 waiting blocks, the first `leaving` stream blocks and the
+    /// packed blocks `stale` (class index, block index), with `class_at` current. Per class,
+    /// whole key groups of its tokens (oldest first) are quantized; a block that loses a
+    /// token, or holds one that belongs in the other list (16-bit or FP8 waiting), is freed
+    /// and its other tokens moved to the end of their list, so both stay dense. Planned
+    /// first: on `OutOfSlots` nothing changed.
     fn rebalance(
         &mut self,
         pool: &mut SlotPool,
@@ -578,8 +638,10 @@ impl SeqBlocks {
         stale: &[(usize, usize)],
     ) -> Result<(), PoolError> {
         let class_at = &self.class_at;
+        let to_wait = |p: u32| tokens.waits_fp8(class_at[p as usize]);
+        let wait_cap = tokens.of(KvClass::Fp8);
         // Candidate blocks: held ones with a token waiting for a key group (held blocks of
-        // 16-bit-class tokens only stay as they are), leaving, stale; where each sits.
+        // 16-bit-class tokens only stay as they are), waiting, leaving, stale; where each sits.
         let waiting: Vec<usize> = (0..self.hold.len())
             .filter(|&i| {
                 self.hold[i]
@@ -590,9 +652,9 @@ impl SeqBlocks {
             .collect();
         let mut cands: Vec<(&Block, KvClass)> = waiting
             .iter()
-            .map(|&i| &self.hold[i])
-            .chain(&self.stream[..leaving])
-            .map(|b| (b, KvClass::F16))
+            .map(|&i| (&self.hold[i], KvClass::F16))
+            .chain(self.wait.iter().map(|b| (b, KvClass::Fp8)))
+            .chain(self.stream[..leaving].iter().map(|b| (b, KvClass::F16)))
             .collect();
         let held = cands.len();
         cands.extend(
@@ -619,20 +681,27 @@ impl SeqBlocks {
                 picked[bi][ti] = true;
             }
         }
+        // A block stays (no copy) when it gives up no token and each of its tokens belongs in
+        // its list: an FP8 block holds only tokens that wait in FP8, a 16-bit one none.
         let kept: Vec<bool> = (0..cands.len())
-            .map(|bi| bi < held && !picked[bi].contains(&true))
+            .map(|bi| {
+                let (b, c) = cands[bi];
+                bi < held
+                    && !picked[bi].contains(&true)
+                    && b.pos.iter().all(|&p| to_wait(p) == (c == KvClass::Fp8))
+            })
             .collect();
         let token = |bi: usize, ti: usize| {
             let (b, c) = cands[bi];
             ((b.slot, c, ti as u32), b.pos[ti])
         };
-        // To place at the end of the held blocks: the unpicked tokens of every freed block.
-        let to_place: Vec<Planned> = (0..cands.len())
+        // To place at the end of their list: the unpicked tokens of every freed block.
+        let (to_wait_list, to_hold): (Vec<Planned>, Vec<Planned>) = (0..cands.len())
             .filter(|&bi| !kept[bi])
             .flat_map(|bi| (0..cands[bi].0.pos.len()).map(move |ti| (bi, ti)))
             .filter(|&(bi, ti)| !picked[bi][ti])
             .map(|(bi, ti)| token(bi, ti))
-            .collect();
+            .partition(|&(_, pos)| to_wait(pos));
         let jobs: Vec<Vec<Planned>> = groups
             .iter()
             .map(|g| g.iter().map(|&(bi, ti)| token(bi, ti)).collect())
@@ -648,24 +717,27 @@ impl SeqBlocks {
             }
             k
         };
-        let kept_leaving = kept[waiting.len()..held].to_vec();
+        let first_leaving = waiting.len() + self.wait.len();
+        let kept_wait = kept[waiting.len()..first_leaving].to_vec();
+        let kept_leaving = kept[first_leaving..held].to_vec();
 
-        // Slots needed: held blocks past the room of those kept, scratch blocks for stale
-        // tokens to quantize, packed blocks past each class's open one.
-        let room: usize = self
-            .hold
-            .iter()
-            .zip(&kept_hold)
-            .filter(|(_, &k)| k)
-            .map(|(b, _)| F16_TOKENS - b.pos.len())
-            .sum();
-        let scratch_tokens = jobs
-            .iter()
-            .flatten()
-            .filter(|((_, c, _), _)| *c != KvClass::F16)
-            .count();
-        let mut need = to_place.len().saturating_sub(room).div_ceil(F16_TOKENS)
-            + scratch_tokens.div_ceil(F16_TOKENS);
+        // Slots needed: blocks of each list past the room of those kept, packed blocks past
+        // each class's open one.
+        let room = |list: &[Block], keep: &[bool], cap: usize| -> usize {
+            list.iter()
+                .zip(keep)
+                .filter(|(_, &k)| k)
+                .map(|(b, _)| cap - b.pos.len())
+                .sum()
+        };
+        let mut need = to_hold
+            .len()
+            .saturating_sub(room(&self.hold, &kept_hold, F16_TOKENS))
+            .div_ceil(F16_TOKENS)
+            + to_wait_list
+                .len()
+                .saturating_sub(room(&self.wait, &kept_wait, wait_cap))
+                .div_ceil(wait_cap);
         for (k, job) in jobs.iter().enumerate().skip(1) {
             if job.is_empty() {
                 continue;
@@ -694,6 +766,8 @@ impl SeqBlocks {
         }
         let mut keep = kept_hold.into_iter();
         self.hold.retain(|_| keep.next().unwrap_or(true));
+        let mut keep = kept_wait.into_iter();
+        self.wait.retain(|_| keep.next().unwrap_or(true));
         let mut keep = kept_leaving.into_iter();
         let left: Vec<Block> = self.stream.drain(..leaving).collect();
         self.hold
@@ -701,70 +775,24 @@ impl SeqBlocks {
         for slot in freed {
             pool.release(slot);
         }
-        // Moves (origins only: a move never reads what another writes) into the held blocks'
-        // room, then new blocks.
-        let mut next = 0;
-        for ((src_slot, src_class, src_tok), pos) in to_place {
-            while next < self.hold.len() && self.hold[next].pos.len() == F16_TOKENS {
-                next += 1;
-            }
-            if next == self.hold.len() {
-                let slot = pool.alloc()?;
-                ops.zero.push(slot);
-                self.hold.push(Block {
-                    slot,
-                    pos: Vec::with_capacity(F16_TOKENS),
-                });
-            }
-            let b = &mut self.hold[next];
-            ops.moves.push(Move {
-                src_slot,
-                src_class,
-                src_tok,
-                dst_slot: b.slot,
-                dst_tok: b.pos.len() as u32,
-            });
-            b.pos.push(pos);
-        }
-        // Quantize: a 16-bit origin as is; a stale block's token decoded into scratch first
-        // (freed at once: reusable only after this pass's quantize has read it).
-        let mut scratch: Option<Block> = None;
+        // Moves (origins only: a move never reads what another writes) into each list's room,
+        // then new blocks.
+        place(&mut self.hold, KvClass::F16, F16_TOKENS, to_hold, pool, ops)?;
+        place(
+            &mut self.wait,
+            KvClass::Fp8,
+            wait_cap,
+            to_wait_list,
+            pool,
+            ops,
+        )?;
+        // Quantize from the origins (the gather decodes any class; a freed stale block is
+        // reusable only after this pass's quantize has read it).
         for (k, job) in jobs.into_iter().enumerate().skip(1) {
             let class = KvClass::ALL[k];
             let (cap, fill) = (tokens.capacity[k], tokens.fill[k]);
             for group in job.chunks(fill) {
-                let mut src = Vec::with_capacity(group.len());
-                for &((slot, c, tok), pos) in group {
-                    if c == KvClass::F16 {
-                        src.push((slot, tok));
-                        continue;
-                    }
-                    let mut s = match scratch.take() {
-                        Some(s) if s.pos.len() < F16_TOKENS => s,
-                        full => {
-                            if let Some(f) = full {
-                                pool.release(f.slot);
-                            }
-                            let slot = pool.alloc()?;
-                            ops.zero.push(slot);
-                            Block {
-                                slot,
-                                pos: Vec::with_capacity(F16_TOKENS),
-                            }
-                        }
-                    };
-                    let dst = (s.slot, s.pos.len() as u32);
-                    ops.moves.push(Move {
-                        src_slot: slot,
-                        src_class: c,
-                        src_tok: tok,
-                        dst_slot: dst.0,
-                        dst_tok: dst.1,
-                    });
-                    src.push(dst);
-                    s.pos.push(pos);
-                    scratch = Some(s);
-                }
+                let src = group.iter().map(|&((s, c, t), _)| (s, c, t)).collect();
                 // Into the last block while it has room (it holds whole fills), else a new one.
                 if self.packed[k].last().is_none_or(|b| b.pos.len() >= cap) {
                     let slot = pool.alloc()?;
@@ -779,9 +807,6 @@ impl SeqBlocks {
                 dst.pos.extend(group.iter().map(|&(_, pos)| pos));
                 ops.quantize_into(class, dst.slot, start, src);
             }
-        }
-        if let Some(s) = scratch {
-            pool.release(s.slot);
         }
         Ok(())
     }
@@ -822,6 +847,7 @@ impl SeqBlocks {
     pub fn release(&mut self, pool: &mut SlotPool) {
         let lists = std::iter::once(std::mem::take(&mut self.stream))
             .chain(std::iter::once(std::mem::take(&mut self.hold)))
+            .chain(std::iter::once(std::mem::take(&mut self.wait)))
             .chain(self.packed.iter_mut().map(std::mem::take))
             .collect::<Vec<_>>();
         for b in lists.into_iter().flatten() {
@@ -837,6 +863,7 @@ impl SeqBlocks {
         let mut seen = vec![false; self.tags.len()];
         let mut lists: Vec<(KvClass, &Block)> =
             self.f16_lists().map(|b| (KvClass::F16, b)).collect();
+        lists.extend(self.wait.iter().map(|b| (KvClass::Fp8, b)));
         for (k, l) in self.packed.iter().enumerate() {
             lists.extend(l.iter().map(|b| (KvClass::ALL[k], b)));
         }
@@ -864,6 +891,43 @@ impl SeqBlocks {
     }
 }
 
+/// Move `tokens` (origin, position) to the end of `list` (blocks of `class`, `cap` tokens):
+/// into the room of its last blocks, then new zeroed ones.
+fn place(
+    list: &mut Vec<Block>,
+    class: KvClass,
+    cap: usize,
+    tokens: Vec<Planned>,
+    pool: &mut SlotPool,
+    ops: &mut Ops,
+) -> Result<(), PoolError> {
+    let mut next = 0;
+    for ((src_slot, src_class, src_tok), pos) in tokens {
+        while next < list.len() && list[next].pos.len() == cap {
+            next += 1;
+        }
+        if next == list.len() {
+            let slot = pool.alloc()?;
+            ops.zero.push(slot);
+            list.push(Block {
+                slot,
+                pos: Vec::with_capacity(cap),
+            });
+        }
+        let b = &mut list[next];
+        ops.moves.push(Move {
+            src_slot,
+            src_class,
+            src_tok,
+            dst_slot: b.slot,
+            dst_class: class,
+            dst_tok: b.pos.len() as u32,
+        });
+        b.pos.push(pos);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -878,9 +942,9 @@ mod tests {
 
     impl Device {
         fn run(&mut self, ops: &Ops) {
+            // A zeroed slot is any class's empty block; its first write says which.
             for &s in &ops.zero {
-                self.blocks
-                    .insert(s, (KvClass::F16, vec![None; F16_TOKENS]));
+                self.blocks.insert(s, (KvClass::F16, vec![None; 128]));
             }
             // Moves run in parallel on the GPU: none may read what another writes.
             let written: std::collections::HashSet<(u32, u32)> =
@@ -903,16 +967,20 @@ mod tests {
                     .blocks
                     .get_mut(&m.dst_slot)
                     .expect("move into an unzeroed slot");
-                assert_eq!(dst.0, KvClass::F16);
+                if dst.0 != m.dst_class {
+                    assert!(dst.1.iter().all(|v| v.is_none()), "move into another class");
+                    dst.0 = m.dst_class;
+                }
+                assert!(matches!(m.dst_class, KvClass::F16 | KvClass::Fp8));
                 dst.1[m.dst_tok as usize] = Some(v);
             }
             for q in &ops.quantize {
                 let vals: Vec<Option<u32>> = q
                     .src
                     .iter()
-                    .map(|&(s, t)| {
+                    .map(|&(s, sc, t)| {
                         let (c, b) = &self.blocks[&s];
-                        assert_eq!(*c, KvClass::F16);
+                        assert_eq!(*c, sc, "quantize reads slot {s} as the wrong class");
                         b[t as usize]
                     })
                     .collect();
@@ -948,6 +1016,7 @@ mod tests {
         fn check(&self, seq: &SeqBlocks) {
             let mut lists: Vec<(KvClass, &Block)> =
                 seq.f16_lists().map(|b| (KvClass::F16, b)).collect();
+            lists.extend(seq.wait.iter().map(|b| (KvClass::Fp8, b)));
             for (k, l) in seq.packed.iter().enumerate() {
                 lists.extend(l.iter().map(|b| (KvClass::ALL[k], b)));
             }
@@ -1027,7 +1096,20 @@ mod tests {
     /// balances throughout and returns to full when they end.
     #[test]
     fn tables_match_device_and_the_pool_never_leaks() {
-        let tokens = ClassTokens::default();
+        churn(ClassTokens::default());
+    }
+
+    /// The same with waiting tokens in FP8 blocks: classes that change with age move tokens
+    /// between the 16-bit hold and the FP8 waiting blocks.
+    #[test]
+    fn fp8_waiting_blocks_match_device_and_never_leak() {
+        churn(ClassTokens {
+            wait_fp8: true,
+            ..Default::default()
+        });
+    }
+
+    fn churn(tokens: ClassTokens) {
         let map = map();
         let mut pool = SlotPool::new(4096);
         let mut dev = Device::default();
@@ -1063,6 +1145,13 @@ mod tests {
             c.tokens[2] > 0 && c.tokens[1] > 0 && c.tokens[0] > 0,
             "{c:?}"
         );
+        let u = seqs[0].f16_use();
+        if tokens.wait_fp8 {
+            assert!(u.wait_blocks > 0, "{u:?}");
+            assert_eq!(u.held_tokens[1] + u.held_tokens[2], 0, "{u:?}");
+        } else {
+            assert_eq!(u.wait_blocks, 0, "{u:?}");
+        }
         for s in &mut seqs {
             s.release(&mut pool);
         }
@@ -1169,6 +1258,7 @@ mod tests {
         assert!(c.tokens[1] >= 4 * 64 && c.tokens[2] >= 4 * 64, "{c:?}");
         assert!(moved > 0, "groups were quantized out of mixed blocks");
         let u = seq.f16_use();
+        assert_eq!(u.wait_blocks, 0);
         assert_eq!(u.held_tokens[0], 4, "the sinks stay: {u:?}");
         assert!(u.held_tokens[1] < 64 && u.held_tokens[2] < 64, "{u:?}");
         assert_eq!(u.held_tokens[3], 0);
@@ -1177,6 +1267,72 @@ mod tests {
             c.tokens[0]
         );
         assert_eq!(u.held_blocks + u.stream_blocks, c.blocks[0]);
+        seq.release(&mut pool);
+        pool.commit();
+        assert_eq!(pool.free(), pool.total());
+    }
+
+    /// With FP8 waiting, the sinks stay in a 16-bit block and the tokens waiting for a key
+    /// group of either class share dense FP8 blocks of 32; quantizing reads them as FP8.
+    #[test]
+    fn waiting_tokens_share_dense_fp8_blocks() {
+        let tokens = ClassTokens {
+            wait_fp8: true,
+            ..Default::default()
+        };
+        let mut map = ClassMap::uniform(KvClass::Int4, 4, 0);
+        map.classes.insert(
+            Tag {
+                role: Role::Observation,
+                modality: Modality::Text,
+                recency: Recency::Current,
+            },
+            KvClass::Int2,
+        );
+        let mut pool = SlotPool::new(256);
+        let mut dev = Device::default();
+        let mut seq = SeqBlocks::new();
+        let mut from_fp8 = 0;
+        for i in 0..60 {
+            let role = if i % 2 == 0 {
+                Role::Observation
+            } else {
+                Role::User
+            };
+            let ops = append_settle(
+                &mut seq,
+                &mut pool,
+                &mut dev,
+                &map,
+                &tokens,
+                &vec![tag(role, 1, 1); 7 + i % 13],
+            );
+            from_fp8 += ops
+                .quantize
+                .iter()
+                .flat_map(|q| &q.src)
+                .filter(|s| s.1 == KvClass::Fp8)
+                .count();
+            let u = seq.f16_use();
+            let waiting = u.wait_tokens.iter().sum::<usize>();
+            assert_eq!(u.wait_blocks, waiting.div_ceil(32), "pass {i}: {u:?}");
+            assert!(
+                u.wait_tokens[1] < 64 && u.wait_tokens[2] < 64,
+                "pass {i}: {u:?}"
+            );
+            assert_eq!(
+                u.held_tokens[1..],
+                [0, 0, 0],
+                "pass {i}: only the sinks held"
+            );
+            assert!(
+                u.held_tokens[0] <= 4 && u.held_blocks <= 1,
+                "pass {i}: {u:?}"
+            );
+        }
+        assert!(from_fp8 > 0, "groups were quantized out of FP8 blocks");
+        let c = seq.counts();
+        assert!(c.tokens[1] >= 4 * 64 && c.tokens[2] >= 4 * 64, "{c:?}");
         seq.release(&mut pool);
         pool.commit();
         assert_eq!(pool.free(), pool.total());
