@@ -632,10 +632,24 @@ mod tests {
     /// rows, every sequence's blocks stay consistent, and the pool is whole at the end.
     #[test]
     fn engine_like_steps_are_checked_and_the_pool_never_leaks() {
+        engine_like(false);
+    }
+
+    /// The same with tokens waiting for a key group in FP8 blocks (`serve --wait-fp8`).
+    #[test]
+    fn engine_like_steps_with_fp8_waiting_never_leak() {
+        engine_like(true);
+    }
+
+    fn engine_like(wait_fp8: bool) {
         let mut shape = ModelShape::llama3_8b();
         shape.vocab = 1000;
         let slot = shape.layers * shape.kv_heads * 9728;
-        let backend = GpuBackend::checked(&shape, PoolSpec::new(mixed(), 60 * slot), 96).unwrap();
+        let spec = PoolSpec {
+            wait_fp8,
+            ..PoolSpec::new(mixed(), 60 * slot)
+        };
+        let backend = GpuBackend::checked(&shape, spec, 96).unwrap();
         let tokens = backend.shape.tokens;
         let mut clients: Vec<Client> = (0..6)
             .map(|i| {
@@ -651,6 +665,7 @@ mod tests {
             })
             .collect();
         let (mut preempted, mut truncated, mut steps) = (0, 0, 0);
+        let mut waited_fp8 = false;
         while clients.iter().any(|c| c.turn < c.replies.len()) {
             steps += 1;
             assert!(steps < 5000, "no progress");
@@ -732,6 +747,7 @@ mod tests {
                         let kept = backend.len(seq);
                         assert!(kept == keep || kept == 0, "kept {kept} of {keep}");
                         seq.blocks.check(&tokens).unwrap();
+                        waited_fp8 |= seq.blocks.f16_use().wait_blocks > 0;
                         truncated += 1;
                     } else {
                         c.seq = None; // finished
@@ -758,6 +774,7 @@ mod tests {
             dev.prefills, dev.decodes, dev.mixed
         );
         assert!(truncated >= 18, "{truncated} truncations");
+        assert_eq!(waited_fp8, wait_fp8, "tokens waited in FP8 blocks");
         assert!(
             preempted > 0,
             "the pool never ran out: the test is not small enough"
