@@ -1215,12 +1215,12 @@ mod tests {
         assert_eq!(pool.free(), pool.total());
     }
 
-    /// Tokens waiting for a key group share 16-bit blocks whatever their class, with the
-    /// sinks: the held blocks stay dense (all full but one), and quantizing a group moves the
-    /// other tokens of the blocks it empties, never one token twice in a pass.
-    #[test]
-    fn held_tokens_of_any_class_share_dense_blocks() {
-        let tokens = ClassTokens::default();
+    /// 60 passes of 7–19 tokens, alternating current observations (INT2) and user tokens
+    /// (INT4) after 4 sinks, `each` called after every pass with its work.
+    fn alternate(
+        tokens: &ClassTokens,
+        mut each: impl FnMut(usize, &SeqBlocks, &Ops),
+    ) -> (SeqBlocks, SlotPool) {
         let mut map = ClassMap::uniform(KvClass::Int4, 4, 0);
         map.classes.insert(
             Tag {
@@ -1233,31 +1233,37 @@ mod tests {
         let mut pool = SlotPool::new(256);
         let mut dev = Device::default();
         let mut seq = SeqBlocks::new();
-        let mut moved = 0;
         for i in 0..60 {
             let role = if i % 2 == 0 {
                 Role::Observation
             } else {
                 Role::User
             };
-            let ops = append_settle(
-                &mut seq,
-                &mut pool,
-                &mut dev,
-                &map,
-                &tokens,
-                &vec![tag(role, 1, 1); 7 + i % 13],
-            );
+            let tags = vec![tag(role, 1, 1); 7 + i % 13];
+            let ops = append_settle(&mut seq, &mut pool, &mut dev, &map, tokens, &tags);
+            each(i, &seq, &ops);
+        }
+        let c = seq.counts();
+        assert!(c.tokens[1] >= 4 * 64 && c.tokens[2] >= 4 * 64, "{c:?}");
+        (seq, pool)
+    }
+
+    /// Tokens waiting for a key group share 16-bit blocks whatever their class, with the
+    /// sinks: the held blocks stay dense (all full but one), and quantizing a group moves the
+    /// other tokens of the blocks it empties, never one token twice in a pass.
+    #[test]
+    fn held_tokens_of_any_class_share_dense_blocks() {
+        let tokens = ClassTokens::default();
+        let mut moved = 0;
+        let (mut seq, mut pool) = alternate(&tokens, |i, seq, ops| {
             moved += ops.moves.len();
             let held: usize = seq.hold.iter().map(|b| b.pos.len()).sum();
             assert_eq!(seq.hold.len(), held.div_ceil(F16_TOKENS), "pass {i}");
             // The sinks and less than a key group of each class.
             assert!(held < 4 + 63 + 63, "pass {i}: {held} held");
-        }
-        let c = seq.counts();
-        assert!(c.tokens[1] >= 4 * 64 && c.tokens[2] >= 4 * 64, "{c:?}");
+        });
         assert!(moved > 0, "groups were quantized out of mixed blocks");
-        let u = seq.f16_use();
+        let (c, u) = (seq.counts(), seq.f16_use());
         assert_eq!(u.wait_blocks, 0);
         assert_eq!(u.held_tokens[0], 4, "the sinks stay: {u:?}");
         assert!(u.held_tokens[1] < 64 && u.held_tokens[2] < 64, "{u:?}");
@@ -1280,33 +1286,8 @@ mod tests {
             wait_fp8: true,
             ..Default::default()
         };
-        let mut map = ClassMap::uniform(KvClass::Int4, 4, 0);
-        map.classes.insert(
-            Tag {
-                role: Role::Observation,
-                modality: Modality::Text,
-                recency: Recency::Current,
-            },
-            KvClass::Int2,
-        );
-        let mut pool = SlotPool::new(256);
-        let mut dev = Device::default();
-        let mut seq = SeqBlocks::new();
         let mut from_fp8 = 0;
-        for i in 0..60 {
-            let role = if i % 2 == 0 {
-                Role::Observation
-            } else {
-                Role::User
-            };
-            let ops = append_settle(
-                &mut seq,
-                &mut pool,
-                &mut dev,
-                &map,
-                &tokens,
-                &vec![tag(role, 1, 1); 7 + i % 13],
-            );
+        let (mut seq, mut pool) = alternate(&tokens, |i, seq, ops| {
             from_fp8 += ops
                 .quantize
                 .iter()
@@ -1329,10 +1310,8 @@ mod tests {
                 u.held_tokens[0] <= 4 && u.held_blocks <= 1,
                 "pass {i}: {u:?}"
             );
-        }
+        });
         assert!(from_fp8 > 0, "groups were quantized out of FP8 blocks");
-        let c = seq.counts();
-        assert!(c.tokens[1] >= 4 * 64 && c.tokens[2] >= 4 * 64, "{c:?}");
         seq.release(&mut pool);
         pool.commit();
         assert_eq!(pool.free(), pool.total());
