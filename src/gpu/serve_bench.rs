@@ -682,9 +682,18 @@ impl Executor for HostCheck {
             self.class.insert(z, KvClass::F16);
             self.filled.remove(&z);
         }
-        // Moves run in parallel: check every source before any target changes class.
+        // Moves run in parallel: none may read what another writes, and every source is
+        // checked before any target changes class.
+        let written: std::collections::HashSet<(u32, u32)> =
+            ops.moves.iter().map(|m| (m.dst_slot, m.dst_tok)).collect();
         for m in &ops.moves {
             self.slot_is(m.src_slot, m.src_class, "a move's source")?;
+            if written.contains(&(m.src_slot, m.src_tok)) {
+                return Err(GpuError::Shape(format!(
+                    "a move reads token {} of slot {}, which another move of the pass writes",
+                    m.src_tok, m.src_slot
+                )));
+            }
         }
         for m in &ops.moves {
             match m.dst_class {
