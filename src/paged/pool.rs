@@ -19,8 +19,8 @@
 //! A class with a key group's worth held (`ClassTokens::fill`) has it quantized (`Quantize`)
 //! into its open block, or a new one; a held block that gives up a token is freed and its
 //! other tokens are moved to the end of the held (or waiting) blocks, so at most 63 tokens per
-//! class (plus the 16-bit ones) wait, in as few blocks as they fill. Moves of one pass never read what
-//! another writes (they run in parallel).
+//! class (plus the 16-bit ones) wait, in as few blocks as they fill. Moves of one pass never
+//! read what another writes (they run in parallel).
 //! When the (turn, step) being generated moves (recency aging), a packed block holding a token
 //! whose class changed is decoded token by token back to 16 bits and its tokens planned like
 //! held ones; a held token only changes the class it waits for (no move).
