@@ -118,6 +118,7 @@ impl CacheSettings {
             unit: self.recency_unit,
             value_clip: false,
             wait_fp8: false,
+            sinks_fp8: false,
         }
     }
 

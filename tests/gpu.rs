@@ -1950,6 +1950,7 @@ fn fused_step_generates_what_separate_steps_do() {
                 v_group: 64,
                 k_group: 64,
                 wait_fp8: false,
+                sinks_fp8: false,
                 seed: 7,
                 fused_step,
             };

@@ -129,6 +129,12 @@ pub struct ServeArgs {
     /// (`paged::pool`, `docs/KV_LAYOUT.md`).
     #[arg(long, value_enum, default_value_t = Wait::F16)]
     wait: Wait,
+    /// A quantizing cache keeps its attention sinks in the FP8 waiting blocks (E4M3, scale 1)
+    /// once they leave the stream, not in a 16-bit block of their own per session; with
+    /// `--wait fp8` no session then holds a 16-bit block beyond its stream (`eval
+    /// --sinks-fp8` measures the fidelity).
+    #[arg(long)]
+    sinks_fp8: bool,
     #[arg(long, default_value_t = 0)]
     device: usize,
     /// No GPU: run N scheduler iterations per cache against a host model of the device that
@@ -222,10 +228,11 @@ fn f16_breakdown(r: &ServeBenchRow) -> Option<String> {
     if u.wait_blocks > 0 {
         let _ = write!(
             line,
-            "; {} FP8 waiting blocks ({:.1}% of the slots) of {} / {} tokens waiting for an \
-             INT4 / INT2 group",
+            "; {} FP8 waiting blocks ({:.1}% of the slots) of {} sinks and {} / {} tokens \
+             waiting for an INT4 / INT2 group",
             u.wait_blocks,
             100.0 * u.wait_blocks as f64 / r.peak_slots_used.max(1) as f64,
+            u.wait_tokens[0],
             u.wait_tokens[1],
             u.wait_tokens[2],
         );
@@ -375,6 +382,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         v_group,
         k_group,
         wait_fp8: args.wait == Wait::Fp8,
+        sinks_fp8: args.sinks_fp8,
         seed: 0x5eed,
         fused_step: !args.separate_steps,
     };

@@ -58,6 +58,10 @@ pub struct EvalArgs {
     /// `-wait8`): what `bench serve --wait fp8` stores.
     #[arg(long)]
     wait_fp8: bool,
+    /// The attention sinks are held in FP8 (E4M3, scale 1) once out of the window, in every
+    /// profile (the name gets `-sink8`): what `bench serve --sinks-fp8` stores.
+    #[arg(long)]
+    sinks_fp8: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -179,6 +183,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             if args.wait_fp8 {
                 profile.name = format!("{}-wait8", profile.name);
             }
+            if args.sinks_fp8 {
+                profile.name = format!("{}-sink8", profile.name);
+            }
             Ok((p.clone(), profile))
         })
         .collect::<Result<Vec<_>, triaxkv::profile::ProfileError>>()?;
@@ -199,6 +206,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         progress: true,
         value_clip: args.value_clip,
         wait_fp8: args.wait_fp8,
+        sinks_fp8: args.sinks_fp8,
         ..EvalOptions::default()
     };
     let (plans, notes) = prepare_plans(

@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// measures.
     #[arg(long)]
     wait_fp8: bool,
+    /// With --profile: the attention sinks are kept in FP8 (E4M3, scale 1) once out of the
+    /// 16-bit stream, in the FP8 waiting blocks on the GPU (no 16-bit block per session for
+    /// them), at the fidelity `eval --sinks-fp8` measures.
+    #[arg(long)]
+    sinks_fp8: bool,
 }
 
 /// `512MiB`, `2GiB`, `1.5G`, `1000000`: binary units (KiB/MiB/GiB, K/M/G) and decimal
@@ -117,6 +122,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.wait_fp8 && args.profile.is_none() {
         bail!("--wait-fp8 needs --profile: without one no token waits for a key group");
     }
+    if args.sinks_fp8 && args.profile.is_none() {
+        bail!("--sinks-fp8 needs --profile: without one every token is 16-bit");
+    }
     let t = Instant::now();
     let loaded = load::load_or_default(args.model.as_deref())?;
     let identity = ModelIdentity::of(&loaded);
@@ -130,6 +138,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     .with_context(|| format!("profile {}", path.display()))?,
                 config: QuantCacheConfig {
                     wait_fp8: args.wait_fp8,
+                    sinks_fp8: args.sinks_fp8,
                     ..profile.cache.cache_config()
                 },
             }
@@ -170,6 +179,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 let p = Profile::read(path)?;
                 let spec = PoolSpec {
                     wait_fp8: args.wait_fp8,
+                    sinks_fp8: args.sinks_fp8,
                     ..PoolSpec::of_profile(&p, args.kv_memory)
                 };
                 let fit = spec.map.fit(&p);

@@ -137,6 +137,7 @@ fn cache_config(t: &TableView) -> QuantCacheConfig {
         unit: t.unit,
         value_clip: false,
         wait_fp8: false,
+        sinks_fp8: false,
     }
 }
 

@@ -35,6 +35,8 @@ pub struct EvalOptions {
     pub value_clip: bool,
     /// Every profile's waiting keys (and values) rounded to FP8 (`--wait-fp8`).
     pub wait_fp8: bool,
+    /// Every profile's sinks rounded to FP8 once out of the window (`--sinks-fp8`).
+    pub sinks_fp8: bool,
 }
 
 impl Default for EvalOptions {
@@ -48,6 +50,7 @@ impl Default for EvalOptions {
             progress: false,
             value_clip: false,
             wait_fp8: false,
+            sinks_fp8: false,
         }
     }
 }
@@ -258,6 +261,8 @@ pub struct EvalOptionsOut {
     pub value_clip: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub wait_fp8: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sinks_fp8: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -346,6 +351,7 @@ pub fn evaluate(
             let cfg = QuantCacheConfig {
                 value_clip: opts.value_clip,
                 wait_fp8: opts.wait_fp8,
+                sinks_fp8: opts.sinks_fp8,
                 ..p.profile.cache.cache_config()
             };
             Ok((p.profile.to_policy()?, cfg))
@@ -528,6 +534,7 @@ pub fn evaluate(
             chunk: opts.chunk,
             value_clip: opts.value_clip,
             wait_fp8: opts.wait_fp8,
+            sinks_fp8: opts.sinks_fp8,
         },
         trajectories: infos,
         reference: ReferenceSummary {

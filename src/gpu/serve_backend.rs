@@ -15,7 +15,7 @@ use super::decode_attention::PagedLayout;
 use super::decode_step::{DecodeStep, DeviceWeights, HostWeights, ModelShape};
 use super::prefill_attention::PrefillCall;
 use super::serve_bench::{
-    class_tokens, estimate_slots, pool_layout_for, Executor, GpuExec, HostCheck, StepRows,
+    estimate_slots, pool_layout_for, pool_tokens, Executor, GpuExec, HostCheck, StepRows,
     PREFILL_ROWS,
 };
 use super::{GpuContext, GpuError};
@@ -44,6 +44,8 @@ pub struct PoolSpec {
     pub k_group: usize,
     /// Tokens waiting for an INT4/INT2 key group wait in FP8 blocks (`ClassTokens::wait_fp8`).
     pub wait_fp8: bool,
+    /// The sinks are kept in the FP8 waiting blocks (`ClassTokens::fp8_sinks`).
+    pub sinks_fp8: bool,
 }
 
 impl PoolSpec {
@@ -56,6 +58,7 @@ impl PoolSpec {
             v_group: 64,
             k_group: 64,
             wait_fp8: false,
+            sinks_fp8: false,
         }
     }
 
@@ -68,6 +71,7 @@ impl PoolSpec {
             v_group: p.cache.value_group,
             k_group: p.cache.block_tokens,
             wait_fp8: false,
+            sinks_fp8: false,
         }
     }
 }
@@ -190,10 +194,7 @@ impl<E: Executor> GpuBackend<E> {
         let class_bytes =
             KvClass::ALL.map(|c| layout.kv_heads * layout.geom(c).slab_bytes() * shape.layers);
         Ok(PoolShape {
-            tokens: ClassTokens {
-                wait_fp8: spec.wait_fp8,
-                ..class_tokens(&layout)
-            },
+            tokens: pool_tokens(&layout, &spec.map, spec.wait_fp8, spec.sinks_fp8),
             layout,
             slot_bytes,
             class_bytes,
@@ -632,22 +633,31 @@ mod tests {
     /// rows, every sequence's blocks stay consistent, and the pool is whole at the end.
     #[test]
     fn engine_like_steps_are_checked_and_the_pool_never_leaks() {
-        engine_like(false);
+        engine_like(false, false);
     }
 
     /// The same with tokens waiting for a key group in FP8 blocks (`serve --wait-fp8`).
     #[test]
     fn engine_like_steps_with_fp8_waiting_never_leak() {
-        engine_like(true);
+        engine_like(true, false);
     }
 
-    fn engine_like(wait_fp8: bool) {
+    /// And with the sinks in them too (`serve --wait-fp8 --sinks-fp8`).
+    #[test]
+    fn engine_like_steps_with_fp8_sinks_never_leak() {
+        engine_like(true, true);
+    }
+
+    fn engine_like(wait_fp8: bool, sinks_fp8: bool) {
         let mut shape = ModelShape::llama3_8b();
         shape.vocab = 1000;
         let slot = shape.layers * shape.kv_heads * 9728;
+        // Small enough to preempt: sinks in FP8 blocks need fewer slots.
+        let slots = if sinks_fp8 { 50 } else { 60 };
         let spec = PoolSpec {
             wait_fp8,
-            ..PoolSpec::new(mixed(), 60 * slot)
+            sinks_fp8,
+            ..PoolSpec::new(mixed(), slots * slot)
         };
         let backend = GpuBackend::checked(&shape, spec, 96).unwrap();
         let tokens = backend.shape.tokens;
@@ -666,6 +676,7 @@ mod tests {
             .collect();
         let (mut preempted, mut truncated, mut steps) = (0, 0, 0);
         let mut waited_fp8 = false;
+        let mut sinks_in_fp8 = false;
         while clients.iter().any(|c| c.turn < c.replies.len()) {
             steps += 1;
             assert!(steps < 5000, "no progress");
@@ -747,7 +758,9 @@ mod tests {
                         let kept = backend.len(seq);
                         assert!(kept == keep || kept == 0, "kept {kept} of {keep}");
                         seq.blocks.check(&tokens).unwrap();
-                        waited_fp8 |= seq.blocks.f16_use().wait_blocks > 0;
+                        let u = seq.blocks.f16_use();
+                        waited_fp8 |= u.wait_blocks > 0;
+                        sinks_in_fp8 |= u.wait_tokens[0] > 0;
                         truncated += 1;
                     } else {
                         c.seq = None; // finished
@@ -775,6 +788,7 @@ mod tests {
         );
         assert!(truncated >= 18, "{truncated} truncations");
         assert_eq!(waited_fp8, wait_fp8, "tokens waited in FP8 blocks");
+        assert_eq!(sinks_in_fp8, sinks_fp8, "sinks kept in FP8 blocks");
         assert!(
             preempted > 0,
             "the pool never ran out: the test is not small enough"

@@ -57,6 +57,8 @@ pub struct ServeBenchConfig {
     pub k_group: usize,
     /// Tokens waiting for an INT4/INT2 key group wait in FP8 blocks (`ClassTokens::wait_fp8`).
     pub wait_fp8: bool,
+    /// A quantizing cache keeps its sinks in the FP8 waiting blocks (`ClassTokens::fp8_sinks`).
+    pub sinks_fp8: bool,
     pub seed: u32,
     /// Run an iteration's prefill chunks and decode rows as one step (one pass over the
     /// weights) instead of two.
@@ -208,7 +210,8 @@ fn admits(free: usize, taken: usize, need: usize) -> bool {
 
 /// Slots a session's cache would take holding `tags` at `now`, settled: each class's whole
 /// key groups packed, the rest held at 16 bits (dense, any classes together; or in FP8
-/// blocks, `ClassTokens::wait_fp8`) and the 16-bit window with the stream block that takes
+/// blocks, `ClassTokens::wait_fp8`, with the sinks under `fp8_sinks`) and the 16-bit window
+/// with the stream block that takes
 /// the next tokens. No per-session slack: a pass's transient blocks are the headroom's, once
 /// for all sessions.
 pub(crate) fn estimate_slots(
@@ -222,7 +225,9 @@ pub(crate) fn estimate_slots(
         let c = map.class(p, t, now);
         per[class_index(c)] += 1;
     }
-    let (mut held, mut wait) = (per[0], 0);
+    // Sinks kept in FP8 (`ClassTokens::fp8_sinks`) wait with the FP8 tokens.
+    let fp8_sinks = tokens.fp8_sinks.min(tags.len());
+    let (mut held, mut wait) = (per[0].saturating_sub(fp8_sinks), fp8_sinks);
     let mut slots = (map.window + F16_TOKENS).div_ceil(F16_TOKENS);
     for (k, &n) in per.iter().enumerate().skip(1) {
         let packed = n / tokens.fill[k] * tokens.fill[k];
@@ -1271,10 +1276,26 @@ pub fn pool_layout(
     pool_layout_for(&cfg.shape, cfg.v_group, cfg.k_group, cfg.kv_memory, map)
 }
 
-/// The pool's `ClassTokens` for `cfg`.
-fn cfg_tokens(cfg: &ServeBenchConfig, layout: &PagedLayout) -> ClassTokens {
+/// The pool's `ClassTokens` for `cfg` and `map`.
+fn cfg_tokens(cfg: &ServeBenchConfig, layout: &PagedLayout, map: &ClassMap) -> ClassTokens {
+    pool_tokens(layout, map, cfg.wait_fp8, cfg.sinks_fp8)
+}
+
+/// Block capacity of each class in `layout`, waiting tokens in FP8 blocks or not, and
+/// `map`'s sinks in them or not (only when it quantizes: a 16-bit cache has no FP8 blocks).
+pub fn pool_tokens(
+    layout: &PagedLayout,
+    map: &ClassMap,
+    wait_fp8: bool,
+    sinks_fp8: bool,
+) -> ClassTokens {
     ClassTokens {
-        wait_fp8: cfg.wait_fp8,
+        wait_fp8,
+        fp8_sinks: if sinks_fp8 && map.quantizes() {
+            map.sinks
+        } else {
+            0
+        },
         ..class_tokens(layout)
     }
 }
@@ -1316,6 +1337,7 @@ pub fn class_tokens(layout: &PagedLayout) -> ClassTokens {
         capacity: KvClass::ALL.map(|c| layout.geom(c).tokens),
         fill: KvClass::ALL.map(|c| layout.geom(c).k_group),
         wait_fp8: false,
+        fp8_sinks: 0,
     }
 }
 
@@ -1344,7 +1366,7 @@ pub fn serve_cache<E: Executor>(
             reserved: 0,
         })
         .collect();
-    let tokens = cfg_tokens(cfg, &layout);
+    let tokens = cfg_tokens(cfg, &layout, &bc.map);
     let mut run = Run {
         exec,
         cfg,
@@ -1649,11 +1671,16 @@ mod tests {
                 map: mixed(),
             },
         ];
-        // Separate steps, fused ones, fused with tokens waiting in FP8 blocks.
-        for (bc, fused_step, wait_fp8) in caches
-            .iter()
-            .flat_map(|bc| [(bc, false, false), (bc, true, false), (bc, true, true)])
-        {
+        // Separate steps, fused ones, fused with tokens waiting in FP8 blocks, and the sinks
+        // in them too.
+        for (bc, fused_step, wait_fp8, sinks_fp8) in caches.iter().flat_map(|bc| {
+            [
+                (bc, false, false, false),
+                (bc, true, false, false),
+                (bc, true, true, false),
+                (bc, true, true, true),
+            ]
+        }) {
             let shape = crate::gpu::decode_step::ModelShape::llama3_8b();
             // 200 slots: room for a few sessions at 16 bits, many more mixed.
             let slot = shape.layers * shape.kv_heads * 9728;
@@ -1669,6 +1696,7 @@ mod tests {
                 v_group: 64,
                 k_group: 128,
                 wait_fp8,
+                sinks_fp8,
                 seed: 0,
                 fused_step,
             };
@@ -1733,6 +1761,19 @@ mod tests {
             estimate_slots(&f16, &tokens, &vec![tag; 1000], (1, 1)),
             63 + 1
         );
+        // Waiting in FP8: the 40 in two FP8 blocks of 32, the sinks in a 16-bit one; with
+        // the sinks in FP8 too, 44 in two FP8 blocks and no 16-bit one.
+        let fp8 = ClassTokens {
+            wait_fp8: true,
+            ..tokens
+        };
+        let tags = vec![tag; 1004];
+        assert_eq!(estimate_slots(&map, &fp8, &tags, (1, 1)), 8 + 1 + 2 + 5);
+        let sinks = ClassTokens {
+            fp8_sinks: 4,
+            ..fp8
+        };
+        assert_eq!(estimate_slots(&map, &sinks, &tags, (1, 1)), 8 + 2 + 5);
     }
 
     /// 128-element value groups shrink the INT2 slab to the INT4 one (9,216 bytes per KV

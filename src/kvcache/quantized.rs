@@ -117,6 +117,10 @@ pub struct QuantCacheConfig {
     /// values are quantized from their E4M3 rounding: what a GPU pool holding waiting tokens
     /// in FP8 blocks stores (`bench serve --wait fp8`, `paged::pool::HOLD_FP8_SCALE`).
     pub wait_fp8: bool,
+    /// The sinks are held as the E4M3 rounding (scale 1) of their values once out of the
+    /// window, at one byte per element: what a GPU pool keeping them in its FP8 waiting blocks
+    /// stores (`bench serve --sinks-fp8`, `paged::pool::ClassTokens::fp8_sinks`).
+    pub sinks_fp8: bool,
 }
 
 impl Default for QuantCacheConfig {
@@ -131,6 +135,7 @@ impl Default for QuantCacheConfig {
             unit: RecencyUnit::Turn,
             value_clip: false,
             wait_fp8: false,
+            sinks_fp8: false,
         }
     }
 }
@@ -353,6 +358,22 @@ impl QuantCache {
         }
     }
 
+    /// Sink `pos` out of the window with `sinks_fp8`: its 16-bit values become their E4M3
+    /// rounding (exact in f16), as the GPU pool's FP8 waiting blocks hold them.
+    fn round_sink_fp8(&mut self, l: usize, pos: usize) {
+        let row = self.row();
+        let layer = &mut self.layers[l];
+        let (k, v) = &mut layer.half[pos];
+        for (h, x) in k.iter_mut().chain(v.iter_mut()).zip(
+            layer.k[pos * row..(pos + 1) * row]
+                .iter_mut()
+                .chain(layer.v[pos * row..(pos + 1) * row].iter_mut()),
+        ) {
+            *x = e4m3_decode(e4m3_encode(h.to_f32()));
+            *h = f16::from_f32(*x);
+        }
+    }
+
     fn store_half(&mut self, l: usize, pos: usize) {
         let row = self.row();
         let layer = &mut self.layers[l];
@@ -481,10 +502,17 @@ impl QuantCache {
         let mut out = CacheBytes::default();
         for layer in &self.layers {
             out.elements += 2 * row * layer.tags.len();
+            // Sinks out of the window at one byte with `sinks_fp8`.
+            let fp8 = if self.cfg.sinks_fp8 {
+                self.cfg.sinks.min(layer.settled)
+            } else {
+                0
+            };
             out.half += layer
                 .half
                 .iter()
-                .map(|(k, v)| 2 * (k.len() + v.len()))
+                .enumerate()
+                .map(|(p, (k, v))| if p < fp8 { 1 } else { 2 } * (k.len() + v.len()))
                 .sum::<usize>();
             for blk in layer.blocks.iter().flatten() {
                 if blk.k_channel.is_some() {
@@ -685,12 +713,17 @@ impl KvCache for QuantCache {
         // Tokens that left the residual window go to their class.
         let len = self.layers[l].tags.len();
         let end = len.saturating_sub(self.cfg.window);
-        let start = self.layers[l].settled.max(self.cfg.sinks);
-        for pos in start..end {
+        let settled = self.layers[l].settled;
+        for pos in settled.max(self.cfg.sinks)..end {
             let class = self.class_of(l, pos);
             self.place(l, pos, class);
         }
-        self.layers[l].settled = self.layers[l].settled.max(end);
+        if self.cfg.sinks_fp8 {
+            for pos in settled.min(self.cfg.sinks)..end.min(self.cfg.sinks) {
+                self.round_sink_fp8(l, pos);
+            }
+        }
+        self.layers[l].settled = settled.max(end);
     }
 
     fn attend(&self, l: usize, q: &[f32], out: &mut [f32]) {
@@ -836,6 +869,48 @@ mod tests {
         }
     }
 
+    /// With `sinks_fp8` the sinks keep 16 bits while in the window and hold their E4M3
+    /// rounding, at one byte per element, once out of it; the other tokens are untouched.
+    #[test]
+    fn sinks_hold_their_fp8_rounding_out_of_the_window() {
+        let s = shape();
+        let row = s.num_kv_heads * s.head_dim;
+        let policy = KvPolicy::uniform(s.num_layers, PrecisionClass::FULL);
+        let k: Vec<f32> = (0..10 * row)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
+        let v: Vec<f32> = (0..10 * row).map(|i| (i as f32 * 0.11).cos()).collect();
+        let cfg = QuantCacheConfig {
+            sinks: 4,
+            window: 3,
+            sinks_fp8: true,
+            ..QuantCacheConfig::default()
+        };
+        let mut c = QuantCache::new(s, policy, cfg).unwrap();
+        let x16 = |x: f32| f16::from_f32(x).to_f32();
+        let fp8 = |x: f32| e4m3_decode(e4m3_encode(x16(x)));
+        // 5 tokens, window 3: sinks 0 and 1 are out of it.
+        c.append(0, &k[..5 * row], &v[..5 * row], &tags(5));
+        let (kd, vd) = c.dequantize(0).unwrap();
+        for i in 0..5 * row {
+            let want = |x: f32| if i < 2 * row { fp8(x) } else { x16(x) };
+            assert_eq!((kd[i], vd[i]), (want(k[i]), want(v[i])), "element {i}");
+        }
+        assert_eq!(c.bytes().half, 2 * row * (2 + 2 * 3));
+        // 5 more: every sink is out, tokens 4.. stay 16-bit (the policy is 16-bit).
+        c.append(0, &k[5 * row..], &v[5 * row..], &tags(5));
+        let (kd, vd) = c.dequantize(0).unwrap();
+        for i in 0..10 * row {
+            let want = |x: f32| if i < 4 * row { fp8(x) } else { x16(x) };
+            assert_eq!((kd[i], vd[i]), (want(k[i]), want(v[i])), "element {i}");
+        }
+        assert_eq!(c.bytes().half, 2 * row * (4 + 2 * 6));
+        assert!(
+            (0..4 * row).any(|i| fp8(k[i]) != x16(k[i])),
+            "the test values are not all FP8-exact"
+        );
+    }
+
     /// `value_clip` changes only the values, and on bell-shaped values lowers their INT2
     /// reconstruction error.
     #[test]
@@ -952,6 +1027,7 @@ mod tests {
             unit: RecencyUnit::Turn,
             value_clip: false,
             wait_fp8: false,
+            sinks_fp8: false,
         };
         let mut c = QuantCache::new(
             s,

@@ -9,9 +9,10 @@
 //!   tokens (sinks, 16-bit tags) and tokens waiting for a key group of their class (per-channel
 //!   key scales need the group's tokens at once), of any classes together, dense (all blocks
 //!   full but one);
-//! - **wait** (only with `ClassTokens::wait_fp8`): FP8 blocks (fixed scale `HOLD_FP8_SCALE`)
-//!   of the tokens waiting for an INT4/INT2 key group instead of the 16-bit hold: half the
-//!   bytes of what waits, dense like the hold;
+//! - **wait** (only with `ClassTokens::wait_fp8` or `fp8_sinks`): FP8 blocks (fixed scale
+//!   `HOLD_FP8_SCALE`) of the tokens waiting for an INT4/INT2 key group instead of the 16-bit
+//!   hold: half the bytes of what waits, dense like the hold; with `fp8_sinks` the sinks too,
+//!   so no sequence keeps a 16-bit block for its 4 sinks;
 //! - **packed[c]**: quantized blocks of class `c`, all full but the last, which holds whole
 //!   key groups.
 //!
@@ -60,6 +61,10 @@ pub struct ClassTokens {
     pub fill: [usize; 4],
     /// Tokens waiting for an INT4/INT2 key group wait in FP8 blocks, not 16-bit ones.
     pub wait_fp8: bool,
+    /// The first `fp8_sinks` positions (the attention sinks) are kept in the FP8 waiting
+    /// blocks once out of the stream, not in a 16-bit block of their own (with `wait_fp8`
+    /// that block held only them: 4 tokens in a 16-token slot per sequence). 0: 16-bit.
+    pub fp8_sinks: usize,
 }
 
 impl Default for ClassTokens {
@@ -69,6 +74,7 @@ impl Default for ClassTokens {
             capacity: [F16_TOKENS, 64, 128, 32],
             fill: [F16_TOKENS, 64, 64, 32],
             wait_fp8: false,
+            fp8_sinks: 0,
         }
     }
 }
@@ -85,6 +91,12 @@ impl ClassTokens {
     /// Whether a token of class `c` out of the stream, not packed, waits in an FP8 block.
     pub fn waits_fp8(&self, c: KvClass) -> bool {
         self.wait_fp8 && matches!(c, KvClass::Int4 | KvClass::Int2)
+    }
+
+    /// Whether the token at `pos`, of class `c`, out of the stream and not packed, is kept
+    /// in an FP8 block (waiting for its key group, or a sink with `fp8_sinks`).
+    fn in_fp8(&self, pos: u32, c: KvClass) -> bool {
+        (pos as usize) < self.fp8_sinks || self.waits_fp8(c)
     }
 }
 
@@ -638,16 +650,17 @@ impl SeqBlocks {
         stale: &[(usize, usize)],
     ) -> Result<(), PoolError> {
         let class_at = &self.class_at;
-        let to_wait = |p: u32| tokens.waits_fp8(class_at[p as usize]);
+        let to_wait = |p: u32| tokens.in_fp8(p, class_at[p as usize]);
         let wait_cap = tokens.of(KvClass::Fp8);
-        // Candidate blocks: held ones with a token waiting for a key group (held blocks of
-        // 16-bit-class tokens only stay as they are), waiting, leaving, stale; where each sits.
+        // Candidate blocks: held ones with a token waiting for a key group or kept in FP8
+        // (held blocks of 16-bit tokens only stay as they are), waiting, leaving, stale; where
+        // each sits.
         let waiting: Vec<usize> = (0..self.hold.len())
             .filter(|&i| {
                 self.hold[i]
                     .pos
                     .iter()
-                    .any(|&p| class_at[p as usize] != KvClass::F16)
+                    .any(|&p| class_at[p as usize] != KvClass::F16 || to_wait(p))
             })
             .collect();
         let mut cands: Vec<(&Block, KvClass)> = waiting
@@ -1109,6 +1122,16 @@ mod tests {
         });
     }
 
+    /// And with the sinks kept in the FP8 waiting blocks.
+    #[test]
+    fn fp8_sinks_match_device_and_never_leak() {
+        churn(ClassTokens {
+            wait_fp8: true,
+            fp8_sinks: 4,
+            ..Default::default()
+        });
+    }
+
     fn churn(tokens: ClassTokens) {
         let map = map();
         let mut pool = SlotPool::new(4096);
@@ -1152,6 +1175,10 @@ mod tests {
         } else {
             assert_eq!(u.wait_blocks, 0, "{u:?}");
         }
+        // The sinks are out of the stream: in an FP8 block with `fp8_sinks`, else 16-bit
+        // (with the system prompt's 16-bit tokens).
+        assert_eq!(u.wait_tokens[0], tokens.fp8_sinks, "{u:?}");
+        assert!(u.held_tokens[0] >= 4 - tokens.fp8_sinks, "{u:?}");
         for s in &mut seqs {
             s.release(&mut pool);
         }
@@ -1282,8 +1309,19 @@ mod tests {
     /// group of either class share dense FP8 blocks of 32; quantizing reads them as FP8.
     #[test]
     fn waiting_tokens_share_dense_fp8_blocks() {
+        dense_fp8_waiting(0);
+    }
+
+    /// With `fp8_sinks` the sinks join them, and no 16-bit block is held at all.
+    #[test]
+    fn fp8_sinks_leave_no_16_bit_block() {
+        dense_fp8_waiting(4);
+    }
+
+    fn dense_fp8_waiting(fp8_sinks: usize) {
         let tokens = ClassTokens {
             wait_fp8: true,
+            fp8_sinks,
             ..Default::default()
         };
         let mut from_fp8 = 0;
@@ -1306,10 +1344,19 @@ mod tests {
                 [0, 0, 0],
                 "pass {i}: only the sinks held"
             );
-            assert!(
-                u.held_tokens[0] <= 4 && u.held_blocks <= 1,
-                "pass {i}: {u:?}"
-            );
+            // Sinks: 16-bit in at most one block, or FP8 and no 16-bit block once out of the
+            // stream.
+            assert!(u.wait_tokens[0] <= fp8_sinks, "pass {i}: {u:?}");
+            if fp8_sinks > 0 {
+                assert_eq!(u.held_blocks, 0, "pass {i}: {u:?}");
+                let out = seq.len() - u.stream_tokens;
+                assert_eq!(u.wait_tokens[0], out.min(4), "pass {i}: {u:?}");
+            } else {
+                assert!(
+                    u.held_tokens[0] <= 4 && u.held_blocks <= 1,
+                    "pass {i}: {u:?}"
+                );
+            }
         });
         assert!(from_fp8 > 0, "groups were quantized out of FP8 blocks");
         seq.release(&mut pool);
