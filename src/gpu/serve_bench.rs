@@ -211,9 +211,8 @@ fn admits(free: usize, taken: usize, need: usize) -> bool {
 /// Slots a session's cache would take holding `tags` at `now`, settled: each class's whole
 /// key groups packed, the rest held at 16 bits (dense, any classes together; or in FP8
 /// blocks, `ClassTokens::wait_fp8`, with the sinks under `fp8_sinks`) and the 16-bit window
-/// with the stream block that takes
-/// the next tokens. No per-session slack: a pass's transient blocks are the headroom's, once
-/// for all sessions.
+/// with the stream block that takes the next tokens. No per-session slack: a pass's
+/// transient blocks are the headroom's, once for all sessions.
 pub(crate) fn estimate_slots(
     map: &ClassMap,
     tokens: &ClassTokens,
