@@ -203,6 +203,14 @@ impl EvalCache {
         }
     }
 
+    /// FP8 roundings and clippings (quantized caches with FP8 waiting or sinks).
+    pub fn fp8_clipping(&self) -> (usize, usize) {
+        match self {
+            EvalCache::Full(_) => (0, 0),
+            EvalCache::Quant(c) => c.fp8_clipping(),
+        }
+    }
+
     pub fn quant_error(&self) -> Option<&QuantError> {
         match self {
             EvalCache::Full(_) => None,
@@ -263,6 +271,8 @@ pub struct ReplayResult {
     pub generate_s: f64,
     /// The first quantization error the cache met (its tokens were kept at 16 bits).
     pub quant_error: Option<String>,
+    /// FP8 roundings (waiting tokens, sinks) and those clipped at ±448.
+    pub fp8_clipping: (usize, usize),
 }
 
 /// Replay `plan` through `cache`. `scored(i, logits)` receives the raw logits of
@@ -361,6 +371,7 @@ pub fn replay(
         generated_tokens,
         generate_s,
         quant_error: cache.quant_error().map(|e| e.to_string()),
+        fp8_clipping: cache.fp8_clipping(),
     }
 }
 

@@ -153,6 +153,14 @@ pub fn markdown(r: &EvalReport) -> String {
         for e in &p.quant_errors {
             let _ = writeln!(s, "- {}: quantization error (kept at 16 bits): {e}", p.name);
         }
+        if p.fp8_rounded > 0 {
+            let _ = writeln!(
+                s,
+                "- {}: {} of {} K/V roundings to FP8 (scale 1: waiting tokens, sinks) were \
+                 beyond ±448 and clipped",
+                p.name, p.fp8_clipped, p.fp8_rounded
+            );
+        }
     }
     if !r.notes.is_empty() {
         let _ = writeln!(s, "\n## Notes\n");

@@ -248,6 +248,16 @@ pub struct ProfileResult {
     pub generate_s: f64,
     /// First quantization error met (those tokens were kept at 16 bits).
     pub quant_errors: Vec<String>,
+    /// K/V roundings to FP8 at scale 1 (`--wait-fp8`, `--sinks-fp8`) and how many were
+    /// beyond ±448 and clipped, over every trajectory.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub fp8_rounded: usize,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub fp8_clipped: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -332,6 +342,8 @@ struct Totals {
     tokens: usize,
     generate_s: f64,
     errors: Vec<String>,
+    fp8_rounded: usize,
+    fp8_clipped: usize,
 }
 
 /// Evaluate `profiles` on `plans` against the f32 reference cache.
@@ -479,6 +491,8 @@ pub fn evaluate(
             if let Some(e) = r.quant_error {
                 tot.errors.push(format!("{}: {e}", plan.id));
             }
+            tot.fp8_rounded += r.fp8_clipping.0;
+            tot.fp8_clipped += r.fp8_clipping.1;
             for g in &r.generations {
                 let Some(i) = ref_gens.iter().position(|x| x.step == g.step) else {
                     continue;
@@ -521,6 +535,8 @@ pub fn evaluate(
             tokens_per_s: t.tokens as f64 / t.replay_s.max(1e-9),
             generate_s: t.generate_s,
             quant_errors: t.errors,
+            fp8_rounded: t.fp8_rounded,
+            fp8_clipped: t.fp8_clipped,
         })
         .collect();
     Ok(EvalReport {

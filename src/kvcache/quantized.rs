@@ -11,7 +11,7 @@
 use super::full::causal_attention;
 use super::{KvCache, KvShape};
 use crate::quant::int::quantize_with;
-use crate::quant::layout::{e4m3_decode, e4m3_encode};
+use crate::quant::layout::{e4m3_decode, e4m3_encode, E4M3_MAX};
 use crate::quant::{
     clipped_group_params, fwht, group_params, Bits, GroupParams, KeyMode, QuantError,
 };
@@ -203,6 +203,17 @@ pub struct QuantCache {
     layers: Vec<Layer>,
     /// The first error met while quantizing (the `KvCache` trait cannot return one).
     error: Option<QuantError>,
+    /// K/V elements rounded to FP8 (`wait_fp8`, `sinks_fp8`) and those of them beyond E4M3's
+    /// ±448, clipped as the GPU's `cvt.rn.satfinite` clips them (scale 1).
+    fp8_rounded: usize,
+    fp8_clipped: usize,
+}
+
+/// `x` as an FP8 block holds it at scale 1 (E4M3, saturating), counting it and its clipping.
+fn fp8_round(x: f32, rounded: &mut usize, clipped: &mut usize) -> f32 {
+    *rounded += 1;
+    *clipped += usize::from(x.abs() > E4M3_MAX);
+    e4m3_decode(e4m3_encode(x))
 }
 
 /// Bytes held by a cache, by kind.
@@ -272,11 +283,19 @@ impl QuantCache {
             cfg,
             layers: vec![Layer::default(); shape.num_layers],
             error: None,
+            fp8_rounded: 0,
+            fp8_clipped: 0,
         })
     }
 
     pub fn config(&self) -> &QuantCacheConfig {
         &self.cfg
+    }
+
+    /// K/V elements held in FP8 so far (waiting keys and values, sinks) and how many of them
+    /// were beyond ±448 and clipped: what a fixed FP8 scale of 1 costs on this model.
+    pub fn fp8_clipping(&self) -> (usize, usize) {
+        (self.fp8_rounded, self.fp8_clipped)
     }
 
     /// The first quantization error met (a non-finite or out-of-fp16-range value); tokens it
@@ -369,7 +388,7 @@ impl QuantCache {
                 .iter_mut()
                 .chain(layer.v[pos * row..(pos + 1) * row].iter_mut()),
         ) {
-            *x = e4m3_decode(e4m3_encode(h.to_f32()));
+            *x = fp8_round(h.to_f32(), &mut self.fp8_rounded, &mut self.fp8_clipped);
             *h = f16::from_f32(*x);
         }
     }
@@ -405,7 +424,7 @@ impl QuantCache {
         if cfg.wait_fp8 && per_channel && class.k != KEEP {
             // The GPU pool's waiting FP8 block holds both; the group is quantized from it.
             for x in kx.iter_mut().chain(vx.iter_mut()) {
-                *x = e4m3_decode(e4m3_encode(*x));
+                *x = fp8_round(*x, &mut self.fp8_rounded, &mut self.fp8_clipped);
             }
         }
         let k = if class.k == KEEP || per_channel {
@@ -909,6 +928,31 @@ mod tests {
             (0..4 * row).any(|i| fp8(k[i]) != x16(k[i])),
             "the test values are not all FP8-exact"
         );
+    }
+
+    /// FP8 at scale 1 clips beyond ±448, as the GPU's saturating conversion does; the cache
+    /// counts its FP8 roundings and the clipped ones.
+    #[test]
+    fn fp8_roundings_count_the_clipped_values() {
+        let s = shape();
+        let row = s.num_kv_heads * s.head_dim;
+        let policy = KvPolicy::uniform(s.num_layers, PrecisionClass::FULL);
+        let cfg = QuantCacheConfig {
+            sinks: 2,
+            window: 0,
+            sinks_fp8: true,
+            ..QuantCacheConfig::default()
+        };
+        let mut c = QuantCache::new(s, policy, cfg).unwrap();
+        let mut k = vec![1.0f32; 3 * row];
+        k[1] = 1000.0;
+        k[row + 2] = -500.0;
+        k[2 * row] = 9000.0; // not a sink: stays 16-bit
+        let v = vec![0.5f32; 3 * row];
+        c.append(0, &k, &v, &tags(3));
+        assert_eq!(c.fp8_clipping(), (2 * 2 * row, 2));
+        let (kd, _) = c.dequantize(0).unwrap();
+        assert_eq!((kd[1], kd[row + 2], kd[2 * row]), (448.0, -448.0, 9000.0));
     }
 
     /// `value_clip` changes only the values, and on bell-shaped values lowers their INT2
