@@ -203,8 +203,9 @@ pub struct QuantCache {
     layers: Vec<Layer>,
     /// The first error met while quantizing (the `KvCache` trait cannot return one).
     error: Option<QuantError>,
-    /// K/V elements rounded to FP8 (`wait_fp8`, `sinks_fp8`) and those of them beyond E4M3's
-    /// ±448, clipped as the GPU's `cvt.rn.satfinite` clips them (scale 1).
+    /// K/V roundings to FP8 (`wait_fp8`, `sinks_fp8`; a token re-placed after ageing is
+    /// rounded again) and those beyond E4M3's ±448, clipped as the GPU's `cvt.rn.satfinite`
+    /// clips them (scale 1).
     fp8_rounded: usize,
     fp8_clipped: usize,
 }
@@ -292,8 +293,8 @@ impl QuantCache {
         &self.cfg
     }
 
-    /// K/V elements held in FP8 so far (waiting keys and values, sinks) and how many of them
-    /// were beyond ±448 and clipped: what a fixed FP8 scale of 1 costs on this model.
+    /// K/V roundings to FP8 so far (waiting keys and values, sinks) and how many were beyond
+    /// ±448 and clipped: what a fixed FP8 scale of 1 costs on this model.
     pub fn fp8_clipping(&self) -> (usize, usize) {
         (self.fp8_rounded, self.fp8_clipped)
     }
