@@ -1863,7 +1863,7 @@ fn serve_backend_matches_gpu_forward() {
 fn fused_step_generates_what_separate_steps_do() {
     use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights, ModelShape};
     use triaxkv::gpu::serve_bench::{
-        pool_layout, serve_cache, BenchCache, GpuExec, HostCheck, ServeBenchConfig,
+        pool_layout, serve_cache, BenchCache, GpuExec, HostCheck, ServeBenchConfig, SessionOrder,
     };
     use triaxkv::paged::pool::ClassMap;
     use triaxkv::paged::workload::{Session, Turn, Workload, SCHEMA};
@@ -1952,6 +1952,7 @@ fn fused_step_generates_what_separate_steps_do() {
                 wait_fp8: false,
                 sinks_fp8: false,
                 seed: 7,
+                order: SessionOrder::Recorded,
                 fused_step,
             };
             let max_rows = cfg.max_rows();

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use triaxkv::eval::plot::{self, Line, Scatter};
 use triaxkv::gpu::decode_attention::{K_GROUPS, V_GROUPS};
 use triaxkv::gpu::decode_step::ModelShape;
-use triaxkv::gpu::serve_bench::{self, BenchCache, ServeBenchConfig, ServeBenchRow, TimelinePoint};
+use triaxkv::gpu::serve_bench::{
+    self, BenchCache, ServeBenchConfig, ServeBenchRow, SessionOrder, TimelinePoint,
+};
 use triaxkv::gpu::GpuContext;
 use triaxkv::paged::pool::ClassMap;
 use triaxkv::paged::workload::Workload;
@@ -19,6 +21,12 @@ use triaxkv::paged::workload::Workload;
 pub enum Wait {
     F16,
     Fp8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Order {
+    Recorded,
+    Shuffled,
 }
 use triaxkv::profile::Profile;
 use triaxkv::quant::KvClass;
@@ -135,6 +143,14 @@ pub struct ServeArgs {
     /// --sinks-fp8` measures the fidelity).
     #[arg(long)]
     sinks_fp8: bool,
+    /// The order clients take the sessions in: a fixed shuffle (seed `--order-seed`), so
+    /// every stretch of the run mixes the sources as the workload does and caches that get
+    /// through it at different speeds serve the same mix; or as recorded (file by file: a
+    /// time window then compares different sources across caches).
+    #[arg(long, value_enum, default_value_t = Order::Shuffled)]
+    order: Order,
+    #[arg(long, default_value_t = 0)]
+    order_seed: u64,
     #[arg(long, default_value_t = 0)]
     device: usize,
     /// No GPU: run N scheduler iterations per cache against a host model of the device that
@@ -384,6 +400,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         wait_fp8: args.wait == Wait::Fp8,
         sinks_fp8: args.sinks_fp8,
         seed: 0x5eed,
+        order: match args.order {
+            Order::Recorded => SessionOrder::Recorded,
+            Order::Shuffled => SessionOrder::Shuffled(args.order_seed),
+        },
         fused_step: !args.separate_steps,
     };
     let (tokens, gen) = work.totals();
@@ -396,13 +416,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let head = format!(
             "bench serve --host-check {n}: no GPU, every device request checked; {} shape, \
              {:.1} GiB KV per cache, {} clients over {} recorded sessions ({tokens} tokens, \
-             {gen} generated per pass), chunk {}{}, value group {}, key group {}; sessions, \
-             bits and preemptions after {n} iterations (times and tokens/s are host \
+             {gen} generated per pass, {}), chunk {}{}, value group {}, key group {}; \
+             sessions, bits and preemptions after {n} iterations (times and tokens/s are host \
              bookkeeping, not speed)",
             cfg.shape.name,
             cfg.kv_memory as f64 / (1u64 << 30) as f64,
             cfg.clients,
             work.sessions.len(),
+            order_note(cfg.order),
             cfg.chunk,
             steps(&cfg),
             cfg.v_group,
@@ -416,14 +437,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let head = format!(
         "bench serve on {} ({}): {} with random bf16 weights (speed only), {:.1} GiB KV per \
          cache, {} clients over {} recorded sessions ({tokens} tokens, {gen} generated per \
-         pass), chunk {}{}, value group {}, key group {}, {:.0} s per cache, the first {:.0} s \
-         not counted",
+         pass, {}), chunk {}{}, value group {}, key group {}, {:.0} s per cache, the first \
+         {:.0} s not counted",
         gpu.name,
         gpu.arch(),
         cfg.shape.name,
         cfg.kv_memory as f64 / (1u64 << 30) as f64,
         cfg.clients,
         work.sessions.len(),
+        order_note(cfg.order),
         cfg.chunk,
         steps(&cfg),
         cfg.v_group,
@@ -434,6 +456,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
     eprintln!("{head}");
     let rows = serve_bench::run(&gpu, &cfg, &work, |m| eprintln!("{m}"))?;
     report(&rows, &head, &args, true)
+}
+
+fn order_note(order: SessionOrder) -> String {
+    match order {
+        SessionOrder::Recorded => "taken in recorded order".into(),
+        SessionOrder::Shuffled(seed) => format!("taken in a shuffled order, seed {seed}"),
+    }
 }
 
 /// `--v-group`, else the profiles' value group when the profile cache runs, else 64.
@@ -551,7 +580,18 @@ pub fn plot(args: PlotArgs) -> Result<()> {
         if setup.is_empty() {
             setup = f.setup;
         }
-        rows.extend(f.rows);
+        // Runs of the same caches stay apart in the legend by their folder's name.
+        let run = path
+            .parent()
+            .and_then(|d| d.file_name())
+            .map(|d| d.to_string_lossy().into_owned())
+            .filter(|_| args.json.len() > 1);
+        rows.extend(f.rows.into_iter().map(|mut r| {
+            if let Some(run) = &run {
+                r.cache = format!("{} ({run})", r.cache);
+            }
+            r
+        }));
     }
     write_plots(&rows, &setup, &args.out)?;
     eprintln!(

@@ -60,6 +60,8 @@ pub struct ServeBenchConfig {
     /// A quantizing cache keeps its sinks in the FP8 waiting blocks (`ClassTokens::fp8_sinks`).
     pub sinks_fp8: bool,
     pub seed: u32,
+    /// The order clients take sessions in (`SessionOrder`).
+    pub order: SessionOrder,
     /// Run an iteration's prefill chunks and decode rows as one step (one pass over the
     /// weights) instead of two.
     pub fused_step: bool,
@@ -75,6 +77,31 @@ impl ServeBenchConfig {
             chunk.max(self.max_batch)
         }
     }
+}
+
+/// The order clients take the workload's sessions in: client `i` starts on the `i`-th and
+/// each client that finishes one takes the next not yet taken (cycling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOrder {
+    /// As recorded: the workload's files one after the other. Which sources are in flight
+    /// then depends on how far a cache has got, so two caches measured over the same seconds
+    /// serve different mixes (one may be on long coding sessions while the other is still on
+    /// short function-calling ones).
+    Recorded,
+    /// A fixed permutation (seeded): every stretch of sessions mixes the sources as the whole
+    /// workload does, so caches that progress at different speeds serve the same mix.
+    Shuffled(u64),
+}
+
+/// Session indices in the order clients take them.
+pub fn session_order(sessions: usize, order: SessionOrder) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..sessions).collect();
+    if let SessionOrder::Shuffled(seed) = order {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        v.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    }
+    v
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -845,6 +872,8 @@ struct Run<'a, E> {
     /// Rows of one prefill step at most.
     max_rows: usize,
     clients: Vec<Client>,
+    /// Session indices in the order clients take them (`session_order`).
+    order: Vec<usize>,
     next_session: usize,
     admissions: u64,
     row: ServeBenchRow,
@@ -983,7 +1012,7 @@ impl<E: Executor> Run<'_, E> {
         } else {
             let cl = &mut self.clients[c];
             cl.blocks.release(&mut self.pool);
-            cl.session = self.next_session % self.work.sessions.len();
+            cl.session = self.order[self.next_session % self.order.len()];
             self.next_session += 1;
             cl.turn = 0;
             cl.recompute = 0;
@@ -1352,9 +1381,10 @@ pub fn serve_cache<E: Executor>(
 ) -> Result<ServeBenchRow, GpuError> {
     let (layout, slot_bytes) = pool_layout(cfg, &bc.map)?;
     let t = Instant::now();
+    let order = session_order(work.sessions.len(), cfg.order);
     let clients = (0..cfg.clients)
         .map(|i| Client {
-            session: i % work.sessions.len(),
+            session: order[i % order.len()],
             turn: 0,
             blocks: SeqBlocks::new(),
             phase: Phase::Waiting,
@@ -1376,6 +1406,7 @@ pub fn serve_cache<E: Executor>(
         layout,
         max_rows,
         clients,
+        order,
         next_session: cfg.clients,
         admissions: 0,
         row: ServeBenchRow {
@@ -1697,6 +1728,7 @@ mod tests {
                 wait_fp8,
                 sinks_fp8,
                 seed: 0,
+                order: SessionOrder::Recorded,
                 fused_step,
             };
             let mut checker = HostCheck::default();
@@ -1798,6 +1830,27 @@ mod tests {
 
     /// Sessions admitted in an earlier iteration that have not allocated yet (their prompts
     /// wait for prefill) still count: a third session does not enter on slots promised to them.
+    /// Sources as in the bundled workload (files of 50, 100, 7, 120 and 5 sessions):
+    /// recorded, a stretch of 40 sessions holds one or two of them; shuffled, every stretch
+    /// holds the three large ones, so caches that get through the run at different speeds
+    /// serve the same mix.
+    #[test]
+    fn shuffled_order_is_a_fixed_permutation_that_mixes_the_sources() {
+        let ends = [50, 150, 157, 277, 282];
+        let source = |s: usize| ends.iter().position(|&e| s < e).unwrap_or(ends.len());
+        let large = |w: &[usize]| [0, 1, 3].iter().all(|&k| w.iter().any(|&s| source(s) == k));
+        let recorded = session_order(282, SessionOrder::Recorded);
+        assert_eq!(recorded, (0..282).collect::<Vec<_>>());
+        assert!(!recorded.windows(40).all(large));
+        let a = session_order(282, SessionOrder::Shuffled(0));
+        assert_eq!(a, session_order(282, SessionOrder::Shuffled(0)));
+        assert_ne!(a, session_order(282, SessionOrder::Shuffled(1)));
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, recorded);
+        assert!(a.windows(40).all(large));
+    }
+
     #[test]
     fn admission_counts_slots_promised_but_not_held() {
         let (free, head) = (100, headroom(0, 16, 100));
