@@ -265,6 +265,15 @@ fn serve_plot_draws_each_cache_and_names_bad_files() {
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
+    // The same cache from two runs: the legend names each run (the files' stems here).
+    let c = write("c.json", vec![row("bf16", &[50.0, 60.0])]);
+    let o = triaxkv(&["bench", "serve-plot", &a, &c, "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let svg = std::fs::read_to_string(out.join("timeline-decode.svg")).unwrap();
+    assert!(
+        svg.contains(">bf16 (a)<") && svg.contains(">bf16 (c)<"),
+        "{svg}"
+    );
     let empty = write("empty.json", vec![row("fp8", &[])]);
     let o = triaxkv(&["bench", "serve-plot", &empty, "-o", out.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);

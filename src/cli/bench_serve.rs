@@ -580,25 +580,35 @@ pub fn plot(args: PlotArgs) -> Result<()> {
         if setup.is_empty() {
             setup = f.setup;
         }
-        // Runs of the same caches stay apart in the legend by their folder's name.
-        let run = path
-            .parent()
-            .and_then(|d| d.file_name())
-            .map(|d| d.to_string_lossy().into_owned())
-            .filter(|_| args.json.len() > 1);
-        rows.extend(f.rows.into_iter().map(|mut r| {
-            if let Some(run) = &run {
+        rows.extend(f.rows.into_iter().map(|r| (r, run_name(path, &args.json))));
+    }
+    // A cache drawn from several runs keeps them apart in the legend by the run's name.
+    let rows: Vec<ServeBenchRow> = rows
+        .iter()
+        .map(|(r, run)| {
+            let mut r = r.clone();
+            if rows.iter().filter(|(o, _)| o.cache == r.cache).count() > 1 {
                 r.cache = format!("{} ({run})", r.cache);
             }
             r
-        }));
-    }
+        })
+        .collect();
     write_plots(&rows, &setup, &args.out)?;
     eprintln!(
         "wrote timeline-decode.svg/.png and timeline-sessions.svg/.png into {}",
         args.out.display()
     );
     Ok(())
+}
+
+/// A run's name in a legend: its file's folder, or its file's stem when the files share one.
+fn run_name(path: &std::path::Path, all: &[PathBuf]) -> String {
+    let name = |p: Option<&std::ffi::OsStr>| p.map(|n| n.to_string_lossy().into_owned());
+    let shared = all.iter().all(|p| p.parent() == path.parent());
+    let folder = name(path.parent().and_then(|d| d.file_name())).filter(|_| !shared);
+    folder
+        .or_else(|| name(path.file_stem()))
+        .unwrap_or_else(|| path.display().to_string())
 }
 
 /// Decode tokens/s and resident sessions over time, one line per cache.
