@@ -253,6 +253,26 @@ fn f16_breakdown(r: &ServeBenchRow) -> Option<String> {
             u.wait_tokens[2],
         );
     }
+    let (b, t, cap) = (r.peak_packed_blocks, r.peak_packed_tokens, r.block_tokens);
+    if b.iter().sum::<usize>() > 0 {
+        // The room left in each class's open blocks, in slots' worth.
+        let empty: f64 = (1..4)
+            .map(|k| (b[k] * cap[k]).saturating_sub(t[k]) as f64 / cap[k].max(1) as f64)
+            .sum();
+        let _ = write!(
+            line,
+            "; {} / {} / {} packed INT4 / INT2 / FP8 blocks of {} / {} / {} tokens, the room \
+             left in their open blocks {:.0} slots' worth ({:.1}% of the slots in use)",
+            b[1],
+            b[2],
+            b[3],
+            t[1],
+            t[2],
+            t[3],
+            empty,
+            100.0 * empty / r.peak_slots_used.max(1) as f64,
+        );
+    }
     Some(line)
 }
 

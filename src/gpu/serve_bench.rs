@@ -132,6 +132,14 @@ pub struct ServeBenchRow {
     pub peak_slots_used: usize,
     #[serde(default)]
     pub peak_f16: F16Use,
+    /// At the peak: packed blocks and their tokens per class (`KvClass::ALL` order), and the
+    /// classes' block capacities: the room empty in the sessions' open packed blocks.
+    #[serde(default)]
+    pub peak_packed_blocks: [usize; 4],
+    #[serde(default)]
+    pub peak_packed_tokens: [usize; 4],
+    #[serde(default)]
+    pub block_tokens: [usize; 4],
     /// Share of held tokens per class at the end (F16, INT4, INT2, FP8).
     pub class_share: [f64; 4],
     pub generated_tokens: usize,
@@ -1286,8 +1294,15 @@ impl<E: Executor> Run<'_, E> {
                     self.pool.used() as f64 * self.row.slot_bytes as f64 * 8.0 / elements as f64;
                 self.row.peak_slots_used = self.pool.used();
                 self.row.peak_f16 = F16Use::default();
+                self.row.peak_packed_blocks = [0; 4];
+                self.row.peak_packed_tokens = [0; 4];
                 for c in &self.clients {
                     self.row.peak_f16 += c.blocks.f16_use();
+                    let (b, t) = c.blocks.packed_use();
+                    for k in 0..4 {
+                        self.row.peak_packed_blocks[k] += b[k];
+                        self.row.peak_packed_tokens[k] += t[k];
+                    }
                 }
             }
         }
@@ -1422,6 +1437,7 @@ pub fn serve_cache<E: Executor>(
         span: [0; 4],
     };
     run.row.slots = run.layout.slots;
+    run.row.block_tokens = run.tokens.capacity;
     run.row.kv_bytes = run.layout.slots * slot_bytes;
     let length = match iterations {
         Some(n) => format!("{n} iterations"),

@@ -501,6 +501,18 @@ impl SeqBlocks {
         u
     }
 
+    /// Packed blocks and their tokens per class (`KvClass::ALL` order; 16-bit: none): with
+    /// the classes' capacities, the room left in each class's open block.
+    pub fn packed_use(&self) -> ([usize; 4], [usize; 4]) {
+        let mut blocks = [0; 4];
+        let mut tokens = [0; 4];
+        for (k, list) in self.packed.iter().enumerate().skip(1) {
+            blocks[k] = list.len();
+            tokens[k] = list.iter().map(|b| b.pos.len()).sum();
+        }
+        (blocks, tokens)
+    }
+
     /// Slots held.
     pub fn slots(&self) -> usize {
         self.counts().blocks.iter().sum()
@@ -1222,6 +1234,8 @@ mod tests {
         assert!(jobs[0].0 != jobs[1].0 && jobs[0].0 != slot);
         let c = seq.counts();
         assert_eq!((c.tokens[2], c.blocks[2]), (320, 3));
+        // The open block has one key group's room left.
+        assert_eq!(seq.packed_use(), ([0, 0, 3, 0], [0, 0, 320, 0]));
         // The old format (fill = block) stages 128 before quantizing.
         let whole = ClassTokens {
             fill: tokens.capacity,
