@@ -149,6 +149,7 @@ pub struct ServeArgs {
     /// time window then compares different sources across caches).
     #[arg(long, value_enum, default_value_t = Order::Shuffled)]
     order: Order,
+    /// Seed of the shuffled order (the same seed, the same order on every machine).
     #[arg(long, default_value_t = 0)]
     order_seed: u64,
     #[arg(long, default_value_t = 0)]
