@@ -114,15 +114,39 @@ __device__ __forceinline__ int tkv_f16_v_off(int tok, int dim) {
   return (tok / 16) * 4096 + tkv_lane_word(4 * g + t, 4 * m + row_hi + 2 * tok_hi, 32) + 2 * hi;
 }
 
+// Byte offsets of key / value (tok, dim) in an FP8 block of head dim 128 (`k_pos` / `v_pos` of
+// prefill_attention.cu for the FP8 class; the value offset is from the V area's start).
+__device__ __forceinline__ int tkv_fp8_k_off(int tok, int dim) {
+  const int c = dim / 16, w = dim % 16, t = (w % 8) / 2, b = w / 8, hi = w % 2;
+  const int rr = tok % 16, g = rr % 8, second = rr / 8;
+  return (tok / 16) * 2048 + tkv_lane_word(4 * g + t, second * 8 + c, 16) + 2 * b + hi;
+}
+__device__ __forceinline__ int tkv_fp8_v_off(int tok, int dim) {
+  const int m = dim / 16, w = dim % 16, g = w % 8, row_hi = w / 8;
+  const int rr = tok % 16, t = (rr % 8) / 2, hi = rr % 2, tok_hi = rr / 8;
+  const int a = row_hi + 2 * tok_hi;
+  return (tok / 16) * 2048 + tkv_lane_word(4 * g + t, 2 * m + a / 2, 16) + 2 * (a % 2) + hi;
+}
+
+// E4M3 of x, round to nearest even, saturating (the token moves' encoder).
+__device__ __forceinline__ unsigned char tkv_e4m3(float x) {
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(0.f), "f"(x));
+  return (unsigned char)(r & 0xffu);
+}
+
 // One CTA of 64 threads per (sequence, KV head): the new token's k (optional per-head RMSNorm,
 // RoPE) and v from its fused QKV row (k at q_dim, v at q_dim + kv_heads * hd) -> fp16 into
 // token slot tok[b] of the 16-bit block in pool slot slot[b] (`slab_bytes` per (slot, KV head)
-// slab, V codes at `v_off`); dims from hd to 128 are written zero.
+// slab, V codes at `v_off`); dims from hd to 128 are written zero. Where fp8[b] is set, the
+// block is an FP8 waiting block instead: E4M3 of x / fp8_scale (V codes at `fp8_v_off`), and
+// the block's K and V scales at `fp8_ks_off` written as every token moved there writes them.
 extern "C" __global__ void tkv_kv_append_f16(const __nv_bfloat16* qkv, int row, int q_dim, int hd,
                                              const __nv_bfloat16* knorm, float eps,
                                              const float* inv_freq, const int* positions,
                                              unsigned char* pool, long long slab_bytes, int v_off,
-                                             const int* slot, const int* tok) {
+                                             const int* slot, const int* tok, const int* fp8,
+                                             int fp8_v_off, int fp8_ks_off, float fp8_scale) {
   const int b = blockIdx.x, h = blockIdx.y, kv_heads = gridDim.y, j = threadIdx.x;
   const int hh = hd >> 1, t = tok[b];
   const __nv_bfloat16* krow = qkv + (long long)b * row + q_dim + (long long)h * hd;
@@ -130,6 +154,19 @@ extern "C" __global__ void tkv_kv_append_f16(const __nv_bfloat16* qkv, int row, 
   float y0, y1;
   tkv_head_rope(krow, hd, knorm, eps, j < hh ? inv_freq[j] : 0.f, positions[b], y0, y1);
   unsigned char* slab = pool + ((long long)slot[b] * kv_heads + h) * slab_bytes;
+  if (fp8[b]) {
+    const float inv = 1.f / fp8_scale;
+    if (j < hh) {
+      slab[tkv_fp8_k_off(t, j)] = tkv_e4m3(y0 * inv);
+      slab[tkv_fp8_k_off(t, j + hh)] = tkv_e4m3(y1 * inv);
+    }
+    for (int d = hd + j; d < 128; d += 64) slab[tkv_fp8_k_off(t, d)] = 0;
+    for (int d = j; d < 128; d += 64)
+      slab[fp8_v_off + tkv_fp8_v_off(t, d)] =
+          d < hd ? tkv_e4m3(__bfloat162float(vrow[d]) * inv) : (unsigned char)0;
+    if (j < 2) reinterpret_cast<float*>(slab + fp8_ks_off)[j] = fp8_scale;
+    return;
+  }
   auto put = [&](int off, float x) {
     *reinterpret_cast<__half*>(slab + off) = __float2half_rn(x);
   };

@@ -1951,6 +1951,7 @@ fn fused_step_generates_what_separate_steps_do() {
                 k_group: 64,
                 wait_fp8: false,
                 sinks_fp8: false,
+                decode_fp8: false,
                 seed: 7,
                 order: SessionOrder::Recorded,
                 fused_step,
@@ -1993,4 +1994,123 @@ fn fused_step_generates_what_separate_steps_do() {
             "{name}: {differ} of {total} tokens differ"
         );
     }
+}
+
+/// A generated token written straight into an FP8 waiting block (`bench serve --decode-fp8`)
+/// holds the bytes the pool's move of the same token from a 16-bit block writes there, in
+/// every layer and KV head (E4M3 codes and the block's scales).
+#[test]
+fn decode_append_into_fp8_writes_what_a_move_does() {
+    use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights, ModelShape};
+    use triaxkv::gpu::serve_bench::{
+        pool_layout, Executor, GpuExec, ServeBenchConfig, SessionOrder, StepRows,
+    };
+    use triaxkv::paged::pool::{ClassMap, Move, Ops};
+    let Some(gpu) = gpu_or_skip("decode_append_into_fp8_writes_what_a_move_does") else {
+        return;
+    };
+    let shape = ModelShape {
+        name: "tiny".into(),
+        layers: 2,
+        hidden: 256,
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 128,
+        intermediate: 512,
+        vocab: 512,
+        rope_theta: 10_000.0,
+        rope_scaling: triaxkv::model::config::RopeScaling::None,
+        rms_eps: 1e-5,
+        qk_norm: false,
+    };
+    let cfg = ServeBenchConfig {
+        shape: shape.clone(),
+        kv_memory: 16 << 20,
+        caches: vec![],
+        clients: 1,
+        chunk: 64,
+        max_batch: 4,
+        duration_s: 1.0,
+        warmup_s: 0.0,
+        v_group: 64,
+        k_group: 64,
+        wait_fp8: true,
+        sinks_fp8: true,
+        decode_fp8: true,
+        seed: 7,
+        order: SessionOrder::Recorded,
+        fused_step: true,
+    };
+    let map = ClassMap::uniform(KvClass::Int2, 4, 0);
+    let w = DeviceWeights::random(&gpu, &shape, 11).unwrap();
+    let mut step = DecodeStep::new(&gpu, &shape, cfg.max_rows(), cfg.v_group).unwrap();
+    let (layout, _) = pool_layout(&cfg, &map).unwrap();
+    let mut exec = GpuExec::new(&gpu, &mut step, &w, &layout, 64, false).unwrap();
+    let one = |class: KvClass, slot: usize| {
+        let mut l = layout.clone();
+        l.seqs = 1;
+        l.push(class, 0, slot, 1);
+        l.slots = layout.slots;
+        l
+    };
+    let rows = |slot: i32, fp8: i32| StepRows {
+        ids: vec![77],
+        pos: vec![300],
+        slots: vec![slot],
+        toks: vec![0],
+        fp8: vec![fp8],
+    };
+    exec.pool_ops(
+        &layout,
+        &Ops {
+            zero: vec![0, 1, 2],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // Into a 16-bit block, then moved into FP8 block 1 as the pool moves a waiting token.
+    exec.decode(&one(KvClass::F16, 0), &rows(0, 0)).unwrap();
+    let mv = Move {
+        src_slot: 0,
+        src_class: KvClass::F16,
+        src_tok: 0,
+        dst_slot: 1,
+        dst_class: KvClass::Fp8,
+        dst_tok: 0,
+    };
+    exec.pool_ops(
+        &layout,
+        &Ops {
+            moves: vec![mv],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The same token written straight into FP8 block 2.
+    exec.decode(&one(KvClass::Fp8, 2), &rows(2, 1)).unwrap();
+    let pool = exec.pool_bytes().unwrap();
+    let slab = layout.slab_bytes;
+    let at = |l: usize, s: usize, h: usize| ((l * layout.slots + s) * layout.kv_heads + h) * slab;
+    let (mut differ, mut far, mut nonzero) = (0, 0, 0);
+    for l in 0..shape.layers {
+        for h in 0..shape.kv_heads {
+            let (a, b) = (at(l, 1, h), at(l, 2, h));
+            for (x, y) in pool[a..a + slab].iter().zip(&pool[b..b + slab]) {
+                nonzero += usize::from(*y != 0);
+                if x != y {
+                    differ += 1;
+                    // E4M3 codes one step apart: fp16 then E4M3 rounds twice.
+                    far += usize::from((*x as i32 - *y as i32).abs() > 1);
+                }
+            }
+        }
+    }
+    eprintln!(
+        "decode append into FP8: {differ} bytes differ from the move's ({far} by more than one \
+         code), {nonzero} nonzero bytes"
+    );
+    // Two layers × two heads × (128 K + 128 V codes + two 4-byte scales), most nonzero.
+    assert!(nonzero > 600, "{nonzero} nonzero bytes");
+    assert_eq!(far, 0);
+    assert!(differ * 100 <= nonzero, "{differ} bytes differ");
 }

@@ -143,6 +143,12 @@ pub struct ServeArgs {
     /// --sinks-fp8` measures the fidelity).
     #[arg(long)]
     sinks_fp8: bool,
+    /// With `--wait fp8` and a profile without a 16-bit window: generated tokens whose class
+    /// waits in FP8 are written straight into the FP8 waiting blocks, and a session flushes
+    /// its 16-bit stream block when it starts generating, so no decoding session holds one
+    /// (`ClassTokens::decode_fp8`).
+    #[arg(long)]
+    decode_fp8: bool,
     /// The order clients take the sessions in: a fixed shuffle (seed `--order-seed`), so
     /// every stretch of the run mixes the sources as the workload does and caches that get
     /// through it at different speeds serve the same mix; or as recorded (file by file: a
@@ -393,6 +399,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.random_weights
         );
     };
+    if args.decode_fp8 && args.wait != Wait::Fp8 {
+        bail!(
+            "--decode-fp8 writes generated tokens into the FP8 waiting blocks: it needs --wait fp8"
+        );
+    }
     if args.clients == 0 || args.chunk == 0 || args.max_batch == 0 {
         bail!("--clients, --chunk and --max-batch must be at least 1");
     }
@@ -420,6 +431,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         k_group,
         wait_fp8: args.wait == Wait::Fp8,
         sinks_fp8: args.sinks_fp8,
+        decode_fp8: args.decode_fp8,
         seed: 0x5eed,
         order: match args.order {
             Order::Recorded => SessionOrder::Recorded,
@@ -529,12 +541,26 @@ fn run_group(
 }
 
 /// How an iteration's prefill chunks and decode rows run (`--separate-steps`).
-fn steps(cfg: &ServeBenchConfig) -> &'static str {
-    if cfg.fused_step {
+fn steps(cfg: &ServeBenchConfig) -> String {
+    let steps = if cfg.fused_step {
         ", prefill chunks and decode rows fused in one step"
     } else {
         ", prefill and decode in separate steps"
-    }
+    };
+    let wait = match (cfg.wait_fp8, cfg.sinks_fp8, cfg.decode_fp8) {
+        (false, false, _) => "",
+        (false, true, _) => ", sinks in FP8",
+        (true, false, false) => ", tokens waiting for a key group in FP8",
+        (true, true, false) => ", tokens waiting for a key group and sinks in FP8",
+        (true, false, true) => {
+            ", tokens waiting for a key group in FP8, generated ones written there directly"
+        }
+        (true, true, true) => {
+            ", tokens waiting for a key group and sinks in FP8, generated ones written there \
+             directly"
+        }
+    };
+    format!("{steps}{wait}")
 }
 
 fn report(rows: &[ServeBenchRow], head: &str, args: &ServeArgs, timed: bool) -> Result<()> {

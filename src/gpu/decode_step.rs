@@ -22,6 +22,7 @@ use super::sampling::GpuSampler;
 use super::{DriverResult, GpuError};
 use crate::model::config::{ModelConfig, RopeScaling};
 use crate::model::llama::{inv_freq_of, Model};
+use crate::paged::pool::HOLD_FP8_SCALE;
 use crate::quant::KvClass;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{
@@ -485,9 +486,10 @@ pub struct DecodeStep {
     rows: usize,
     /// The prefill kernel and its output `[batch][q_heads][128]`, loaded by the first prefill.
     prefill: Option<(PrefillAttention, CudaSlice<f32>)>,
-    /// Pool slot and token index inside its 16-bit block of each sequence's new token, when
-    /// the step appends its K/V (`set_append`).
-    append: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+    /// Pool slot and token index inside its block of each sequence's new token, and whether
+    /// the block is an FP8 waiting block (else 16-bit), when the step appends its K/V
+    /// (`set_append`, `set_append_fp8`).
+    append: Option<(CudaSlice<i32>, CudaSlice<i32>, CudaSlice<i32>)>,
     f_swiglu: CudaFunction,
     sampler: GpuSampler,
     inv_freq: CudaSlice<f32>,
@@ -603,20 +605,43 @@ impl DecodeStep {
         gpu: &GpuContext,
         target: Option<(&[i32], &[i32])>,
     ) -> Result<(), GpuError> {
-        self.append = match target {
-            None => None,
-            Some((slots, toks)) => {
-                if slots.len() != self.rows || toks.len() != self.rows {
-                    return Err(GpuError::Shape(format!(
-                        "{} slots and {} token indices for {} rows",
-                        slots.len(),
-                        toks.len(),
-                        self.rows
-                    )));
-                }
-                Some((gpu.upload(slots)?, gpu.upload(toks)?))
+        match target {
+            None => {
+                self.append = None;
+                Ok(())
             }
+            Some((slots, toks)) => self.set_append_fp8(gpu, slots, toks, &[]),
+        }
+    }
+
+    /// `set_append` where rows with `fp8[b] != 0` write into token `toks[b]` of an FP8 waiting
+    /// block (E4M3 at `HOLD_FP8_SCALE`, as the pool's moves write them) instead of a 16-bit
+    /// one; an empty `fp8`: every row 16-bit.
+    pub fn set_append_fp8(
+        &mut self,
+        gpu: &GpuContext,
+        slots: &[i32],
+        toks: &[i32],
+        fp8: &[i32],
+    ) -> Result<(), GpuError> {
+        if slots.len() != self.rows
+            || toks.len() != self.rows
+            || !(fp8.is_empty() || fp8.len() == self.rows)
+        {
+            return Err(GpuError::Shape(format!(
+                "{} slots, {} token indices and {} classes for {} rows",
+                slots.len(),
+                toks.len(),
+                fp8.len(),
+                self.rows
+            )));
+        }
+        let flags = if fp8.is_empty() {
+            gpu.zeros(self.rows.max(1))?
+        } else {
+            gpu.upload(fp8)?
         };
+        self.append = Some((gpu.upload(slots)?, gpu.upload(toks)?, flags));
         Ok(())
     }
 
@@ -813,8 +838,11 @@ impl DecodeStep {
                 unsafe { lb.launch(cfg) }.during("launching tkv_q_rope_f16")?;
             }
             let (cache, pool_offset) = kv.layer(li)?;
-            if let Some((slots, toks)) = &self.append {
+            if let Some((slots, toks, fp8)) = &self.append {
                 let g16 = cache.layout.geom(KvClass::F16);
+                let g8 = cache.layout.geom(KvClass::Fp8);
+                let (fp8_v_off, fp8_ks_off) = (g8.v_offset() as i32, g8.k_scale_offset() as i32);
+                let fp8_scale = HOLD_FP8_SCALE;
                 let cfg = LaunchConfig {
                     grid_dim: (b as u32, s.kv_heads as u32, 1),
                     block_dim: (64, 1, 1),
@@ -840,9 +868,13 @@ impl DecodeStep {
                     .arg(&slab)
                     .arg(&v_off)
                     .arg(slots)
-                    .arg(toks);
+                    .arg(toks)
+                    .arg(fp8)
+                    .arg(&fp8_v_off)
+                    .arg(&fp8_ks_off)
+                    .arg(&fp8_scale);
                 // SAFETY: the caller's slots lie in this layer's pool (`GpuForward` checks them
-                // against the layout); the kernel writes one token of one 16-bit slab per
+                // against the layout); the kernel writes one token of one 16-bit or FP8 slab per
                 // (sequence, KV head), on the stream every later read of the pool is ordered on.
                 unsafe { lb.launch(cfg) }.during("launching tkv_kv_append_f16")?;
             }

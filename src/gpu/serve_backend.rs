@@ -543,7 +543,7 @@ impl<E: Executor + Send + 'static> Backend for GpuBackend<E> {
         for i in ran {
             let blocks = &mut batch[i].seq.blocks;
             if blocks
-                .settle(&mut pool, &self.map, &self.shape.tokens, &mut ops)
+                .settle(&mut pool, &self.map, &self.shape.tokens, false, &mut ops)
                 .is_err()
             {
                 blocks.release(&mut pool);

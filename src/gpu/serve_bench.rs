@@ -59,6 +59,9 @@ pub struct ServeBenchConfig {
     pub wait_fp8: bool,
     /// A quantizing cache keeps its sinks in the FP8 waiting blocks (`ClassTokens::fp8_sinks`).
     pub sinks_fp8: bool,
+    /// With `wait_fp8`, generated tokens that wait in FP8 are written there, not into the
+    /// 16-bit stream (`ClassTokens::decode_fp8`).
+    pub decode_fp8: bool,
     pub seed: u32,
     /// The order clients take sessions in (`SessionOrder`).
     pub order: SessionOrder,
@@ -262,7 +265,12 @@ pub(crate) fn estimate_slots(
     // Sinks kept in FP8 (`ClassTokens::fp8_sinks`) wait with the FP8 tokens.
     let fp8_sinks = tokens.fp8_sinks.min(tags.len());
     let (mut held, mut wait) = (per[0].saturating_sub(fp8_sinks), fp8_sinks);
-    let mut slots = (map.window + F16_TOKENS).div_ceil(F16_TOKENS);
+    // A decoding session under `decodes_fp8` has flushed its stream.
+    let mut slots = if tokens.decodes_fp8(map) {
+        0
+    } else {
+        (map.window + F16_TOKENS).div_ceil(F16_TOKENS)
+    };
     for (k, &n) in per.iter().enumerate().skip(1) {
         let packed = n / tokens.fill[k] * tokens.fill[k];
         if tokens.waits_fp8(KvClass::ALL[k]) {
@@ -291,6 +299,9 @@ pub struct StepRows {
     pub pos: Vec<i32>,
     pub slots: Vec<i32>,
     pub toks: Vec<i32>,
+    /// Per row, 1 where its target is a token of an FP8 waiting block (a generated token,
+    /// `ClassTokens::decode_fp8`), 0 for a 16-bit block; empty: every row 16-bit.
+    pub fp8: Vec<i32>,
 }
 
 /// What the scheduler asks of the device: the GPU (`GpuExec`), or a model that checks every
@@ -419,6 +430,13 @@ where
         self.next_ids.as_deref()
     }
 
+    /// The stacked pool's bytes, every layer (tests: what the kernels wrote).
+    pub fn pool_bytes(&mut self) -> Result<Vec<u8>, GpuError> {
+        self.sync()?;
+        let pool = &stacked(&mut self.kv)?.pool;
+        self.gpu.borrow().download(pool)
+    }
+
     /// Upload `tables` and `rows` for a step whose first `decode` sequences decode; their
     /// plan.
     fn begin_decode(
@@ -437,7 +455,7 @@ where
         );
         let plan = DecodePlan::new_prefix(gpu, cache, bpw, decode)?;
         step.set_inputs(gpu, &rows.ids, &rows.pos)?;
-        step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
+        step.set_append_fp8(gpu, &rows.slots, &rows.toks, &rows.fp8)?;
         Ok(plan)
     }
 
@@ -541,7 +559,7 @@ where
         let (gpu, step) = (self.gpu.borrow(), self.step.borrow_mut());
         stacked(&mut self.kv)?.set_tables(gpu, tables)?;
         step.set_inputs(gpu, &rows.ids, &rows.pos)?;
-        step.set_append(gpu, Some((&rows.slots, &rows.toks)))?;
+        step.set_append_fp8(gpu, &rows.slots, &rows.toks, &rows.fp8)?;
         step.run_prefills_with(gpu, self.w.borrow(), &self.kv, calls, opts)?;
         if opts.time_attention {
             // The events are per layer of the step, so a decode step would overwrite them.
@@ -621,6 +639,8 @@ pub struct HostCheck {
     pub mixed: usize,
     pub quantized: usize,
     pub moved: usize,
+    /// Generated tokens written straight into FP8 waiting blocks (`ClassTokens::decode_fp8`).
+    pub fp8_appends: usize,
 }
 
 impl HostCheck {
@@ -691,6 +711,47 @@ impl HostCheck {
         Ok(ids)
     }
 
+    /// A token written into FP8 block `slot` at `tok`: a zeroed slot (16-bit until written)
+    /// or a waiting block, filled in order.
+    fn fp8_write(&mut self, slot: u32, tok: u32, what: &str) -> Result<(), GpuError> {
+        let filled = self.filled.get(&slot).copied().unwrap_or(0);
+        if self.class.get(&slot) == Some(&KvClass::F16) && filled == 0 {
+            self.class.insert(slot, KvClass::Fp8);
+        }
+        self.slot_is(slot, KvClass::Fp8, &format!("{what}'s FP8 target"))?;
+        if tok as usize != filled {
+            return Err(GpuError::Shape(format!(
+                "{what} writes token {tok} of FP8 slot {slot} holding {filled}"
+            )));
+        }
+        self.filled.insert(slot, filled + 1);
+        Ok(())
+    }
+
+    /// The step's K/V appends, before its attention reads the tables: into 16-bit blocks, or
+    /// (generated tokens under `ClassTokens::decode_fp8`) FP8 waiting blocks in order.
+    fn appends(&mut self, rows: &StepRows) -> Result<(), GpuError> {
+        if rows.slots.len() != rows.toks.len()
+            || !(rows.fp8.is_empty() || rows.fp8.len() == rows.toks.len())
+        {
+            return Err(GpuError::Shape(format!(
+                "{} slots, {} tokens and {} classes of append targets",
+                rows.slots.len(),
+                rows.toks.len(),
+                rows.fp8.len()
+            )));
+        }
+        for (i, (&slot, &tok)) in rows.slots.iter().zip(&rows.toks).enumerate() {
+            if rows.fp8.get(i) == Some(&1) {
+                self.fp8_write(slot as u32, tok as u32, "a step's append")?;
+                self.fp8_appends += 1;
+            } else {
+                self.slot_is(slot as u32, KvClass::F16, "a step's append")?;
+            }
+        }
+        Ok(())
+    }
+
     fn tables(&self, t: &PagedLayout) -> Result<(), GpuError> {
         t.validate()?;
         for c in KvClass::ALL {
@@ -737,21 +798,7 @@ impl Executor for HostCheck {
         for m in &ops.moves {
             match m.dst_class {
                 KvClass::F16 => self.slot_is(m.dst_slot, KvClass::F16, "a move's target")?,
-                KvClass::Fp8 => {
-                    // A zeroed slot (16-bit until written) or a waiting block, filled in order.
-                    let filled = self.filled.get(&m.dst_slot).copied().unwrap_or(0);
-                    if self.class.get(&m.dst_slot) == Some(&KvClass::F16) && filled == 0 {
-                        self.class.insert(m.dst_slot, KvClass::Fp8);
-                    }
-                    self.slot_is(m.dst_slot, KvClass::Fp8, "a move's FP8 target")?;
-                    if m.dst_tok as usize != filled {
-                        return Err(GpuError::Shape(format!(
-                            "a move writes token {} of FP8 slot {} holding {filled}",
-                            m.dst_tok, m.dst_slot
-                        )));
-                    }
-                    self.filled.insert(m.dst_slot, filled + 1);
-                }
+                KvClass::Fp8 => self.fp8_write(m.dst_slot, m.dst_tok, "a move")?,
                 c => {
                     return Err(GpuError::Shape(format!(
                         "a move into a {c:?} block (slot {})",
@@ -803,6 +850,7 @@ impl Executor for HostCheck {
         rows: &StepRows,
         calls: Vec<PrefillCall>,
     ) -> Result<(), GpuError> {
+        self.appends(rows)?;
         self.tables(t)?;
         self.last_ids = self.chunks(t, rows, &calls, 0)?;
         self.prefills += 1;
@@ -816,6 +864,7 @@ impl Executor for HostCheck {
         calls: Vec<PrefillCall>,
         decode: usize,
     ) -> Result<(), GpuError> {
+        self.appends(rows)?;
         self.tables(t)?;
         // The decode sequences' entries lead every class table (the plan is a prefix).
         prefix_layout(t, decode)?;
@@ -830,6 +879,7 @@ impl Executor for HostCheck {
         Ok(())
     }
     fn decode(&mut self, t: &PagedLayout, rows: &StepRows) -> Result<(), GpuError> {
+        self.appends(rows)?;
         self.tables(t)?;
         if rows.ids.len() != t.seqs {
             return Err(GpuError::Shape(format!(
@@ -944,8 +994,33 @@ impl<E: Executor> Run<'_, E> {
         tags: &[TokenTag],
         ops: &mut Ops,
     ) -> Result<Option<Vec<(u32, u32)>>, GpuError> {
+        self.with_room(c, tags.len(), |b, pool| b.append(pool, tags, ops))
+    }
+
+    /// Append generated token `tag` to client `c` (`SeqBlocks::append_decode`) as `append`
+    /// does: its (slot, token, class written).
+    fn append_decode(
+        &mut self,
+        c: usize,
+        tag: TokenTag,
+        ops: &mut Ops,
+    ) -> Result<Option<(u32, u32, KvClass)>, GpuError> {
+        let (map, tokens) = (self.map, self.tokens);
+        self.with_room(c, 1, |b, pool| {
+            b.append_decode(pool, map, &tokens, tag, ops)
+        })
+    }
+
+    /// Run `add` (appending `n` tokens to client `c`'s blocks), preempting others (or `c`
+    /// itself, if it is the newest) until it fits. `None`: `c` was preempted.
+    fn with_room<T>(
+        &mut self,
+        c: usize,
+        n: usize,
+        mut add: impl FnMut(&mut SeqBlocks, &mut SlotPool) -> Result<T, PoolError>,
+    ) -> Result<Option<T>, GpuError> {
         loop {
-            match self.clients[c].blocks.append(&mut self.pool, tags, ops) {
+            match add(&mut self.clients[c].blocks, &mut self.pool) {
                 Ok(t) => return Ok(Some(t)),
                 Err(PoolError::OutOfSlots { .. }) => match self.victim(None) {
                     Some(v) if v != c => self.preempt(v),
@@ -955,7 +1030,7 @@ impl<E: Executor> Run<'_, E> {
                                 "{} slots cannot hold one session's {} tokens: raise \
                                      --kv-memory or lower --chunk",
                                 self.pool.total(),
-                                self.clients[c].blocks.len() + tags.len()
+                                self.clients[c].blocks.len() + n
                             )));
                         }
                         self.preempt(c);
@@ -1082,7 +1157,7 @@ impl<E: Executor> Run<'_, E> {
             }
         }
         // The decode step: every generating client (the prefill client is not one).
-        let mut dec: Vec<(usize, usize, (u32, u32))> = Vec::new();
+        let mut dec: Vec<(usize, usize, (u32, u32, KvClass))> = Vec::new();
         let gen: Vec<usize> = (0..self.clients.len())
             .filter(|&i| matches!(self.clients[i].phase, Phase::Decode { .. }))
             .take(self.cfg.max_batch)
@@ -1092,9 +1167,11 @@ impl<E: Executor> Run<'_, E> {
                 continue; // preempted by an earlier append of this iteration
             }
             let pos = self.clients[c].blocks.len();
-            let tags = self.session_tags(c, pos..pos + 1);
-            if let Some(t) = self.append(c, &tags, &mut ops)? {
-                dec.push((c, pos, t[0]));
+            let Some(&tag) = self.session_tags(c, pos..pos + 1).first() else {
+                continue;
+            };
+            if let Some(t) = self.append_decode(c, tag, &mut ops)? {
+                dec.push((c, pos, t));
             }
         }
         // An append may have preempted a client appended earlier in this iteration.
@@ -1114,6 +1191,10 @@ impl<E: Executor> Run<'_, E> {
             pos: dec.iter().map(|d| d.1 as i32).collect(),
             slots: dec.iter().map(|d| d.2 .0 as i32).collect(),
             toks: dec.iter().map(|d| d.2 .1 as i32).collect(),
+            fp8: dec
+                .iter()
+                .map(|d| i32::from(d.2 .2 == KvClass::Fp8))
+                .collect(),
         };
         let fused = self.cfg.fused_step && !chunks.is_empty() && !dec.is_empty();
         if !chunks.is_empty() {
@@ -1147,6 +1228,7 @@ impl<E: Executor> Run<'_, E> {
                 rows.pos.extend((k.fed..k.fed + n).map(|p| p as i32));
                 rows.slots.extend(k.targets.iter().map(|t| t.0 as i32));
                 rows.toks.extend(k.targets.iter().map(|t| t.1 as i32));
+                rows.fp8.resize(rows.toks.len(), 0);
             }
             if fused {
                 self.exec.mixed(&l, &rows, calls, first)?;
@@ -1238,13 +1320,21 @@ impl<E: Executor> Run<'_, E> {
                     continue;
                 }
                 let now = self.now_of(c);
+                let pos = self.clients[c].blocks.len();
+                let next = self.session_tags(c, pos..pos + 1).first().copied();
                 let cl = &mut self.clients[c];
                 let r = if ageing {
                     cl.blocks
                         .age(&mut self.pool, self.map, &self.tokens, now, &mut ops)
                 } else {
+                    // A session about to generate tokens that go straight into the FP8
+                    // waiting blocks flushes its stream (`ClassTokens::decode_fp8`).
+                    let flush = matches!(cl.phase, Phase::Decode { .. })
+                        && next.is_some_and(|t| {
+                            cl.blocks.decodes_into_fp8(self.map, &self.tokens, &t)
+                        });
                     cl.blocks
-                        .settle(&mut self.pool, self.map, &self.tokens, &mut ops)
+                        .settle(&mut self.pool, self.map, &self.tokens, flush, &mut ops)
                 };
                 if r.is_err() {
                     // Its released slots stay pending until this pass's work is queued.
@@ -1321,7 +1411,10 @@ pub fn pool_layout(
 
 /// The pool's `ClassTokens` for `cfg` and `map`.
 fn cfg_tokens(cfg: &ServeBenchConfig, layout: &PagedLayout, map: &ClassMap) -> ClassTokens {
-    pool_tokens(layout, map, cfg.wait_fp8, cfg.sinks_fp8)
+    ClassTokens {
+        decode_fp8: cfg.decode_fp8,
+        ..pool_tokens(layout, map, cfg.wait_fp8, cfg.sinks_fp8)
+    }
 }
 
 /// Block capacity of each class in `layout`, waiting tokens in FP8 blocks or not, and
@@ -1381,6 +1474,7 @@ pub fn class_tokens(layout: &PagedLayout) -> ClassTokens {
         fill: KvClass::ALL.map(|c| layout.geom(c).k_group),
         wait_fp8: false,
         fp8_sinks: 0,
+        decode_fp8: false,
     }
 }
 
@@ -1716,15 +1810,23 @@ mod tests {
                 name: "mixed".into(),
                 map: mixed(),
             },
+            BenchCache {
+                name: "mixed-w0".into(),
+                map: ClassMap {
+                    window: 0,
+                    ..mixed()
+                },
+            },
         ];
-        // Separate steps, fused ones, fused with tokens waiting in FP8 blocks, and the sinks
-        // in them too.
-        for (bc, fused_step, wait_fp8, sinks_fp8) in caches.iter().flat_map(|bc| {
+        // Separate steps, fused ones, fused with tokens waiting in FP8 blocks, the sinks in
+        // them too, and generated tokens written there.
+        for (bc, fused_step, wait_fp8, sinks_fp8, decode_fp8) in caches.iter().flat_map(|bc| {
             [
-                (bc, false, false, false),
-                (bc, true, false, false),
-                (bc, true, true, false),
-                (bc, true, true, true),
+                (bc, false, false, false, false),
+                (bc, true, false, false, false),
+                (bc, true, true, false, false),
+                (bc, true, true, true, false),
+                (bc, true, true, true, true),
             ]
         }) {
             let shape = crate::gpu::decode_step::ModelShape::llama3_8b();
@@ -1743,6 +1845,7 @@ mod tests {
                 k_group: 128,
                 wait_fp8,
                 sinks_fp8,
+                decode_fp8,
                 seed: 0,
                 order: SessionOrder::Recorded,
                 fused_step,
@@ -1764,7 +1867,15 @@ mod tests {
                 row.turns_completed
             );
             assert!(checker.prefills > 0 && checker.decodes > 0);
-            if bc.name == "mixed" {
+            // Generated tokens skip the stream only without a 16-bit window.
+            assert_eq!(
+                checker.fp8_appends > 0,
+                decode_fp8 && bc.name == "mixed-w0",
+                "{}: {} generated tokens written into FP8 blocks",
+                bc.name,
+                checker.fp8_appends
+            );
+            if bc.name.starts_with("mixed") {
                 assert!(
                     checker.quantized > 0 && checker.moved > 0,
                     "ageing moves tokens"

@@ -12,7 +12,8 @@
 //! - **wait** (only with `ClassTokens::wait_fp8` or `fp8_sinks`): FP8 blocks (fixed scale
 //!   `HOLD_FP8_SCALE`) of the tokens waiting for an INT4/INT2 key group instead of the 16-bit
 //!   hold: half the bytes of what waits, dense like the hold; with `fp8_sinks` the sinks too,
-//!   so no sequence keeps a 16-bit block for its 4 sinks;
+//!   so no sequence keeps a 16-bit block for its 4 sinks; with `decode_fp8` generated tokens
+//!   that wait in FP8 are written there directly (`append_decode`) once the stream is flushed;
 //! - **packed[c]**: quantized blocks of class `c`, all full but the last, which holds whole
 //!   key groups.
 //!
@@ -65,6 +66,11 @@ pub struct ClassTokens {
     /// blocks once out of the stream, not in a 16-bit block of their own (with `wait_fp8`
     /// that block held only them: 4 tokens in a 16-token slot per sequence). 0: 16-bit.
     pub fp8_sinks: usize,
+    /// With `wait_fp8` and no 16-bit window: a generated token whose class waits in FP8 is
+    /// written straight into the waiting blocks (`SeqBlocks::append_decode`), and a sequence
+    /// that decodes flushes its stream (`settle` with `flush`), so no decoding sequence keeps a
+    /// 16-bit block of ~8 tokens for its newest ones.
+    pub decode_fp8: bool,
 }
 
 impl Default for ClassTokens {
@@ -75,6 +81,7 @@ impl Default for ClassTokens {
             fill: [F16_TOKENS, 64, 64, 32],
             wait_fp8: false,
             fp8_sinks: 0,
+            decode_fp8: false,
         }
     }
 }
@@ -97,6 +104,15 @@ impl ClassTokens {
     /// in an FP8 block (waiting for its key group, or a sink with `fp8_sinks`).
     fn in_fp8(&self, pos: u32, c: KvClass) -> bool {
         (pos as usize) < self.fp8_sinks || self.waits_fp8(c)
+    }
+
+    /// Whether generated tokens may skip the 16-bit stream under `map` (`decode_fp8`; a
+    /// 16-bit window keeps the newest tokens in the stream, and only INT4/INT2 tokens wait).
+    pub fn decodes_fp8(&self, map: &ClassMap) -> bool {
+        self.decode_fp8
+            && self.wait_fp8
+            && map.window == 0
+            && (map.uses(KvClass::Int4) || map.uses(KvClass::Int2))
     }
 }
 
@@ -258,7 +274,7 @@ impl ClassMap {
         })
     }
 
-    fn uses(&self, c: KvClass) -> bool {
+    pub fn uses(&self, c: KvClass) -> bool {
         self.default == c || self.classes.values().any(|&x| x == c)
     }
 
@@ -572,30 +588,84 @@ impl SeqBlocks {
         Ok(out)
     }
 
+    /// Whether generated token `tag`, appended next, goes straight into the FP8 waiting
+    /// blocks once the stream is flushed (`ClassTokens::decodes_fp8` and its class waits in
+    /// FP8): what `settle`'s `flush` asks for.
+    pub fn decodes_into_fp8(&self, map: &ClassMap, tokens: &ClassTokens, tag: &TokenTag) -> bool {
+        let pos = self.tags.len();
+        tokens.decodes_fp8(map) && tokens.in_fp8(pos as u32, map.class(pos, tag, self.now))
+    }
+
+    /// Append one generated token: straight into the FP8 waiting blocks when its class waits
+    /// there and the stream is empty (`ClassTokens::decodes_fp8`; a new block is zeroed by
+    /// `ops`), else into the stream. Its (slot, token) target and the class written there
+    /// (`Fp8` or `F16`). On `OutOfSlots` nothing was appended.
+    pub fn append_decode(
+        &mut self,
+        pool: &mut SlotPool,
+        map: &ClassMap,
+        tokens: &ClassTokens,
+        tag: TokenTag,
+        ops: &mut Ops,
+    ) -> Result<(u32, u32, KvClass), PoolError> {
+        let pos = self.tags.len();
+        let fp8 = self.stream.is_empty() && self.decodes_into_fp8(map, tokens, &tag);
+        if !fp8 {
+            let t = self.append(pool, &[tag], ops)?;
+            let (slot, tok) = t.first().copied().ok_or(PoolError::OutOfSlots {
+                total: pool.total(),
+            })?;
+            return Ok((slot, tok, KvClass::F16));
+        }
+        let cap = tokens.of(KvClass::Fp8);
+        // Into the first waiting block with room (the list is dense), else a new one.
+        let at = match self.wait.iter().position(|b| b.pos.len() < cap) {
+            Some(i) => i,
+            None => {
+                let slot = pool.alloc()?;
+                ops.zero.push(slot);
+                self.wait.push(Block {
+                    slot,
+                    pos: Vec::with_capacity(cap),
+                });
+                self.wait.len() - 1
+            }
+        };
+        self.tags.push(tag);
+        let b = &mut self.wait[at];
+        b.pos.push(pos as u32);
+        Ok((b.slot, b.pos.len() as u32 - 1, KvClass::Fp8))
+    }
+
     /// Bring the blocks up to date: full stream blocks out of the window join the held
-    /// 16-bit tokens, and every class with a key group's worth held has it quantized.
+    /// 16-bit tokens, and every class with a key group's worth held has it quantized. With
+    /// `flush` (a sequence about to generate tokens that `decodes_into_fp8`) the newest stream
+    /// block leaves too, so its generated tokens go straight into the FP8 waiting blocks.
     pub fn settle(
         &mut self,
         pool: &mut SlotPool,
         map: &ClassMap,
         tokens: &ClassTokens,
+        flush: bool,
         ops: &mut Ops,
     ) -> Result<(), PoolError> {
         let n = self.tags.len();
         self.cache_classes(map);
+        let flush = flush && tokens.decodes_fp8(map);
         let mut leaving = 0;
-        // The newest block stays: the next tokens append to it.
-        while leaving + 1 < self.stream.len() {
+        // The newest block stays, unless flushed: the next tokens append to it.
+        while leaving + usize::from(!flush) < self.stream.len() {
             let b = &self.stream[leaving];
             let last = b.pos.last().copied().unwrap_or(0) as usize;
-            if b.pos.len() < F16_TOKENS || last + map.window >= n {
+            if !flush && (b.pos.len() < F16_TOKENS || last + map.window >= n) {
                 break;
             }
             leaving += 1;
         }
-        if leaving == 0 {
+        if leaving == 0 && !self.wait_group_ready(tokens) {
             // Classes change only when ageing, and a pass leaves less than a key group of
-            // each class held: nothing to do.
+            // each class held (generated tokens that wait in FP8 may complete one): nothing
+            // to do.
             return Ok(());
         }
         if !map.quantizes() {
@@ -612,6 +682,19 @@ impl SeqBlocks {
             let c = map.class(p, &self.tags[p], self.now);
             self.class_at.push(c);
         }
+    }
+
+    /// Whether the FP8 waiting blocks hold a key group's worth of some class (generated
+    /// tokens, `append_decode`, join them without a pass). Classes cached.
+    fn wait_group_ready(&self, tokens: &ClassTokens) -> bool {
+        if !tokens.decode_fp8 || self.wait.is_empty() {
+            return false;
+        }
+        let mut per = [0usize; 4];
+        for &p in self.wait.iter().flat_map(|b| &b.pos) {
+            per[class_index(self.class_at[p as usize])] += 1;
+        }
+        (1..4).any(|k| per[k] >= tokens.fill[k])
     }
 
     /// Generation moves to (turn, step): every packed block holding a token whose class
@@ -1037,6 +1120,20 @@ mod tests {
             }
         }
 
+        /// A generated token written into `class` (16-bit or FP8) at (slot, token).
+        fn append_decode(&mut self, (slot, tok, class): (u32, u32, KvClass), pos: usize) {
+            let b = self
+                .blocks
+                .get_mut(&slot)
+                .expect("append into an unzeroed slot");
+            if b.0 != class {
+                assert!(b.1.iter().all(|v| v.is_none()), "append into another class");
+                b.0 = class;
+            }
+            assert!(b.1[tok as usize].is_none(), "append over a token");
+            b.1[tok as usize] = Some(pos as u32);
+        }
+
         /// Every table entry reads back the positions the host says it holds.
         fn check(&self, seq: &SeqBlocks) {
             let mut lists: Vec<(KvClass, &Block)> =
@@ -1071,7 +1168,8 @@ mod tests {
         dev.run(&ops);
         dev.append(&t, first);
         let mut ops = Ops::default();
-        seq.settle(pool, map, tokens, &mut ops).expect("room");
+        seq.settle(pool, map, tokens, false, &mut ops)
+            .expect("room");
         dev.run(&ops);
         pool.commit();
         seq.check(tokens).expect("consistent");
@@ -1198,6 +1296,110 @@ mod tests {
         assert_eq!(pool.free(), pool.total());
     }
 
+    /// Generated tokens go straight into the FP8 waiting blocks (`ClassTokens::decode_fp8`):
+    /// a decoding sequence flushes its stream and holds no 16-bit block, the device model
+    /// reads back every token, key groups complete from the waiting blocks alone, and the
+    /// pool returns to full.
+    #[test]
+    fn decoded_tokens_wait_in_fp8_blocks_and_never_leak() {
+        let tokens = ClassTokens {
+            wait_fp8: true,
+            fp8_sinks: 4,
+            decode_fp8: true,
+            ..Default::default()
+        };
+        let map = ClassMap { window: 0, ..map() };
+        assert!(tokens.decodes_fp8(&map));
+        let mut pool = SlotPool::new(4096);
+        let mut dev = Device::default();
+        let mut seqs = vec![SeqBlocks::new(), SeqBlocks::new()];
+        let mut fp8_decoded = 0;
+        let mut groups_from_wait = 0;
+        for turn in 1..=10u32 {
+            for (si, seq) in seqs.iter_mut().enumerate() {
+                let mut ops = Ops::default();
+                seq.age(&mut pool, &map, &tokens, (turn, turn), &mut ops)
+                    .expect("room");
+                dev.run(&ops);
+                pool.commit();
+                let role = [Role::User, Role::Observation][(turn as usize + si) % 2];
+                let n = 20 + 37 * si + 11 * turn as usize;
+                append_settle(
+                    seq,
+                    &mut pool,
+                    &mut dev,
+                    &map,
+                    &tokens,
+                    &vec![tag(role, turn, turn); n],
+                );
+                // The prompt is in: flush, then generate one token per pass.
+                for i in 0..(30 + 17 * si) {
+                    let mut ops = Ops::default();
+                    seq.settle(&mut pool, &map, &tokens, true, &mut ops)
+                        .expect("room");
+                    dev.run(&ops);
+                    pool.commit();
+                    assert_eq!(seq.f16_use().stream_blocks, 0, "turn {turn} token {i}");
+                    let mut ops = Ops::default();
+                    let pos = seq.len();
+                    let t = seq
+                        .append_decode(
+                            &mut pool,
+                            &map,
+                            &tokens,
+                            tag(Role::Assistant, turn, turn),
+                            &mut ops,
+                        )
+                        .expect("room");
+                    assert_eq!(t.2, KvClass::Fp8, "an INT4 assistant token waits in FP8");
+                    fp8_decoded += 1;
+                    dev.run(&ops);
+                    dev.append_decode(t, pos);
+                    pool.commit();
+                    seq.check(&tokens).expect("consistent");
+                    dev.check(seq);
+                    let mut ops = Ops::default();
+                    seq.settle(&mut pool, &map, &tokens, true, &mut ops)
+                        .expect("room");
+                    groups_from_wait += ops.quantize.len();
+                    dev.run(&ops);
+                    pool.commit();
+                    seq.check(&tokens).expect("consistent");
+                    dev.check(seq);
+                }
+            }
+            let held: usize = seqs.iter().map(|s| s.slots()).sum();
+            assert_eq!(pool.used(), held, "turn {turn}");
+        }
+        assert!(
+            fp8_decoded > 500 && groups_from_wait > 0,
+            "{groups_from_wait}"
+        );
+        // Without `decode_fp8` the same token goes into the stream.
+        let mut seq = SeqBlocks::new();
+        let mut ops = Ops::default();
+        let plain = ClassTokens {
+            decode_fp8: false,
+            ..tokens
+        };
+        let t = seq
+            .append_decode(
+                &mut pool,
+                &map,
+                &plain,
+                tag(Role::Assistant, 1, 1),
+                &mut ops,
+            )
+            .expect("room");
+        assert_eq!((t.2, seq.f16_use().stream_tokens), (KvClass::F16, 1));
+        seq.release(&mut pool);
+        for s in &mut seqs {
+            s.release(&mut pool);
+        }
+        pool.commit();
+        assert_eq!(pool.free(), pool.total());
+    }
+
     /// Held INT2 tokens wait for one 64-token key group, not a 128-token block: groups are
     /// appended to the open block, and groups of one pass into one block are one job.
     #[test]
@@ -1247,7 +1449,7 @@ mod tests {
             .append(&mut pool, &vec![tag(Role::User, 1, 1); 80], &mut ops)
             .expect("room");
         other
-            .settle(&mut pool, &map, &whole, &mut ops)
+            .settle(&mut pool, &map, &whole, false, &mut ops)
             .expect("room");
         assert!(ops.quantize.is_empty());
         other.release(&mut pool);
@@ -1395,7 +1597,7 @@ mod tests {
         let (table, n) = (seq.table(), seq.len());
         let mut ops = Ops::default();
         assert_eq!(
-            seq.settle(&mut pool, &map, &tokens, &mut ops),
+            seq.settle(&mut pool, &map, &tokens, false, &mut ops),
             Err(PoolError::OutOfSlots { total: 6 })
         );
         assert!(ops.is_empty());
@@ -1521,7 +1723,7 @@ mod tests {
         let mut ops = Ops::default();
         seq.append(&mut pool, &vec![tag(Role::User, 1, 1); 300], &mut ops)
             .expect("room");
-        seq.settle(&mut pool, &map, &ClassTokens::default(), &mut ops)
+        seq.settle(&mut pool, &map, &ClassTokens::default(), false, &mut ops)
             .expect("room");
         seq.age(&mut pool, &map, &ClassTokens::default(), (3, 3), &mut ops)
             .expect("room");
