@@ -1844,6 +1844,45 @@ fn serve_backend_matches_gpu_forward() {
                 usage.packed
             );
         }
+        // Generated tokens written straight into the FP8 waiting blocks (`serve --gpu
+        // --wait-fp8 --sinks-fp8 --decode-fp8`), window 0: the same batched as alone, and
+        // nearer the pool that keeps them in a 16-bit stream first than INT4 is to 16 bits.
+        let fp8_pool = |decode_fp8: bool, label: &str| {
+            let spec = PoolSpec {
+                wait_fp8: true,
+                sinks_fp8: true,
+                decode_fp8,
+                ..PoolSpec::new(ClassMap::uniform(KvClass::Int4, 4, 0), 64 << 20)
+            };
+            GpuBackend::open(
+                GpuContext::open(0).unwrap(),
+                "tiny",
+                &model,
+                spec,
+                128,
+                label,
+            )
+            .unwrap()
+        };
+        let (stream, _) = feed_backend(&fp8_pool(false, "stream"), &seqs, "stream");
+        let direct = fp8_pool(true, "decode fp8");
+        let (got, _) = feed_backend(&direct, &seqs, "decode fp8");
+        let (alone, _) = feed_backend(&direct, &seqs[..1], "decode fp8");
+        let (d_alone, ..) = logit_gap(&alone, &got[..1]);
+        let (d_fp8, same, rows) = logit_gap(&got, &stream);
+        eprintln!(
+            "serve backend {tag} Int4 window 0, decode fp8: max |Δlogit| vs the 16-bit stream \
+             {d_fp8:.3e}, top-1 equal {same}/{rows}; batched vs alone {d_alone:.3e}"
+        );
+        assert!(
+            d_alone < 1e-3 * max_ref,
+            "{tag} decode fp8: batched vs alone {d_alone:.3e}"
+        );
+        assert!(
+            d_fp8.is_finite() && d_fp8 < quantized[0].0,
+            "{tag} decode fp8: {d_fp8:.3e} from the stream, INT4 {:.3e} from 16 bits",
+            quantized[0].0
+        );
         let ((d4, same4, rows), (d2, _, _)) = (quantized[0], quantized[1]);
         assert!(
             d4 < d2,

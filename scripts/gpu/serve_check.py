@@ -11,7 +11,7 @@
    and /metrics afterwards (live KV bytes must return to 0).
 
     python3 scripts/gpu/serve_check.py --bin ./triaxkv --model M.gguf --out DIR \
-        [--profile P.json [--wait-fp8] [--sinks-fp8]] [--clients 64] [--duration 60]
+        [--profile P.json [--wait-fp8] [--sinks-fp8] [--decode-fp8]] [--clients 64] [--duration 60]
 """
 
 import argparse
@@ -121,13 +121,14 @@ def main():
     ap.add_argument("--cpu-only", action="store_true", help="dry run of this script: both servers on the CPU")
     ap.add_argument("--wait-fp8", action="store_true", help="GPU server: tokens waiting for a key group in FP8 blocks")
     ap.add_argument("--sinks-fp8", action="store_true", help="GPU server: the sinks in FP8 blocks too")
+    ap.add_argument("--decode-fp8", action="store_true", help="GPU server: generated tokens written into the FP8 waiting blocks")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     report = {}
     gpu_args = ([] if args.cpu_only else ["--gpu"]) + ["--model", args.model, "--kv-memory", args.kv_memory, "--max-seqs", "128"]
     if args.profile:
         gpu_args += ["--profile", args.profile]
-    gpu_args += ["--wait-fp8"] * args.wait_fp8 + ["--sinks-fp8"] * args.sinks_fp8
+    gpu_args += ["--wait-fp8"] * args.wait_fp8 + ["--sinks-fp8"] * args.sinks_fp8 + ["--decode-fp8"] * args.decode_fp8
     with open(os.path.join(args.out, "serve-gpu.log"), "w") as glog, open(
         os.path.join(args.out, "serve-cpu.log"), "w"
     ) as clog:

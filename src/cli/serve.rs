@@ -85,6 +85,12 @@ pub struct ServeArgs {
     /// them), at the fidelity `eval --sinks-fp8` measures.
     #[arg(long)]
     sinks_fp8: bool,
+    /// With --gpu, --wait-fp8 and a profile without a 16-bit window: generated tokens whose
+    /// class waits in FP8 are written straight into the FP8 waiting blocks, and a sequence
+    /// flushes its 16-bit stream block when its prompt is in, so no decoding sequence holds a
+    /// 16-bit block (the CPU cache already stores such tokens coarser).
+    #[arg(long)]
+    decode_fp8: bool,
 }
 
 /// `512MiB`, `2GiB`, `1.5G`, `1000000`: binary units (KiB/MiB/GiB, K/M/G) and decimal
@@ -124,6 +130,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     if args.sinks_fp8 && args.profile.is_none() {
         bail!("--sinks-fp8 needs --profile: without one every token is 16-bit");
+    }
+    if args.decode_fp8 && !(args.gpu && args.wait_fp8) {
+        bail!(
+            "--decode-fp8 writes generated tokens into the GPU pool's FP8 waiting blocks: it \
+             needs --gpu and --wait-fp8"
+        );
     }
     let t = Instant::now();
     let loaded = load::load_or_default(args.model.as_deref())?;
@@ -180,8 +192,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 let spec = PoolSpec {
                     wait_fp8: args.wait_fp8,
                     sinks_fp8: args.sinks_fp8,
+                    decode_fp8: args.decode_fp8,
                     ..PoolSpec::of_profile(&p, args.kv_memory)
                 };
+                if args.decode_fp8 && p.cache.window > 0 {
+                    eprintln!(
+                        "note: profile {} keeps its newest {} tokens at 16 bits: --decode-fp8 \
+                         changes nothing",
+                        p.name, p.cache.window
+                    );
+                }
                 let fit = spec.map.fit(&p);
                 if !fit.exact() {
                     eprintln!("warning: profile {}: {fit}", p.name);

@@ -46,6 +46,9 @@ pub struct PoolSpec {
     pub wait_fp8: bool,
     /// The sinks are kept in the FP8 waiting blocks (`ClassTokens::fp8_sinks`).
     pub sinks_fp8: bool,
+    /// Generated tokens that wait in FP8 are written there, not into the 16-bit stream
+    /// (`ClassTokens::decode_fp8`).
+    pub decode_fp8: bool,
 }
 
 impl PoolSpec {
@@ -59,6 +62,7 @@ impl PoolSpec {
             k_group: 64,
             wait_fp8: false,
             sinks_fp8: false,
+            decode_fp8: false,
         }
     }
 
@@ -72,6 +76,7 @@ impl PoolSpec {
             k_group: p.cache.block_tokens,
             wait_fp8: false,
             sinks_fp8: false,
+            decode_fp8: false,
         }
     }
 }
@@ -129,6 +134,8 @@ struct Fed {
     pos0: usize,
     f16_base: usize,
     targets: Vec<(u32, u32)>,
+    /// Its one target is a token of an FP8 waiting block (`SeqBlocks::append_decode`).
+    fp8: bool,
     logits: bool,
 }
 
@@ -194,7 +201,10 @@ impl<E: Executor> GpuBackend<E> {
         let class_bytes =
             KvClass::ALL.map(|c| layout.kv_heads * layout.geom(c).slab_bytes() * shape.layers);
         Ok(PoolShape {
-            tokens: pool_tokens(&layout, &spec.map, spec.wait_fp8, spec.sinks_fp8),
+            tokens: ClassTokens {
+                decode_fp8: spec.decode_fp8,
+                ..pool_tokens(&layout, &spec.map, spec.wait_fp8, spec.sinks_fp8)
+            },
             layout,
             slot_bytes,
             class_bytes,
@@ -304,14 +314,27 @@ impl<E: Executor> GpuBackend<E> {
         }
         let f16_base = blocks.f16_tokens();
         let pos0 = blocks.len();
-        let targets = blocks
-            .append(pool, w.tags, ops)
-            .map_err(|_| BackendError::OutOfBlocks)?;
+        // A generated token (one, with logits) may go straight into an FP8 waiting block.
+        let (targets, fp8) = match w.tags {
+            [tag] if w.logits => {
+                let (slot, tok, c) = blocks
+                    .append_decode(pool, &self.map, &self.shape.tokens, *tag, ops)
+                    .map_err(|_| BackendError::OutOfBlocks)?;
+                (vec![(slot, tok)], c == KvClass::Fp8)
+            }
+            _ => (
+                blocks
+                    .append(pool, w.tags, ops)
+                    .map_err(|_| BackendError::OutOfBlocks)?,
+                false,
+            ),
+        };
         Ok(Fed {
             work: index,
             pos0,
             f16_base,
             targets,
+            fp8,
             logits: w.logits,
         })
     }
@@ -366,6 +389,7 @@ impl<E: Executor> GpuBackend<E> {
             rows.pos.extend((f.pos0..f.pos0 + n).map(|p| p as i32));
             rows.slots.extend(f.targets.iter().map(|t| t.0 as i32));
             rows.toks.extend(f.targets.iter().map(|t| t.1 as i32));
+            rows.fp8.extend(f.targets.iter().map(|_| i32::from(f.fp8)));
         }
         match (decode.len(), calls.is_empty()) {
             (0, _) => dev.prefill(&l, &rows, calls)?,
@@ -444,8 +468,14 @@ impl<E: Executor + Send + 'static> Backend for GpuBackend<E> {
     }
 
     fn truncate(&self, seq: &mut GpuSeq, len: usize) {
+        let mut dev = lock(&self.device);
         let mut pool = lock(&self.pool);
-        seq.blocks.truncate(&mut pool, len);
+        let mut ops = Ops::default();
+        seq.blocks.truncate(&mut pool, len, &mut ops);
+        if !ops.is_empty() && dev.pool_ops(&self.shape.layout, &ops).is_err() {
+            // The blocks' state is unknown: recompute rather than trust them.
+            seq.blocks.release(&mut pool);
+        }
         pool.commit();
     }
 
@@ -538,12 +568,19 @@ impl<E: Executor + Send + 'static> Backend for GpuBackend<E> {
                 }
             }
         }
-        // Settle what ran: full window blocks held, held key groups quantized.
+        // Settle what ran: full window blocks held, held key groups quantized; a sequence
+        // about to generate flushes its stream when its tokens go to FP8 blocks (the last
+        // token's tag stands for the next one's).
         let mut ops = Ops::default();
         for i in ran {
-            let blocks = &mut batch[i].seq.blocks;
+            let w = &mut batch[i];
+            let blocks = &mut w.seq.blocks;
+            let flush = w.logits
+                && w.tags
+                    .last()
+                    .is_some_and(|t| blocks.decodes_into_fp8(&self.map, &self.shape.tokens, t));
             if blocks
-                .settle(&mut pool, &self.map, &self.shape.tokens, false, &mut ops)
+                .settle(&mut pool, &self.map, &self.shape.tokens, flush, &mut ops)
                 .is_err()
             {
                 blocks.release(&mut pool);
@@ -633,31 +670,49 @@ mod tests {
     /// rows, every sequence's blocks stay consistent, and the pool is whole at the end.
     #[test]
     fn engine_like_steps_are_checked_and_the_pool_never_leaks() {
-        engine_like(false, false);
+        engine_like(false, false, false);
     }
 
     /// The same with tokens waiting for a key group in FP8 blocks (`serve --wait-fp8`).
     #[test]
     fn engine_like_steps_with_fp8_waiting_never_leak() {
-        engine_like(true, false);
+        engine_like(true, false, false);
     }
 
     /// And with the sinks in them too (`serve --wait-fp8 --sinks-fp8`).
     #[test]
     fn engine_like_steps_with_fp8_sinks_never_leak() {
-        engine_like(true, true);
+        engine_like(true, true, false);
     }
 
-    fn engine_like(wait_fp8: bool, sinks_fp8: bool) {
+    /// And with generated tokens written straight into the FP8 waiting blocks, no 16-bit
+    /// window (`serve --wait-fp8 --sinks-fp8 --decode-fp8`): prefix reuse cuts them back out.
+    #[test]
+    fn engine_like_steps_with_fp8_decode_never_leak() {
+        engine_like(true, true, true);
+    }
+
+    fn engine_like(wait_fp8: bool, sinks_fp8: bool, decode_fp8: bool) {
         let mut shape = ModelShape::llama3_8b();
         shape.vocab = 1000;
         let slot = shape.layers * shape.kv_heads * 9728;
-        // Small enough to preempt: sinks in FP8 blocks need fewer slots.
-        let slots = if sinks_fp8 { 50 } else { 60 };
+        // Small enough to preempt: sinks in FP8 blocks need fewer slots, no window fewer.
+        let slots = match (sinks_fp8, decode_fp8) {
+            (_, true) => 40,
+            (true, false) => 50,
+            (false, false) => 60,
+        };
+        // Free slots a new sequence waits for: a window-0 session needs far fewer.
+        let admit_free = if decode_fp8 { 12 } else { 30 };
+        let map = ClassMap {
+            window: if decode_fp8 { 0 } else { 32 },
+            ..mixed()
+        };
         let spec = PoolSpec {
             wait_fp8,
             sinks_fp8,
-            ..PoolSpec::new(mixed(), slots * slot)
+            decode_fp8,
+            ..PoolSpec::new(map, slots * slot)
         };
         let backend = GpuBackend::checked(&shape, spec, 96).unwrap();
         let tokens = backend.shape.tokens;
@@ -685,7 +740,7 @@ mod tests {
                 .iter_mut()
                 .find(|c| c.seq.is_none() && c.turn < c.replies.len())
             {
-                if backend.pool_slots().0 >= 30 {
+                if backend.pool_slots().0 >= admit_free {
                     c.seq = Some(backend.new_seq().unwrap());
                 }
             }
@@ -787,6 +842,19 @@ mod tests {
             dev.prefills, dev.decodes, dev.mixed
         );
         assert!(truncated >= 18, "{truncated} truncations");
+        // Generated tokens went to FP8 blocks, and prefix reuse cut some back out of them.
+        assert_eq!(
+            dev.fp8_appends > 0,
+            decode_fp8,
+            "{} FP8 appends",
+            dev.fp8_appends
+        );
+        assert_eq!(
+            dev.trimmed > 0,
+            decode_fp8,
+            "{} blocks trimmed",
+            dev.trimmed
+        );
         assert_eq!(waited_fp8, wait_fp8, "tokens waited in FP8 blocks");
         assert_eq!(sinks_in_fp8, sinks_fp8, "sinks kept in FP8 blocks");
         assert!(

@@ -641,6 +641,8 @@ pub struct HostCheck {
     pub moved: usize,
     /// Generated tokens written straight into FP8 waiting blocks (`ClassTokens::decode_fp8`).
     pub fp8_appends: usize,
+    /// Waiting blocks cut back by prefix reuse (`Ops::trim`).
+    pub trimmed: usize,
 }
 
 impl HostCheck {
@@ -781,6 +783,18 @@ impl Executor for HostCheck {
             }
             self.class.insert(z, KvClass::F16);
             self.filled.remove(&z);
+        }
+        // Waiting blocks cut back by prefix reuse: later tokens are written from there.
+        for &(slot, n) in &ops.trim {
+            self.slot_is(slot, KvClass::Fp8, "a trimmed block")?;
+            let filled = self.filled.get(&slot).copied().unwrap_or(0);
+            if n == 0 || n as usize >= filled {
+                return Err(GpuError::Shape(format!(
+                    "slot {slot} holding {filled} tokens trimmed to {n}"
+                )));
+            }
+            self.filled.insert(slot, n as usize);
+            self.trimmed += 1;
         }
         // Moves run in parallel: none may read what another writes, and every source is
         // checked before any target changes class.

@@ -346,11 +346,18 @@ pub struct Ops {
     pub zero: Vec<u32>,
     pub moves: Vec<Move>,
     pub quantize: Vec<Quantize>,
+    /// FP8 waiting blocks (slot, tokens) cut back to their first tokens (`SeqBlocks::truncate`):
+    /// no device work (later tokens are written over what is left past them), but a model of
+    /// the device's blocks must know.
+    pub trim: Vec<(u32, u32)>,
 }
 
 impl Ops {
     pub fn is_empty(&self) -> bool {
-        self.zero.is_empty() && self.moves.is_empty() && self.quantize.is_empty()
+        self.zero.is_empty()
+            && self.moves.is_empty()
+            && self.quantize.is_empty()
+            && self.trim.is_empty()
     }
 
     /// Queue quantizing `src` into `dst_slot` from token `start`; a job of this pass already
@@ -920,20 +927,49 @@ impl SeqBlocks {
     }
 
     /// Keep only the first `len` tokens (prefix reuse) when every later token is still in
-    /// the stream (16-bit, in order); otherwise free every block. Returns the tokens kept.
-    pub fn truncate(&mut self, pool: &mut SlotPool, len: usize) -> usize {
+    /// the stream (16-bit, in order) or at the end of an FP8 waiting block (generated tokens,
+    /// `ClassTokens::decode_fp8`, are appended there in order); otherwise free every block.
+    /// Waiting blocks cut back are named in `ops.trim`. Returns the tokens kept.
+    pub fn truncate(&mut self, pool: &mut SlotPool, len: usize, ops: &mut Ops) -> usize {
         if len >= self.len() {
             return self.len();
         }
-        let stream_start = self
+        let cut = |p: &u32| *p as usize >= len;
+        // Where each waiting block's cut tokens start: they must be its last ones.
+        let first_cut = |b: &Block| b.pos.iter().position(cut).unwrap_or(b.pos.len());
+        let in_stream = self
             .stream
-            .first()
-            .and_then(|b| b.pos.first())
-            .map(|&p| p as usize);
-        if stream_start.is_none_or(|s| s > len) {
+            .iter()
+            .flat_map(|b| &b.pos)
+            .filter(|p| cut(p))
+            .count();
+        let mut in_wait = 0;
+        for b in &self.wait {
+            let k = first_cut(b);
+            if !b.pos[k..].iter().all(cut) {
+                in_wait = usize::MAX;
+                break;
+            }
+            in_wait += b.pos.len() - k;
+        }
+        if in_wait == usize::MAX || in_stream + in_wait != self.len() - len {
             self.release(pool);
             return 0;
         }
+        let mut kept = Vec::with_capacity(self.wait.len());
+        for mut b in std::mem::take(&mut self.wait) {
+            match first_cut(&b) {
+                0 => pool.release(b.slot),
+                k if k == b.pos.len() => kept.push(b),
+                k => {
+                    b.pos.truncate(k);
+                    ops.trim.push((b.slot, k as u32));
+                    kept.push(b);
+                }
+            }
+        }
+        self.wait = kept;
+        // The stream is in position order: its cut tokens are its tail.
         while self
             .stream
             .last()
@@ -1053,6 +1089,13 @@ mod tests {
             // A zeroed slot is any class's empty block; its first write says which.
             for &s in &ops.zero {
                 self.blocks.insert(s, (KvClass::F16, vec![None; 128]));
+            }
+            for &(s, n) in &ops.trim {
+                let b = self.blocks.get_mut(&s).expect("trim of an unknown slot");
+                assert_eq!(b.0, KvClass::Fp8, "trim of a {:?} block", b.0);
+                for v in &mut b.1[n as usize..] {
+                    *v = None;
+                }
             }
             // Moves run in parallel on the GPU: none may read what another writes.
             let written: std::collections::HashSet<(u32, u32)> =
@@ -1298,8 +1341,8 @@ mod tests {
 
     /// Generated tokens go straight into the FP8 waiting blocks (`ClassTokens::decode_fp8`):
     /// a decoding sequence flushes its stream and holds no 16-bit block, the device model
-    /// reads back every token, key groups complete from the waiting blocks alone, and the
-    /// pool returns to full.
+    /// reads back every token, key groups complete from the waiting blocks alone, prefix
+    /// reuse cuts generated tokens back out of them, and the pool returns to full.
     #[test]
     fn decoded_tokens_wait_in_fp8_blocks_and_never_leak() {
         let tokens = ClassTokens {
@@ -1313,8 +1356,7 @@ mod tests {
         let mut pool = SlotPool::new(4096);
         let mut dev = Device::default();
         let mut seqs = vec![SeqBlocks::new(), SeqBlocks::new()];
-        let mut fp8_decoded = 0;
-        let mut groups_from_wait = 0;
+        let (mut fp8_decoded, mut groups_from_wait, mut cut_in_wait) = (0, 0, 0);
         for turn in 1..=10u32 {
             for (si, seq) in seqs.iter_mut().enumerate() {
                 let mut ops = Ops::default();
@@ -1367,13 +1409,24 @@ mod tests {
                     seq.check(&tokens).expect("consistent");
                     dev.check(seq);
                 }
+                // Prefix reuse cuts the last generated tokens out of their waiting blocks
+                // (or, when a key group took them, frees everything).
+                let mut ops = Ops::default();
+                let keep = seq.len() - 3;
+                let kept = seq.truncate(&mut pool, keep, &mut ops);
+                assert!(kept == keep || kept == 0, "kept {kept} of {keep}");
+                cut_in_wait += usize::from(kept == keep && !ops.trim.is_empty());
+                dev.run(&ops);
+                pool.commit();
+                seq.check(&tokens).expect("consistent");
+                dev.check(seq);
             }
             let held: usize = seqs.iter().map(|s| s.slots()).sum();
             assert_eq!(pool.used(), held, "turn {turn}");
         }
         assert!(
-            fp8_decoded > 500 && groups_from_wait > 0,
-            "{groups_from_wait}"
+            fp8_decoded > 500 && groups_from_wait > 0 && cut_in_wait > 5,
+            "{fp8_decoded} {groups_from_wait} {cut_in_wait}"
         );
         // Without `decode_fp8` the same token goes into the stream.
         let mut seq = SeqBlocks::new();
