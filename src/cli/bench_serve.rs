@@ -362,6 +362,20 @@ fn markdown(rows: &[ServeBenchRow], head: &str, timed: bool) -> String {
             let _ = writeln!(s, "{line}");
         }
     }
+    let spread: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let i = r.interval_sessions()?;
+            Some(format!(
+                "- {}: mean sessions of the {} ~10 s intervals past the warm-up {:.1}–{:.1}; \
+                 their mean {:.1} ± {:.1} (standard error, intervals taken as independent)",
+                r.cache, i.intervals, i.min, i.max, i.mean, i.std_err
+            ))
+        })
+        .collect();
+    if !spread.is_empty() {
+        let _ = writeln!(s, "\n{}", spread.join("\n"));
+    }
     if let Some(base) = rows.first() {
         let _ = writeln!(s);
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
@@ -377,10 +391,18 @@ fn markdown(rows: &[ServeBenchRow], head: &str, timed: bool) -> String {
                     ratio(r.turns_completed as f64, base.turns_completed as f64)
                 )
             };
+            // The intervals' relative standard errors, combined as independent.
+            let err = match (r.interval_sessions(), base.interval_sessions()) {
+                (Some(a), Some(b)) if a.mean > 0.0 && b.mean > 0.0 => {
+                    let rel = ((a.std_err / a.mean).powi(2) + (b.std_err / b.mean).powi(2)).sqrt();
+                    format!(" ± {:.2}", rel * ratio(r.mean_sessions, base.mean_sessions))
+                }
+                _ => String::new(),
+            };
             let _ = writeln!(
                 s,
-                "- {} vs {}: {:.2}x peak sessions, {:.2}x mean sessions ({:.2}x mean tokens \
-                 held), {last}",
+                "- {} vs {}: {:.2}x peak sessions, {:.2}x{err} mean sessions ({:.2}x mean \
+                 tokens held), {last}",
                 r.cache,
                 base.cache,
                 ratio(r.peak_sessions as f64, base.peak_sessions as f64),
@@ -684,9 +706,15 @@ fn timeline_plots(rows: &[ServeBenchRow]) -> [Scatter; 2] {
             lines(|p| p.decode_tokens_per_s),
         ),
         plot(
-            "bench serve: sessions with their cache resident",
-            "resident sessions",
-            lines(|p| p.resident as f64),
+            "bench serve: sessions with their cache resident over the last ~10 s",
+            "resident sessions (interval mean; at the point in older runs)",
+            lines(|p| {
+                if p.mean_sessions > 0.0 {
+                    p.mean_sessions
+                } else {
+                    p.resident as f64
+                }
+            }),
         ),
     ]
 }
@@ -705,4 +733,39 @@ fn write_plots(rows: &[ServeBenchRow], setup: &str, dir: &std::path::Path) -> Re
     triaxkv::util::write_atomic(&note, |w| writeln!(w, "{setup}"))
         .with_context(|| format!("writing {}", note.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A timed report gives each cache's spread over its measured intervals and the ratio's
+    /// error from them.
+    #[test]
+    fn report_gives_the_interval_spread_and_the_ratio_error() {
+        let row = |cache: &str, means: &[f64]| ServeBenchRow {
+            cache: cache.into(),
+            mean_sessions: means.iter().sum::<f64>() / means.len() as f64,
+            timeline: means
+                .iter()
+                .map(|&m| TimelinePoint {
+                    mean_sessions: m,
+                    measured: true,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let rows = [
+            row("fp8", &[36.0, 40.0, 38.0, 34.0, 42.0]),
+            row("profile", &[112.0, 116.0, 114.0, 110.0, 118.0]),
+        ];
+        let md = markdown(&rows, "head", true);
+        assert!(
+            md.contains("- fp8: mean sessions of the 5 ~10 s intervals past the warm-up 34.0–42.0"),
+            "{md}"
+        );
+        // 3.00x; relative errors 1.41/38 and 1.41/114 combined: ± 0.12.
+        assert!(md.contains("3.00x ± 0.12 mean sessions"), "{md}");
+    }
 }

@@ -188,6 +188,51 @@ pub struct TimelinePoint {
     pub decode_tokens_per_s: f64,
     pub prefill_tokens_per_s: f64,
     pub mean_decode_batch: f64,
+    /// Time-weighted mean of the resident sessions over the interval (iteration-weighted
+    /// when not timed), and whether the whole interval was past the warm-up.
+    #[serde(default)]
+    pub mean_sessions: f64,
+    #[serde(default)]
+    pub measured: bool,
+}
+
+/// The mean sessions of a run's timeline intervals that lie wholly past the warm-up: how much
+/// a window's mean moves as long sessions come and go.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IntervalSessions {
+    pub intervals: usize,
+    pub min: f64,
+    pub max: f64,
+    /// Their mean, and its standard error taking the intervals as independent (sessions that
+    /// outlive an interval make it an underestimate).
+    pub mean: f64,
+    pub std_err: f64,
+}
+
+impl ServeBenchRow {
+    /// `None` with fewer than two measured intervals (or a timeline from before they were
+    /// recorded).
+    pub fn interval_sessions(&self) -> Option<IntervalSessions> {
+        let v: Vec<f64> = self
+            .timeline
+            .iter()
+            .filter(|p| p.measured && p.mean_sessions > 0.0)
+            .map(|p| p.mean_sessions)
+            .collect();
+        let n = v.len();
+        if n < 2 {
+            return None;
+        }
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        Some(IntervalSessions {
+            intervals: n,
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            mean,
+            std_err: (var / n as f64).sqrt(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -955,8 +1000,9 @@ struct Run<'a, E> {
     /// What the means are over: measured seconds, or iterations when not timed.
     weight: f64,
     /// Since the last timeline point (warm-up included): generated and prefilled tokens,
-    /// decode rows, iterations.
+    /// decode rows, iterations; resident sessions × time, and the time.
     span: [usize; 4],
+    span_sessions: (f64, f64),
 }
 
 impl<E: Executor> Run<'_, E> {
@@ -1364,6 +1410,14 @@ impl<E: Executor> Run<'_, E> {
             self.pool.commit();
         }
         self.exec.sync()?;
+        let dt = if self.exec.timed() {
+            Instant::now().duration_since(t0).as_secs_f64()
+        } else {
+            1.0
+        };
+        let resident = self.resident();
+        self.span_sessions.0 += resident as f64 * dt;
+        self.span_sessions.1 += dt;
         if measure {
             let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
             self.row.schedule_ms += ms(t0, t_sched);
@@ -1375,13 +1429,7 @@ impl<E: Executor> Run<'_, E> {
                 *self.row.decode_attention_ms.get_or_insert(0.0) += a.decode_ms;
             }
             self.row.iterations += 1;
-            let dt = if self.exec.timed() {
-                Instant::now().duration_since(t0).as_secs_f64()
-            } else {
-                1.0
-            };
             self.weight += dt;
-            let resident = self.resident();
             self.row.mean_sessions += resident as f64 * dt;
             self.row.mean_decode_batch += dec.len() as f64 * dt;
             let held: usize = self.clients.iter().map(|c| c.blocks.len()).sum();
@@ -1543,6 +1591,7 @@ pub fn serve_cache<E: Executor>(
         prefill_tokens: 0,
         weight: 0.0,
         span: [0; 4],
+        span_sessions: (0.0, 0.0),
     };
     run.row.slots = run.layout.slots;
     run.row.block_tokens = run.tokens.capacity;
@@ -1562,6 +1611,7 @@ pub fn serve_cache<E: Executor>(
     let start = Instant::now();
     let mut measured_from: Option<Instant> = None;
     let mut last_report = start;
+    let mut interval_measured = cfg.warmup_s <= 0.0;
     loop {
         let el = start.elapsed().as_secs_f64();
         if el >= cfg.duration_s || iterations.is_some_and(|n| run.row.iterations >= n) {
@@ -1576,13 +1626,18 @@ pub fn serve_cache<E: Executor>(
         if since >= 10.0 {
             last_report = Instant::now();
             let [gen, pre, rows, iters] = std::mem::take(&mut run.span);
+            let (sessions, weight) = std::mem::take(&mut run.span_sessions);
+            let t_s = start.elapsed().as_secs_f64();
             let p = TimelinePoint {
-                t_s: start.elapsed().as_secs_f64(),
+                t_s,
                 resident: run.resident(),
                 decode_tokens_per_s: gen as f64 / since,
                 prefill_tokens_per_s: pre as f64 / since,
                 mean_decode_batch: rows as f64 / iters.max(1) as f64,
+                mean_sessions: sessions / weight.max(1e-12),
+                measured: interval_measured,
             };
+            interval_measured = t_s >= cfg.warmup_s;
             run.row.timeline.push(p);
             progress(&format!(
                 "{}: {el:.0} s, {} resident, {} free slots of {}; last {since:.0} s: {:.0} decode \
@@ -1910,6 +1965,37 @@ mod tests {
                 checker.moved
             );
         }
+    }
+
+    /// Interval statistics take only the intervals wholly past the warm-up, and none from a
+    /// timeline recorded before intervals had means.
+    #[test]
+    fn interval_sessions_skip_the_warm_up() {
+        let point = |mean_sessions: f64, measured: bool| TimelinePoint {
+            mean_sessions,
+            measured,
+            ..Default::default()
+        };
+        let mut row = ServeBenchRow {
+            timeline: vec![point(180.0, false), point(120.0, false)],
+            ..Default::default()
+        };
+        assert_eq!(row.interval_sessions(), None);
+        row.timeline
+            .extend([point(100.0, true), point(110.0, true), point(120.0, true)]);
+        let i = row.interval_sessions().expect("three measured intervals");
+        assert_eq!(
+            (i.intervals, i.min, i.max, i.mean),
+            (3, 100.0, 120.0, 110.0)
+        );
+        // Sample standard deviation 10 over sqrt(3) intervals.
+        assert!((i.std_err - 10.0 / 3f64.sqrt()).abs() < 1e-9, "{i:?}");
+        // Old timelines: instantaneous residents only.
+        let old = ServeBenchRow {
+            timeline: vec![TimelinePoint::default(); 5],
+            ..Default::default()
+        };
+        assert_eq!(old.interval_sessions(), None);
     }
 
     #[test]
