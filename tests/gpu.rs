@@ -1895,22 +1895,9 @@ fn serve_backend_matches_gpu_forward() {
     }
 }
 
-/// `bench serve` (unless `--separate-steps`) runs an iteration's decode rows and prefill chunks as one step;
-/// the same schedule served in separate steps must generate the same greedy tokens (the
-/// GEMMs differ in rows only, so ties aside every token is equal).
-#[test]
-fn fused_step_generates_what_separate_steps_do() {
-    use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights, ModelShape};
-    use triaxkv::gpu::serve_bench::{
-        pool_layout, serve_cache, BenchCache, GpuExec, HostCheck, ServeBenchConfig, SessionOrder,
-    };
-    use triaxkv::paged::pool::ClassMap;
-    use triaxkv::paged::workload::{Session, Turn, Workload, SCHEMA};
-    use triaxkv::tags::Role;
-    let Some(gpu) = gpu_or_skip("fused_step_generates_what_separate_steps_do") else {
-        return;
-    };
-    let shape = ModelShape {
+/// A two-layer random-weight shape with head dim 128 for the serving tests.
+fn tiny_serve_shape() -> triaxkv::gpu::decode_step::ModelShape {
+    triaxkv::gpu::decode_step::ModelShape {
         name: "tiny".into(),
         layers: 2,
         hidden: 256,
@@ -1923,7 +1910,25 @@ fn fused_step_generates_what_separate_steps_do() {
         rope_scaling: triaxkv::model::config::RopeScaling::None,
         rms_eps: 1e-5,
         qk_norm: false,
+    }
+}
+
+/// `bench serve` (unless `--separate-steps`) runs an iteration's decode rows and prefill chunks as one step;
+/// the same schedule served in separate steps must generate the same greedy tokens (the
+/// GEMMs differ in rows only, so ties aside every token is equal).
+#[test]
+fn fused_step_generates_what_separate_steps_do() {
+    use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights};
+    use triaxkv::gpu::serve_bench::{
+        pool_layout, serve_cache, BenchCache, GpuExec, HostCheck, ServeBenchConfig, SessionOrder,
     };
+    use triaxkv::paged::pool::ClassMap;
+    use triaxkv::paged::workload::{Session, Turn, Workload, SCHEMA};
+    use triaxkv::tags::Role;
+    let Some(gpu) = gpu_or_skip("fused_step_generates_what_separate_steps_do") else {
+        return;
+    };
+    let shape = tiny_serve_shape();
     let role = |r: Role| Role::ALL.iter().position(|&x| x == r).unwrap_or(0) as u8;
     let sessions = (0..6)
         .map(|i| {
@@ -2040,7 +2045,7 @@ fn fused_step_generates_what_separate_steps_do() {
 /// every layer and KV head (E4M3 codes and the block's scales).
 #[test]
 fn decode_append_into_fp8_writes_what_a_move_does() {
-    use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights, ModelShape};
+    use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights};
     use triaxkv::gpu::serve_bench::{
         pool_layout, Executor, GpuExec, ServeBenchConfig, SessionOrder, StepRows,
     };
@@ -2048,20 +2053,7 @@ fn decode_append_into_fp8_writes_what_a_move_does() {
     let Some(gpu) = gpu_or_skip("decode_append_into_fp8_writes_what_a_move_does") else {
         return;
     };
-    let shape = ModelShape {
-        name: "tiny".into(),
-        layers: 2,
-        hidden: 256,
-        q_heads: 4,
-        kv_heads: 2,
-        head_dim: 128,
-        intermediate: 512,
-        vocab: 512,
-        rope_theta: 10_000.0,
-        rope_scaling: triaxkv::model::config::RopeScaling::None,
-        rms_eps: 1e-5,
-        qk_norm: false,
-    };
+    let shape = tiny_serve_shape();
     let cfg = ServeBenchConfig {
         shape: shape.clone(),
         kv_memory: 16 << 20,

@@ -1195,6 +1195,22 @@ mod tests {
         }
     }
 
+    /// Age `seq` to (`turn`, `turn`), the pass's work run on `dev`.
+    fn age_pass(
+        seq: &mut SeqBlocks,
+        pool: &mut SlotPool,
+        dev: &mut Device,
+        map: &ClassMap,
+        tokens: &ClassTokens,
+        turn: u32,
+    ) {
+        let mut ops = Ops::default();
+        seq.age(pool, map, tokens, (turn, turn), &mut ops)
+            .expect("room");
+        dev.run(&ops);
+        pool.commit();
+    }
+
     /// Append `tags` to `seq` and settle, each pass's work run on `dev`; both checked after.
     /// The settle pass's work.
     fn append_settle(
@@ -1299,11 +1315,7 @@ mod tests {
         };
         for turn in 1..=12u32 {
             for (si, seq) in seqs.iter_mut().enumerate() {
-                let mut ops = Ops::default();
-                seq.age(&mut pool, &map, &tokens, (turn, turn), &mut ops)
-                    .expect("room");
-                dev.run(&ops);
-                pool.commit();
+                age_pass(seq, &mut pool, &mut dev, &map, &tokens, turn);
                 for _ in 0..3 {
                     let role = [Role::System, Role::User, Role::Observation, Role::Assistant]
                         [(next() % 4) as usize];
@@ -1359,11 +1371,7 @@ mod tests {
         let (mut fp8_decoded, mut groups_from_wait, mut cut_in_wait) = (0, 0, 0);
         for turn in 1..=10u32 {
             for (si, seq) in seqs.iter_mut().enumerate() {
-                let mut ops = Ops::default();
-                seq.age(&mut pool, &map, &tokens, (turn, turn), &mut ops)
-                    .expect("room");
-                dev.run(&ops);
-                pool.commit();
+                age_pass(seq, &mut pool, &mut dev, &map, &tokens, turn);
                 let role = [Role::User, Role::Observation][(turn as usize + si) % 2];
                 let n = 20 + 37 * si + 11 * turn as usize;
                 append_settle(
