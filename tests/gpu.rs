@@ -1998,6 +1998,7 @@ fn fused_step_generates_what_separate_steps_do() {
                 decode_fp8: false,
                 seed: 7,
                 order: SessionOrder::Recorded,
+                staggered_start: false,
                 fused_step,
             };
             let max_rows = cfg.max_rows();
@@ -2070,6 +2071,7 @@ fn decode_append_into_fp8_writes_what_a_move_does() {
         decode_fp8: true,
         seed: 7,
         order: SessionOrder::Recorded,
+        staggered_start: false,
         fused_step: true,
     };
     let map = ClassMap::uniform(KvClass::Int2, 4, 0);

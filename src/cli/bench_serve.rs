@@ -149,6 +149,11 @@ pub struct ServeArgs {
     /// (`ClassTokens::decode_fp8`).
     #[arg(long)]
     decode_fp8: bool,
+    /// Each client joins its first session at a random turn, its history sent as the first
+    /// prompt (agents already under way when the server starts), so the resident sessions
+    /// start near their steady mix instead of all at turn 0 and a shorter warm-up suffices.
+    #[arg(long)]
+    staggered_start: bool,
     /// The order clients take the sessions in: a fixed shuffle (seed `--order-seed`), so
     /// every stretch of the run mixes the sources as the workload does and caches that get
     /// through it at different speeds serve the same mix; or as recorded (file by file: a
@@ -454,6 +459,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         wait_fp8: args.wait == Wait::Fp8,
         sinks_fp8: args.sinks_fp8,
         decode_fp8: args.decode_fp8,
+        staggered_start: args.staggered_start,
         seed: 0x5eed,
         order: match args.order {
             Order::Recorded => SessionOrder::Recorded,
@@ -478,7 +484,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             cfg.kv_memory as f64 / (1u64 << 30) as f64,
             cfg.clients,
             work.sessions.len(),
-            order_note(cfg.order),
+            order_note(&cfg),
             cfg.chunk,
             steps(&cfg),
             cfg.v_group,
@@ -500,7 +506,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         cfg.kv_memory as f64 / (1u64 << 30) as f64,
         cfg.clients,
         work.sessions.len(),
-        order_note(cfg.order),
+        order_note(&cfg),
         cfg.chunk,
         steps(&cfg),
         cfg.v_group,
@@ -513,10 +519,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
     report(&rows, &head, &args, true)
 }
 
-fn order_note(order: SessionOrder) -> String {
-    match order {
-        SessionOrder::Recorded => "taken in recorded order".into(),
+fn order_note(cfg: &ServeBenchConfig) -> String {
+    let order = match cfg.order {
+        SessionOrder::Recorded => "taken in recorded order".to_string(),
         SessionOrder::Shuffled(seed) => format!("taken in a shuffled order, seed {seed}"),
+    };
+    if cfg.staggered_start {
+        format!("{order}, the first at a random turn")
+    } else {
+        order
     }
 }
 

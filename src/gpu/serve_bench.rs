@@ -65,6 +65,10 @@ pub struct ServeBenchConfig {
     pub seed: u32,
     /// The order clients take sessions in (`SessionOrder`).
     pub order: SessionOrder,
+    /// Each client joins its first session at a random turn (its history the first prompt),
+    /// as agents already under way meet a server that just started: the resident sessions
+    /// start near their steady mix of lengths instead of all at turn 0.
+    pub staggered_start: bool,
     /// Run an iteration's prefill chunks and decode rows as one step (one pass over the
     /// weights) instead of two.
     pub fused_step: bool,
@@ -1553,10 +1557,20 @@ pub fn serve_cache<E: Executor>(
     let (layout, slot_bytes) = pool_layout(cfg, &bc.map)?;
     let t = Instant::now();
     let order = session_order(work.sessions.len(), cfg.order);
+    let mut rng = {
+        use rand::SeedableRng;
+        rand::rngs::StdRng::seed_from_u64(u64::from(cfg.seed) ^ 0x57a9_6e4d)
+    };
     let clients = (0..cfg.clients)
         .map(|i| Client {
             session: order[i % order.len()],
-            turn: 0,
+            turn: if cfg.staggered_start {
+                use rand::Rng;
+                let turns = work.sessions[order[i % order.len()]].turns.len();
+                rng.random_range(0..turns.max(1))
+            } else {
+                0
+            },
             blocks: SeqBlocks::new(),
             phase: Phase::Waiting,
             sent: t,
@@ -1917,6 +1931,7 @@ mod tests {
                 decode_fp8,
                 seed: 0,
                 order: SessionOrder::Recorded,
+                staggered_start: false,
                 fused_step,
             };
             let mut checker = HostCheck::default();
