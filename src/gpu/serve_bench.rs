@@ -1982,6 +1982,56 @@ mod tests {
         }
     }
 
+    /// With `staggered_start` clients join their first session part-way: the opening burst of
+    /// short first turns is smaller, nothing leaks, and the runs are reproducible.
+    #[test]
+    fn staggered_start_joins_sessions_part_way() {
+        let work = workload(12, 10);
+        let shape = crate::gpu::decode_step::ModelShape::llama3_8b();
+        let slot = shape.layers * shape.kv_heads * 9728;
+        let bc = BenchCache {
+            name: "mixed-w0".into(),
+            map: ClassMap {
+                window: 0,
+                ..mixed()
+            },
+        };
+        let run = |staggered_start: bool| {
+            let cfg = ServeBenchConfig {
+                shape: shape.clone(),
+                kv_memory: 120 * slot,
+                caches: vec![],
+                clients: 24,
+                chunk: 512,
+                max_batch: 64,
+                duration_s: 1e9,
+                warmup_s: 0.0,
+                v_group: 64,
+                k_group: 64,
+                wait_fp8: true,
+                sinks_fp8: true,
+                decode_fp8: true,
+                seed: 3,
+                order: SessionOrder::Shuffled(1),
+                staggered_start,
+                fused_step: true,
+            };
+            let mut checker = HostCheck::default();
+            let row = serve_cache(&mut checker, &cfg, &work, &bc, 1024, Some(600), |_| {})
+                .expect("serves");
+            assert_eq!(row.leaked_slots, 0);
+            row
+        };
+        let (cold, staggered) = (run(false), run(true));
+        assert!(
+            staggered.peak_sessions < cold.peak_sessions,
+            "peak {} staggered vs {} from turn 0",
+            staggered.peak_sessions,
+            cold.peak_sessions
+        );
+        assert_eq!(run(true).turns_completed, staggered.turns_completed);
+    }
+
     /// Interval statistics take only the intervals wholly past the warm-up, and none from a
     /// timeline recorded before intervals had means.
     #[test]
