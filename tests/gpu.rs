@@ -1920,7 +1920,7 @@ fn tiny_serve_shape() -> triaxkv::gpu::decode_step::ModelShape {
 fn fused_step_generates_what_separate_steps_do() {
     use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights};
     use triaxkv::gpu::serve_bench::{
-        pool_layout, serve_cache, BenchCache, GpuExec, HostCheck, ServeBenchConfig, SessionOrder,
+        pool_layout, serve_cache, BenchCache, GpuExec, HostCheck, ServeBenchConfig,
     };
     use triaxkv::paged::pool::ClassMap;
     use triaxkv::paged::workload::{Session, Turn, Workload, SCHEMA};
@@ -1983,23 +1983,12 @@ fn fused_step_generates_what_separate_steps_do() {
         let mut fused_steps = 0;
         for fused_step in [false, true] {
             let cfg = ServeBenchConfig {
-                shape: shape.clone(),
-                kv_memory: 64 << 20,
-                caches: vec![],
                 clients: 8,
                 chunk: 128,
                 max_batch: 16,
-                duration_s: 1e9,
-                warmup_s: 0.0,
-                v_group: 64,
-                k_group: 64,
-                wait_fp8: false,
-                sinks_fp8: false,
-                decode_fp8: false,
                 seed: 7,
-                order: SessionOrder::Recorded,
-                staggered_start: false,
                 fused_step,
+                ..ServeBenchConfig::new(shape.clone(), 64 << 20)
             };
             let max_rows = cfg.max_rows();
             let mut step = DecodeStep::new(&gpu, &shape, max_rows, cfg.v_group).unwrap();
@@ -2047,32 +2036,19 @@ fn fused_step_generates_what_separate_steps_do() {
 #[test]
 fn decode_append_into_fp8_writes_what_a_move_does() {
     use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights};
-    use triaxkv::gpu::serve_bench::{
-        pool_layout, Executor, GpuExec, ServeBenchConfig, SessionOrder, StepRows,
-    };
+    use triaxkv::gpu::serve_bench::{pool_layout, Executor, GpuExec, ServeBenchConfig, StepRows};
     use triaxkv::paged::pool::{ClassMap, Move, Ops};
     let Some(gpu) = gpu_or_skip("decode_append_into_fp8_writes_what_a_move_does") else {
         return;
     };
     let shape = tiny_serve_shape();
     let cfg = ServeBenchConfig {
-        shape: shape.clone(),
-        kv_memory: 16 << 20,
-        caches: vec![],
-        clients: 1,
         chunk: 64,
         max_batch: 4,
-        duration_s: 1.0,
-        warmup_s: 0.0,
-        v_group: 64,
-        k_group: 64,
         wait_fp8: true,
         sinks_fp8: true,
         decode_fp8: true,
-        seed: 7,
-        order: SessionOrder::Recorded,
-        staggered_start: false,
-        fused_step: true,
+        ..ServeBenchConfig::new(shape.clone(), 16 << 20)
     };
     let map = ClassMap::uniform(KvClass::Int2, 4, 0);
     let w = DeviceWeights::random(&gpu, &shape, 11).unwrap();

@@ -75,6 +75,31 @@ pub struct ServeBenchConfig {
 }
 
 impl ServeBenchConfig {
+    /// `shape` served from `kv_memory` bytes with the pool's defaults (value and key groups
+    /// of 64, waiting tokens and sinks at 16 bits, sessions in recorded order, fused steps),
+    /// one client, no caches and no time limit: the rest is the caller's.
+    pub fn new(shape: ModelShape, kv_memory: usize) -> Self {
+        ServeBenchConfig {
+            shape,
+            kv_memory,
+            caches: vec![],
+            clients: 1,
+            chunk: 2048,
+            max_batch: 64,
+            duration_s: f64::MAX,
+            warmup_s: 0.0,
+            v_group: 64,
+            k_group: 64,
+            wait_fp8: false,
+            sinks_fp8: false,
+            decode_fp8: false,
+            seed: 0,
+            order: SessionOrder::Recorded,
+            staggered_start: false,
+            fused_step: true,
+        }
+    }
+
     /// Rows of the largest step: a prefill budget, a decode batch, or both when fused.
     pub fn max_rows(&self) -> usize {
         let chunk = self.chunk.min(PREFILL_ROWS);
@@ -1916,23 +1941,14 @@ mod tests {
             // 200 slots: room for a few sessions at 16 bits, many more mixed.
             let slot = shape.layers * shape.kv_heads * 9728;
             let cfg = ServeBenchConfig {
-                shape,
-                kv_memory: 200 * slot,
-                caches: vec![],
                 clients: 24,
                 chunk: 256,
-                max_batch: 64,
-                duration_s: 1e9,
-                warmup_s: 0.0,
-                v_group: 64,
                 k_group: 128,
                 wait_fp8,
                 sinks_fp8,
                 decode_fp8,
-                seed: 0,
-                order: SessionOrder::Recorded,
-                staggered_start: false,
                 fused_step,
+                ..ServeBenchConfig::new(shape, 200 * slot)
             };
             let mut checker = HostCheck::default();
             let row = serve_cache(&mut checker, &cfg, &work, bc, 512, Some(1500), |_| {})
@@ -1998,23 +2014,15 @@ mod tests {
         };
         let run = |staggered_start: bool| {
             let cfg = ServeBenchConfig {
-                shape: shape.clone(),
-                kv_memory: 120 * slot,
-                caches: vec![],
                 clients: 24,
                 chunk: 512,
-                max_batch: 64,
-                duration_s: 1e9,
-                warmup_s: 0.0,
-                v_group: 64,
-                k_group: 64,
                 wait_fp8: true,
                 sinks_fp8: true,
                 decode_fp8: true,
                 seed: 3,
                 order: SessionOrder::Shuffled(1),
                 staggered_start,
-                fused_step: true,
+                ..ServeBenchConfig::new(shape.clone(), 120 * slot)
             };
             let mut checker = HostCheck::default();
             let row = serve_cache(&mut checker, &cfg, &work, &bc, 1024, Some(600), |_| {})
