@@ -165,6 +165,12 @@ pub struct ServeArgs {
     order_seed: u64,
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Run the caches at once on these GPUs (e.g. 0,1,2,3: cache i on the i-th, a device's
+    /// caches in turn when there are more caches), one thread each, instead of one after
+    /// another on `--device`: on identical GPUs the whole comparison takes one cache's time,
+    /// so one run affords a long window per cache.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    devices: Vec<usize>,
     /// No GPU: run N scheduler iterations per cache against a host model of the device that
     /// checks every request (capacity, admission and preemption; times are host-only).
     #[arg(long, value_name = "N")]
@@ -426,6 +432,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.random_weights
         );
     };
+    if let Some(d) = args
+        .devices
+        .iter()
+        .enumerate()
+        .find_map(|(i, d)| args.devices[..i].contains(d).then_some(d))
+    {
+        bail!(
+            "--devices lists device {d} twice: caches sharing a GPU at once would slow each other"
+        );
+    }
     if args.decode_fp8 && args.wait != Wait::Fp8 {
         bail!(
             "--decode-fp8 writes generated tokens into the FP8 waiting blocks: it needs --wait fp8"
@@ -494,13 +510,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let rows = serve_bench::run_host_check(&cfg, &work, n, |m| eprintln!("{m}"))?;
         return report(&rows, &head, &args, false);
     }
-    let gpu = GpuContext::open(args.device).context("opening the GPU for bench serve")?;
+    let first = args.devices.first().copied().unwrap_or(args.device);
+    let gpu = GpuContext::open(first).context("opening the GPU for bench serve")?;
+    let on = match args.devices.len() {
+        0 | 1 => gpu.name.clone(),
+        n => format!(
+            "{n} GPUs ({} first; caches run at once, cache i on device {:?}[i % {n}])",
+            gpu.name, args.devices
+        ),
+    };
     let head = format!(
-        "bench serve on {} ({}): {} with random bf16 weights (speed only), {:.1} GiB KV per \
+        "bench serve on {on} ({}): {} with random bf16 weights (speed only), {:.1} GiB KV per \
          cache, {} clients over {} recorded sessions ({tokens} tokens, {gen} generated per \
          pass, {}), chunk {}{}, value group {}, key group {}, {:.0} s per cache, the first \
          {:.0} s not counted",
-        gpu.name,
         gpu.arch(),
         cfg.shape.name,
         cfg.kv_memory as f64 / (1u64 << 30) as f64,
@@ -515,7 +538,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         cfg.warmup_s
     );
     eprintln!("{head}");
-    let rows = serve_bench::run(&gpu, &cfg, &work, |m| eprintln!("{m}"))?;
+    let rows = if args.devices.is_empty() {
+        serve_bench::run(&gpu, &cfg, &work, |m| eprintln!("{m}"))?
+    } else {
+        drop(gpu);
+        serve_bench::run_parallel(&args.devices, &cfg, &work, |m| eprintln!("{m}"))?
+    };
     report(&rows, &head, &args, true)
 }
 

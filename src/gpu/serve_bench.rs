@@ -205,6 +205,9 @@ pub struct ServeBenchRow {
     /// point, to tell the admission burst from the steady state.
     #[serde(default)]
     pub timeline: Vec<TimelinePoint>,
+    /// The device the cache ran on, when caches ran in parallel (`run_parallel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// One point of `ServeBenchRow::timeline`.
@@ -1826,6 +1829,68 @@ pub fn run(
     Ok(rows)
 }
 
+/// `run` with the caches spread over `devices` and run at once, one thread per device (cache
+/// `i` on `devices[i % devices.len()]`, a device's caches in turn): on identical GPUs each
+/// cache gets a device of its own, so four caches take one cache's time. Rows in `cfg`'s
+/// cache order, each naming its device.
+pub fn run_parallel(
+    devices: &[usize],
+    cfg: &ServeBenchConfig,
+    work: &Workload,
+    progress: impl Fn(&str) + Sync,
+) -> Result<Vec<ServeBenchRow>, GpuError> {
+    if devices.is_empty() {
+        return Err(GpuError::Shape("no device to run the caches on".into()));
+    }
+    let progress = &progress;
+    let parts: Vec<Result<Vec<(usize, ServeBenchRow)>, GpuError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(d, &device)| {
+                let mine: Vec<usize> = (0..cfg.caches.len())
+                    .filter(|i| i % devices.len() == d)
+                    .collect();
+                let sub = ServeBenchConfig {
+                    caches: mine.iter().map(|&i| cfg.caches[i].clone()).collect(),
+                    ..cfg.clone()
+                };
+                s.spawn(move || {
+                    if sub.caches.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    let gpu = GpuContext::open(device)?;
+                    let rows = run(&gpu, &sub, work, |m| {
+                        progress(&format!("[GPU {device}] {m}"))
+                    })?;
+                    Ok(mine
+                        .into_iter()
+                        .zip(rows)
+                        .map(|(i, mut r)| {
+                            r.device = Some(format!("{device}: {}", gpu.name));
+                            (i, r)
+                        })
+                        .collect())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(GpuError::Shape("a device's bench thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    let mut rows: Vec<(usize, ServeBenchRow)> = Vec::with_capacity(cfg.caches.len());
+    for p in parts {
+        rows.extend(p?);
+    }
+    rows.sort_by_key(|r| r.0);
+    Ok(rows.into_iter().map(|r| r.1).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1995,6 +2060,28 @@ mod tests {
                 checker.quantized,
                 checker.moved
             );
+        }
+    }
+
+    /// Parallel runs need a device, and a device that cannot be opened is an error from its
+    /// thread, not a panic (this machine: no driver, or too few GPUs).
+    #[test]
+    fn parallel_runs_report_device_errors() {
+        let cfg = ServeBenchConfig {
+            caches: vec![BenchCache {
+                name: "bf16".into(),
+                map: ClassMap::uniform(KvClass::F16, 0, 0),
+            }],
+            ..ServeBenchConfig::new(crate::gpu::decode_step::ModelShape::llama3_8b(), 1 << 30)
+        };
+        let work = workload(2, 2);
+        assert!(run_parallel(&[], &cfg, &work, |_| {}).is_err());
+        if crate::gpu::driver_available() {
+            return; // a GPU machine: the GPU tests run the benchmark itself
+        }
+        match run_parallel(&[0, 1], &cfg, &work, |_| {}) {
+            Err(GpuError::NoDriver) => {}
+            other => panic!("{other:?}"),
         }
     }
 
