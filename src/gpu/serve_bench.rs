@@ -1412,8 +1412,14 @@ impl<E: Executor> Run<'_, E> {
                     continue;
                 }
                 let now = self.now_of(c);
-                let pos = self.clients[c].blocks.len();
-                let next = self.session_tags(c, pos..pos + 1).first().copied();
+                // The tag of a decoding session's next token (whether it flushes its stream).
+                let decoding = matches!(self.clients[c].phase, Phase::Decode { .. });
+                let next = if ageing || !decoding {
+                    None
+                } else {
+                    let pos = self.clients[c].blocks.len();
+                    self.session_tags(c, pos..pos + 1).first().copied()
+                };
                 let cl = &mut self.clients[c];
                 let r = if ageing {
                     cl.blocks
@@ -1421,10 +1427,8 @@ impl<E: Executor> Run<'_, E> {
                 } else {
                     // A session about to generate tokens that go straight into the FP8
                     // waiting blocks flushes its stream (`ClassTokens::decode_fp8`).
-                    let flush = matches!(cl.phase, Phase::Decode { .. })
-                        && next.is_some_and(|t| {
-                            cl.blocks.decodes_into_fp8(self.map, &self.tokens, &t)
-                        });
+                    let flush = next
+                        .is_some_and(|t| cl.blocks.decodes_into_fp8(self.map, &self.tokens, &t));
                     cl.blocks
                         .settle(&mut self.pool, self.map, &self.tokens, flush, &mut ops)
                 };
