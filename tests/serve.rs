@@ -932,17 +932,34 @@ fn memory_pressure_preempts_and_recomputes() {
 /// prints how many), and once the server stops the pool is whole again.
 #[test]
 fn gpu_pool_backend_serves_http_with_every_request_checked() {
+    gpu_pool_http("profiles/triaxial-2.97.json", false);
+}
+
+/// The same with a window-0 profile whose generated tokens go straight into the FP8 waiting
+/// blocks (`serve --gpu --wait-fp8 --sinks-fp8 --decode-fp8`): kept prefixes are cut back off
+/// the end of those blocks.
+#[test]
+fn gpu_pool_backend_serves_http_with_fp8_decode() {
+    gpu_pool_http("profiles/tag-only-2.55-w0.json", true);
+}
+
+fn gpu_pool_http(profile: &str, fp8: bool) {
     use triaxkv::gpu::decode_step::ModelShape;
     use triaxkv::gpu::serve_bench::HostCheck;
     use triaxkv::gpu::{GpuBackend, PoolSpec};
     let Some(s) = shared() else { return };
-    let profile =
-        triaxkv::profile::Profile::read(std::path::Path::new("profiles/triaxial-2.97.json"))
-            .expect("the shipped profile");
+    let profile = triaxkv::profile::Profile::read(std::path::Path::new(profile))
+        .expect("the shipped profile");
     let shape = ModelShape::of_config("smol", &s.model.config);
     // Slots of this pool: 3 KV heads × 30 layers × the largest class's slab.
-    let backend =
-        GpuBackend::checked(&shape, PoolSpec::of_profile(&profile, 110 << 20), 256).unwrap();
+    let spec = PoolSpec {
+        wait_fp8: fp8,
+        sinks_fp8: fp8,
+        decode_fp8: fp8,
+        ..PoolSpec::of_profile(&profile, 110 << 20)
+    };
+    let backend = GpuBackend::checked(&shape, spec, 256).unwrap();
+    let device = backend.device_handle();
     let pool = backend.pool_handle();
     let (free0, total) = backend.pool_slots();
     assert_eq!(free0, total);
@@ -1040,4 +1057,11 @@ fn gpu_pool_backend_serves_http_with_every_request_checked() {
     // The engine (and its kept prefixes) are gone: every slot is free again.
     let p = pool.lock().unwrap();
     assert_eq!(p.free(), p.total(), "slots leaked");
+    // Generated tokens went straight into FP8 waiting blocks only when asked to.
+    let d = device.lock().unwrap();
+    eprintln!(
+        "pool backend: {} generated tokens appended in FP8, {} waiting blocks trimmed",
+        d.fp8_appends, d.trimmed
+    );
+    assert_eq!(d.fp8_appends > 0, fp8, "{} FP8 appends", d.fp8_appends);
 }

@@ -93,7 +93,7 @@ pub struct PoolShape {
 
 /// The engine's backend over a block pool on `E`.
 pub struct GpuBackend<E> {
-    device: Mutex<E>,
+    device: Arc<Mutex<E>>,
     pool: Arc<Mutex<SlotPool>>,
     map: ClassMap,
     shape: PoolShape,
@@ -225,7 +225,7 @@ impl<E: Executor> GpuBackend<E> {
                 "gpu, kv {describe}, {slots} slots of {} KiB",
                 pool.slot_bytes >> 10
             ),
-            device: Mutex::new(device),
+            device: Arc::new(Mutex::new(device)),
             pool: Arc::new(Mutex::new(SlotPool::new(slots))),
             map,
             elements_per_token: shape.layers * shape.kv_heads * shape.head_dim * 2,
@@ -262,6 +262,12 @@ impl<E: Executor> GpuBackend<E> {
     /// A clone of the pool's handle, to watch it after the backend moved into an engine.
     pub fn pool_handle(&self) -> Arc<Mutex<SlotPool>> {
         self.pool.clone()
+    }
+
+    /// A clone of the device's handle (a `HostCheck`'s counts, after the backend moved into
+    /// an engine).
+    pub fn device_handle(&self) -> Arc<Mutex<E>> {
+        self.device.clone()
     }
 
     /// Age `w`'s blocks to its tokens' (turn, step) and append the tokens to its stream.
