@@ -387,6 +387,24 @@ fn markdown(rows: &[ServeBenchRow], head: &str, timed: bool) -> String {
     if !spread.is_empty() {
         let _ = writeln!(s, "\n{}", spread.join("\n"));
     }
+    // Caches run at once on several GPUs compare fairly only on identical ones.
+    let models: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .filter_map(|r| r.device.as_deref())
+        .map(|d| d.split_once(": ").map_or(d, |x| x.1))
+        .collect();
+    if models.len() > 1 {
+        let on: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{} on {}", r.cache, r.device.as_deref().unwrap_or("?")))
+            .collect();
+        let _ = writeln!(
+            s,
+            "\n- warning: the caches ran on different GPU models ({}): their speeds do not \
+             compare",
+            on.join(", ")
+        );
+    }
     if let Some(base) = rows.first() {
         let _ = writeln!(s);
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
@@ -806,5 +824,25 @@ mod tests {
         );
         // 3.00x; relative errors 1.41/38 and 1.41/114 combined: ± 0.12.
         assert!(md.contains("3.00x ± 0.12 mean sessions"), "{md}");
+        assert!(!md.contains("warning"), "{md}");
+        // Parallel runs on two GPU models are flagged; on one model they are not.
+        let on = |mut r: ServeBenchRow, d: &str| {
+            r.device = Some(d.into());
+            r
+        };
+        let same = [
+            on(rows[0].clone(), "0: NVIDIA H200"),
+            on(rows[1].clone(), "1: NVIDIA H200"),
+        ];
+        assert!(!markdown(&same, "head", true).contains("warning"));
+        let mixed = [
+            on(rows[0].clone(), "0: NVIDIA H200"),
+            on(rows[1].clone(), "1: NVIDIA H100 80GB HBM3"),
+        ];
+        let md = markdown(&mixed, "head", true);
+        assert!(
+            md.contains("warning: the caches ran on different GPU models"),
+            "{md}"
+        );
     }
 }
