@@ -20,7 +20,8 @@
 # SERVE_ARGS adds arguments, e.g. "--kv-memory 4GiB --duration 60"). SERVE_GPU=1 runs
 # `triaxkv serve --gpu` on MODEL (scripts/gpu/serve_check.py: greedy answers vs the CPU
 # server, then concurrent multi-turn clients; SERVE_GPU_ARGS adds arguments, e.g.
-# "--clients 64 --duration 60"; "--wait-fp8 --sinks-fp8 --decode-fp8" go to the GPU server), once per
+# "--clients 64 --duration 60"; "--wait-fp8 --sinks-fp8 --decode-fp8 --window-fp8" go to the GPU
+# server; a profile allocated with --hold-fp8 sets them itself), once per
 # entry of SERVE_GPU_PROFILES (default "f16
 # tag-only-2.97": 16-bit, then profiles/tag-only-2.97.json, which the GPU pool stores exactly).
 # BUNDLE=1 leaves $OUT holding one results.tar.gz of everything the run wrote (for transports

@@ -126,11 +126,16 @@ fn floor_bits() -> f64 {
 /// `floor_bits` for a cache keeping `protected` sink and window tokens at 16 bits: the
 /// calibration's context (its tokens, sinks and window) stays, the rest of it is quantized.
 fn floor_bits_protecting(protected: usize) -> f64 {
+    floor_bits_protecting_at(protected, 16.0)
+}
+
+/// The same with the protected tokens held at `bits` (8: FP8, `--hold-fp8`).
+fn floor_bits_protecting_at(protected: usize, bits: f64) -> f64 {
     let context = TAGS.iter().map(|t| t.2).sum::<f64>() + (SINKS + WINDOW) as f64;
     let p = protected as f64;
     let n = context - p;
-    let k = n * (2.0 + 32.0 / 64.0) + 16.0 * p;
-    let v = n * (2.0 + 32.0 / 16.0) + 16.0 * p;
+    let k = n * (2.0 + 32.0 / 64.0) + bits * p;
+    let v = n * (2.0 + 32.0 / 16.0) + bits * p;
     (k + v) / (2.0 * (n + p))
 }
 
@@ -438,4 +443,41 @@ fn sinks_and_window_flags_set_the_cache_and_the_floor() {
         "{}",
         p.budget.achieved_bits
     );
+}
+
+/// `--hold-fp8` charges the sinks and window at 8 bits (the floor drops by what that saves),
+/// records it in the profile, and the CPU cache the profile builds holds them in FP8.
+#[test]
+fn hold_fp8_charges_sinks_and_window_at_8_bits() {
+    let (dir, calib) = calib_dir();
+    let out = dir.path().join("hold.json");
+    let e = failed(&allocate(
+        &calib,
+        &out,
+        &["--budget", "2.0", "--policy", "tag-only", "--hold-fp8"],
+    ));
+    let floor = floor_bits_protecting_at(SINKS + WINDOW, 8.0);
+    assert!(floor < floor_bits_protecting(SINKS + WINDOW));
+    assert!(
+        e.contains(&format!("{floor:.4}")) && e.contains("at 8"),
+        "{e}"
+    );
+    let at = format!("{}", floor + 1e-9);
+    ok(&allocate(
+        &calib,
+        &out,
+        &["--budget", &at, "--policy", "tag-only", "--hold-fp8"],
+    ));
+    let p = Profile::read(&out).unwrap();
+    assert!(p.cache.hold_fp8);
+    assert!(p.assignments.iter().all(|a| a.bits == 2));
+    assert!((p.budget.achieved_bits - floor).abs() < 1e-9);
+    let cfg = p.cache.cache_config();
+    assert!(cfg.wait_fp8 && cfg.sinks_fp8 && cfg.window_fp8, "{cfg:?}");
+    // Without the flag the field is left out of the file.
+    let plain = dir.path().join("plain.json");
+    ok(&allocate(&calib, &plain, &["--budget", "4.0"]));
+    let text = std::fs::read_to_string(&plain).unwrap();
+    assert!(!text.contains("hold_fp8"));
+    assert!(!Profile::read(&plain).unwrap().cache.hold_fp8);
 }

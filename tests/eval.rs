@@ -84,6 +84,7 @@ fn profile(model: &ModelIdentity, name: &str, k: u8, v: u8) -> Profile {
             sinks: 4,
             window: 16,
             recency_unit: RecencyUnit::Turn,
+            hold_fp8: false,
         },
         budget: Budget {
             asked_bits: None,

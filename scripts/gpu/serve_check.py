@@ -11,7 +11,9 @@
    and /metrics afterwards (live KV bytes must return to 0).
 
     python3 scripts/gpu/serve_check.py --bin ./triaxkv --model M.gguf --out DIR \
-        [--profile P.json [--wait-fp8] [--sinks-fp8] [--decode-fp8]] [--clients 64] [--duration 60]
+        [--profile P.json [--wait-fp8] [--sinks-fp8] [--decode-fp8] [--window-fp8]] [--clients 64] [--duration 60]
+
+   A profile allocated with `--hold-fp8` turns the four FP8 flags on by itself.
 """
 
 import argparse
@@ -122,6 +124,7 @@ def main():
     ap.add_argument("--wait-fp8", action="store_true", help="GPU server: tokens waiting for a key group in FP8 blocks")
     ap.add_argument("--sinks-fp8", action="store_true", help="GPU server: the sinks in FP8 blocks too")
     ap.add_argument("--decode-fp8", action="store_true", help="GPU server: generated tokens written into the FP8 waiting blocks")
+    ap.add_argument("--window-fp8", action="store_true", help="GPU server: the window kept in the FP8 waiting blocks")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     report = {}
@@ -129,6 +132,7 @@ def main():
     if args.profile:
         gpu_args += ["--profile", args.profile]
     gpu_args += ["--wait-fp8"] * args.wait_fp8 + ["--sinks-fp8"] * args.sinks_fp8 + ["--decode-fp8"] * args.decode_fp8
+    gpu_args += ["--window-fp8"] * args.window_fp8
     with open(os.path.join(args.out, "serve-gpu.log"), "w") as glog, open(
         os.path.join(args.out, "serve-cpu.log"), "w"
     ) as clog:

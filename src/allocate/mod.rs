@@ -18,7 +18,9 @@ pub use policy::Policy;
 use crate::calibrate::table::SensitivityTable;
 use crate::calibrate::ParseQuantizerError;
 use crate::kvcache::quantized::KEEP;
-use crate::profile::{Assignment, Budget, Kv, ModelIdentity, Profile, ProfileProvenance, SCHEMA};
+use crate::profile::{
+    Assignment, Budget, KeyModeName, Kv, ModelIdentity, Profile, ProfileProvenance, SCHEMA,
+};
 use problem::{accounting, effective_bits, ItemKey, Sensitivity};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -48,6 +50,11 @@ pub enum AllocateError {
     #[error("no bit widths to choose from")]
     NoBits,
     #[error(
+        "--hold-fp8 holds the tokens waiting for a per-channel key group in FP8: the table's \
+         keys are grouped per token"
+    )]
+    HoldFp8KeyMode,
+    #[error(
         "the table has no rows at {missing:?} bits (it measured {measured:?}); re-run \
          `triaxkv calibrate --bits` with them, or leave them out of --bits (16 needs no rows)"
     )]
@@ -65,13 +72,15 @@ pub enum AllocateError {
     BudgetOptions(String),
     #[error(
         "budget {budget:.4} bits per element is below the smallest feasible, {floor:.4} \
-         (every tag at {lowest} bits, the {protected:.0} sink and window tokens per query at 16)"
+         (every tag at {lowest} bits, the {protected:.0} sink and window tokens per query at \
+         {protected_bits})"
     )]
     Infeasible {
         budget: f64,
         floor: f64,
         lowest: u8,
         protected: f64,
+        protected_bits: f64,
     },
     /// Internal: a solver was handed a problem where nothing fits (the caller reports the floor).
     #[error("no selection fits the capacity")]
@@ -122,6 +131,9 @@ pub struct Request {
     /// policy's (the calibration's, or the fixed baseline's own).
     pub sinks: Option<usize>,
     pub window: Option<usize>,
+    /// The sinks, window and waiting tokens held in FP8 (`CacheSettings::hold_fp8`): the
+    /// sinks and window charged at 8 bits.
+    pub hold_fp8: bool,
 }
 
 /// The sensitivity table solved over, for the profile's provenance.
@@ -262,15 +274,21 @@ pub fn allocate(
     let (sinks, window) = req.policy.protected(cache.sinks, cache.window);
     let (sinks, window) = (req.sinks.unwrap_or(sinks), req.window.unwrap_or(window));
     if (sinks, window) != (cache.sinks, cache.window) {
+        let held = if req.hold_fp8 { "FP8" } else { "16-bit" };
         notes.push(format!(
-            "{} keeps {sinks} sinks and a {window}-token 16-bit window (calibrated with {} and {}): \
-             its objective reuses the table's distortions, an estimate",
+            "{} keeps {sinks} sinks and a {window}-token {held} window (calibrated with {} and {} \
+             at 16 bits): its objective reuses the table's distortions, an estimate",
             req.policy, cache.sinks, cache.window
         ));
     }
     cache.sinks = sinks;
     cache.window = window;
-    let acc = accounting(&sens, sinks, window, req.context);
+    if req.hold_fp8 && cache.key_mode != KeyModeName::PerChannel {
+        return Err(AllocateError::HoldFp8KeyMode);
+    }
+    cache.hold_fp8 = req.hold_fp8;
+    let protected_bits = if req.hold_fp8 { 8.0 } else { 16.0 };
+    let acc = accounting(&sens, sinks, window, req.context, protected_bits);
     let eff = |kv: Kv, b: u8| effective_bits(&cache, kv, b);
     let value = |i: usize, b: u8| -> f64 {
         let it = &sens.items[i];
@@ -337,6 +355,7 @@ pub fn allocate(
                 floor,
                 lowest,
                 protected: acc.protected,
+                protected_bits,
             };
             if !p.fits(&p.cheapest()) {
                 return Err(infeasible());

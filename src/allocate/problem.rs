@@ -74,6 +74,7 @@ pub fn cache_settings(p: &Provenance) -> Result<CacheSettings, AllocateError> {
         sinks: p.sinks,
         window: p.window,
         recency_unit: unit,
+        hold_fp8: false,
     })
 }
 
@@ -145,7 +146,7 @@ pub struct Accounting {
     pub tokens: Vec<f64>,
     /// Token rows of every (layer, K|V) per query: what the budget is averaged over.
     pub total: f64,
-    /// Bits of the 16-bit sinks and window tokens per query.
+    /// Bits of the sinks and window tokens per query (16 each, or 8 held in FP8).
     pub fixed: f64,
     /// Tokens per query (mean over (layer, K|V)) and how many of them are 16-bit.
     pub context: f64,
@@ -159,14 +160,16 @@ impl Accounting {
     }
 }
 
-/// Accounting for a cache keeping `sinks + window` tokens at 16 bits. A query's context is
-/// `context`, or the calibration mix's mean (the table's quantizable tokens plus its own
-/// sinks and window); the quantized rest is split between tags in the table's proportions.
+/// Accounting for a cache keeping `sinks + window` tokens at `protected_bits` (16, or 8 held
+/// in FP8). A query's context is `context`, or the calibration mix's mean (the table's
+/// quantizable tokens plus its own sinks and window); the quantized rest is split between
+/// tags in the table's proportions.
 pub fn accounting(
     s: &Sensitivity,
     sinks: usize,
     window: usize,
     context: Option<usize>,
+    protected_bits: f64,
 ) -> Accounting {
     let mut by_group: BTreeMap<(usize, Kv), f64> = BTreeMap::new();
     for it in &s.items {
@@ -179,7 +182,7 @@ pub fn accounting(
         let t = context.map(|c| c as f64).unwrap_or(n + calib_protected);
         let p = ((sinks + window) as f64).min(t);
         total += t;
-        fixed += 16.0 * p;
+        fixed += protected_bits * p;
         ctx_sum += t;
         prot_sum += p;
         share.insert(g, (n, t - p));
@@ -274,16 +277,16 @@ mod tests {
     fn accounting_counts_protected_tokens_at_16_bits() {
         let s = Sensitivity::from_table(&table()).unwrap();
         // The mix: 40 quantizable + 10 protected tokens per query, for K and for V.
-        let a = accounting(&s, 4, 6, None);
+        let a = accounting(&s, 4, 6, None, 16.0);
         assert_eq!(a.total, 100.0);
         assert_eq!(a.fixed, 16.0 * 20.0);
         assert_eq!(a.tokens.iter().sum::<f64>(), 80.0);
         // No sinks or window: the 10 protected tokens are quantized too, in proportion.
-        let a = accounting(&s, 0, 0, None);
+        let a = accounting(&s, 0, 0, None, 16.0);
         assert_eq!(a.fixed, 0.0);
         assert!((a.tokens.iter().sum::<f64>() - 100.0).abs() < 1e-12);
         // A stated context of 1000 tokens: 990 quantized, split 3:1 between user and system.
-        let a = accounting(&s, 4, 6, Some(1000));
+        let a = accounting(&s, 4, 6, Some(1000), 16.0);
         assert_eq!(a.total, 2000.0);
         let user = s
             .items
@@ -292,7 +295,13 @@ mod tests {
             .unwrap();
         assert!((a.tokens[user] - 990.0 * 0.75).abs() < 1e-9);
         // A context shorter than sinks + window is all 16-bit.
-        let a = accounting(&s, 4, 6, Some(8));
+        let a = accounting(&s, 4, 6, Some(8), 16.0);
         assert_eq!((a.fixed, a.tokens.iter().sum::<f64>()), (16.0 * 16.0, 0.0));
+        // Held in FP8 they cost half, and the quantized tokens are the same.
+        let (a, b) = (
+            accounting(&s, 4, 6, None, 16.0),
+            accounting(&s, 4, 6, None, 8.0),
+        );
+        assert_eq!((b.fixed, &b.tokens), (a.fixed / 2.0, &a.tokens));
     }
 }

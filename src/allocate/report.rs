@@ -61,7 +61,7 @@ pub fn render(o: &Outcome) -> String {
     }
     let _ = writeln!(
         s,
-        "cache: {:?} keys g{}, values g{}, block {} tokens; {} sinks + {} window at 16 bits \
+        "cache: {:?} keys g{}, values g{}, block {} tokens; {} sinks + {} window at {} \
          ({:.0} of {:.0} tokens per query)",
         p.cache.key_mode,
         p.cache.key_group,
@@ -69,6 +69,11 @@ pub fn render(o: &Outcome) -> String {
         p.cache.block_tokens,
         p.cache.sinks,
         p.cache.window,
+        if p.cache.hold_fp8 {
+            "8 bits (FP8, with the tokens waiting for a key group)"
+        } else {
+            "16 bits"
+        },
         o.protected,
         o.context
     );

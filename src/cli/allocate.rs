@@ -105,6 +105,12 @@ pub struct AllocateArgs {
     /// `triaxkv eval` measures (the objective reuses the calibrated distortions).
     #[arg(long, value_name = "N")]
     window: Option<usize>,
+    /// Hold the sinks, the window and the tokens waiting for a key group in FP8 (E4M3 at
+    /// scale 1) instead of 16 bits: the budget charges the sinks and window at 8 bits, the
+    /// profile records it (`cache.hold_fp8`), `eval` and `serve` apply it, and `bench serve`
+    /// stores it with `--wait fp8 --sinks-fp8 --decode-fp8 --window-fp8`.
+    #[arg(long)]
+    hold_fp8: bool,
     /// The calibrated model (GGUF file or safetensors folder), for its identity and shape
     /// [default: the bundled SmolLM2 from scripts/setup.sh].
     #[arg(long)]
@@ -151,6 +157,7 @@ pub fn run(args: AllocateArgs) -> Result<()> {
         value_weight: args.value_weight,
         sinks: args.sinks,
         window: args.window,
+        hold_fp8: args.hold_fp8,
     };
     let calibration = Calibration {
         path: file.display().to_string(),

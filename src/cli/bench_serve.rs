@@ -149,6 +149,12 @@ pub struct ServeArgs {
     /// (`ClassTokens::decode_fp8`).
     #[arg(long)]
     decode_fp8: bool,
+    /// With `--decode-fp8`: a profile's residual window is kept in the FP8 waiting blocks
+    /// instead of the 16-bit stream (its newest tokens at 8 bits, not 16; a key group is
+    /// quantized once its tokens are out of the window; `eval --window-fp8` measures the
+    /// fidelity).
+    #[arg(long, requires = "decode_fp8")]
+    window_fp8: bool,
     /// Each client joins its first session at a random turn, its history sent as the first
     /// prompt (agents already under way when the server starts), so the resident sessions
     /// start near their steady mix instead of all at turn 0 and a shorter warm-up suffices.
@@ -227,10 +233,23 @@ fn profiles(args: &ServeArgs) -> Result<Vec<Profile>> {
     if !runs {
         return Ok(Vec::new());
     }
-    args.profile
+    let profiles = args
+        .profile
         .iter()
         .map(|path| Ok(Profile::read(path)?))
-        .collect()
+        .collect::<Result<Vec<Profile>>>()?;
+    for p in &profiles {
+        let gap = p.cache.hold_fp8_gap(
+            args.wait == Wait::Fp8,
+            args.sinks_fp8,
+            args.decode_fp8,
+            args.window_fp8,
+        );
+        if let Some(gap) = gap {
+            eprintln!("warning: profile {}: {gap}", p.name);
+        }
+    }
+    Ok(profiles)
 }
 
 /// What a quantizing cache's 16-bit blocks (and FP8 waiting blocks) held at its peak (the
@@ -493,6 +512,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         wait_fp8: args.wait == Wait::Fp8,
         sinks_fp8: args.sinks_fp8,
         decode_fp8: args.decode_fp8,
+        window_fp8: args.window_fp8,
         staggered_start: args.staggered_start,
         seed: 0x5eed,
         order: match args.order {
@@ -626,6 +646,11 @@ fn steps(cfg: &ServeBenchConfig) -> String {
     } else {
         ", prefill and decode in separate steps"
     };
+    let window = if cfg.window_fp8 {
+        ", the window in FP8"
+    } else {
+        ""
+    };
     let wait = match (cfg.wait_fp8, cfg.sinks_fp8, cfg.decode_fp8) {
         (false, false, _) => "",
         (false, true, _) => ", sinks in FP8",
@@ -639,7 +664,7 @@ fn steps(cfg: &ServeBenchConfig) -> String {
              directly"
         }
     };
-    format!("{steps}{wait}")
+    format!("{steps}{wait}{window}")
 }
 
 fn report(rows: &[ServeBenchRow], head: &str, args: &ServeArgs, timed: bool) -> Result<()> {

@@ -62,6 +62,11 @@ pub struct EvalArgs {
     /// profile (the name gets `-sink8`): what `bench serve --sinks-fp8` stores.
     #[arg(long)]
     sinks_fp8: bool,
+    /// Tokens of quantized classes are held in FP8 (E4M3, scale 1) while in the residual
+    /// window too, in every profile (the name gets `-win8`; needs `--wait-fp8`): what `bench
+    /// serve --window-fp8` stores.
+    #[arg(long, requires = "wait_fp8")]
+    window_fp8: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -186,6 +191,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             if args.sinks_fp8 {
                 profile.name = format!("{}-sink8", profile.name);
             }
+            if args.window_fp8 {
+                profile.name = format!("{}-win8", profile.name);
+            }
             Ok((p.clone(), profile))
         })
         .collect::<Result<Vec<_>, triaxkv::profile::ProfileError>>()?;
@@ -207,6 +215,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         value_clip: args.value_clip,
         wait_fp8: args.wait_fp8,
         sinks_fp8: args.sinks_fp8,
+        window_fp8: args.window_fp8,
         ..EvalOptions::default()
     };
     let (plans, notes) = prepare_plans(

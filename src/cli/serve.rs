@@ -91,6 +91,11 @@ pub struct ServeArgs {
     /// 16-bit block (the CPU cache already stores such tokens coarser).
     #[arg(long)]
     decode_fp8: bool,
+    /// With --wait-fp8 (and on the GPU --decode-fp8): the profile's residual window holds its
+    /// INT4/INT2 tokens in FP8 (E4M3, scale 1) instead of 16 bits, at the fidelity `eval
+    /// --window-fp8` measures; on the GPU the window lives in the FP8 waiting blocks.
+    #[arg(long, requires = "wait_fp8")]
+    window_fp8: bool,
 }
 
 /// `512MiB`, `2GiB`, `1.5G`, `1000000`: binary units (KiB/MiB/GiB, K/M/G) and decimal
@@ -137,6 +142,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
              needs --gpu and --wait-fp8"
         );
     }
+    if args.window_fp8 && args.gpu && !args.decode_fp8 {
+        bail!(
+            "--window-fp8 keeps the window in the GPU pool's FP8 waiting blocks, where generated \
+             tokens go: with --gpu it needs --decode-fp8"
+        );
+    }
     let t = Instant::now();
     let loaded = load::load_or_default(args.model.as_deref())?;
     let identity = ModelIdentity::of(&loaded);
@@ -148,9 +159,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 policy: profile
                     .to_policy()
                     .with_context(|| format!("profile {}", path.display()))?,
+                // A `hold_fp8` profile holds them in FP8 without the flags.
                 config: QuantCacheConfig {
-                    wait_fp8: args.wait_fp8,
-                    sinks_fp8: args.sinks_fp8,
+                    wait_fp8: args.wait_fp8 || profile.cache.hold_fp8,
+                    sinks_fp8: args.sinks_fp8 || profile.cache.hold_fp8,
+                    window_fp8: args.window_fp8 || profile.cache.hold_fp8,
                     ..profile.cache.cache_config()
                 },
             }
@@ -189,16 +202,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let (spec, label) = match &args.profile {
             Some(path) => {
                 let p = Profile::read(path)?;
+                // A `hold_fp8` profile is stored as it was allocated without the flags.
+                let hold = p.cache.hold_fp8;
                 let spec = PoolSpec {
-                    wait_fp8: args.wait_fp8,
-                    sinks_fp8: args.sinks_fp8,
-                    decode_fp8: args.decode_fp8,
+                    wait_fp8: args.wait_fp8 || hold,
+                    sinks_fp8: args.sinks_fp8 || hold,
+                    decode_fp8: args.decode_fp8 || hold,
+                    window_fp8: args.window_fp8 || hold,
                     ..PoolSpec::of_profile(&p, args.kv_memory)
                 };
-                if args.decode_fp8 && p.cache.window > 0 {
+                if args.decode_fp8 && p.cache.window > 0 && !spec.window_fp8 {
                     eprintln!(
                         "note: profile {} keeps its newest {} tokens at 16 bits: --decode-fp8 \
-                         changes nothing",
+                         changes nothing without --window-fp8",
                         p.name, p.cache.window
                     );
                 }

@@ -138,6 +138,7 @@ fn cache_config(t: &TableView) -> QuantCacheConfig {
         value_clip: false,
         wait_fp8: false,
         sinks_fp8: false,
+        window_fp8: false,
     }
 }
 

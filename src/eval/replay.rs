@@ -271,7 +271,7 @@ pub struct ReplayResult {
     pub generate_s: f64,
     /// The first quantization error the cache met (its tokens were kept at 16 bits).
     pub quant_error: Option<String>,
-    /// FP8 roundings (waiting tokens, sinks) and those clipped at ±448.
+    /// FP8 roundings (waiting tokens, sinks, window) and those clipped at ±448.
     pub fp8_clipping: (usize, usize),
 }
 

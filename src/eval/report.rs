@@ -156,7 +156,7 @@ pub fn markdown(r: &EvalReport) -> String {
         if p.fp8_rounded > 0 {
             let _ = writeln!(
                 s,
-                "- {}: {} of {} K/V roundings to FP8 (scale 1: waiting tokens, sinks) were \
+                "- {}: {} of {} K/V roundings to FP8 (scale 1: waiting tokens, sinks, window) were \
                  beyond ±448 and clipped",
                 p.name, p.fp8_clipped, p.fp8_rounded
             );

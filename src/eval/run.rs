@@ -37,6 +37,8 @@ pub struct EvalOptions {
     pub wait_fp8: bool,
     /// Every profile's sinks rounded to FP8 once out of the window (`--sinks-fp8`).
     pub sinks_fp8: bool,
+    /// Every profile's window tokens of quantized classes rounded to FP8 (`--window-fp8`).
+    pub window_fp8: bool,
 }
 
 impl Default for EvalOptions {
@@ -51,6 +53,7 @@ impl Default for EvalOptions {
             value_clip: false,
             wait_fp8: false,
             sinks_fp8: false,
+            window_fp8: false,
         }
     }
 }
@@ -273,6 +276,8 @@ pub struct EvalOptionsOut {
     pub wait_fp8: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub sinks_fp8: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub window_fp8: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -360,11 +365,14 @@ pub fn evaluate(
     let policies = profiles
         .iter()
         .map(|p| {
+            // A `hold_fp8` profile's config has them on already.
+            let base = p.profile.cache.cache_config();
             let cfg = QuantCacheConfig {
                 value_clip: opts.value_clip,
-                wait_fp8: opts.wait_fp8,
-                sinks_fp8: opts.sinks_fp8,
-                ..p.profile.cache.cache_config()
+                wait_fp8: opts.wait_fp8 || base.wait_fp8,
+                sinks_fp8: opts.sinks_fp8 || base.sinks_fp8,
+                window_fp8: opts.window_fp8 || base.window_fp8,
+                ..base
             };
             Ok((p.profile.to_policy()?, cfg))
         })
@@ -551,6 +559,7 @@ pub fn evaluate(
             value_clip: opts.value_clip,
             wait_fp8: opts.wait_fp8,
             sinks_fp8: opts.sinks_fp8,
+            window_fp8: opts.window_fp8,
         },
         trajectories: infos,
         reference: ReferenceSummary {

@@ -49,6 +49,9 @@ pub struct PoolSpec {
     /// Generated tokens that wait in FP8 are written there, not into the 16-bit stream
     /// (`ClassTokens::decode_fp8`).
     pub decode_fp8: bool,
+    /// With `decode_fp8`, the residual window is kept in the FP8 waiting blocks
+    /// (`ClassTokens::fp8_window`).
+    pub window_fp8: bool,
 }
 
 impl PoolSpec {
@@ -63,6 +66,7 @@ impl PoolSpec {
             wait_fp8: false,
             sinks_fp8: false,
             decode_fp8: false,
+            window_fp8: false,
         }
     }
 
@@ -77,6 +81,7 @@ impl PoolSpec {
             wait_fp8: false,
             sinks_fp8: false,
             decode_fp8: false,
+            window_fp8: false,
         }
     }
 }
@@ -203,6 +208,7 @@ impl<E: Executor> GpuBackend<E> {
         Ok(PoolShape {
             tokens: ClassTokens {
                 decode_fp8: spec.decode_fp8,
+                fp8_window: spec.window_fp8,
                 ..pool_tokens(&layout, &spec.map, spec.wait_fp8, spec.sinks_fp8)
             },
             layout,
@@ -676,29 +682,36 @@ mod tests {
     /// rows, every sequence's blocks stay consistent, and the pool is whole at the end.
     #[test]
     fn engine_like_steps_are_checked_and_the_pool_never_leaks() {
-        engine_like(false, false, false);
+        engine_like(false, false, false, false);
     }
 
     /// The same with tokens waiting for a key group in FP8 blocks (`serve --wait-fp8`).
     #[test]
     fn engine_like_steps_with_fp8_waiting_never_leak() {
-        engine_like(true, false, false);
+        engine_like(true, false, false, false);
     }
 
     /// And with the sinks in them too (`serve --wait-fp8 --sinks-fp8`).
     #[test]
     fn engine_like_steps_with_fp8_sinks_never_leak() {
-        engine_like(true, true, false);
+        engine_like(true, true, false, false);
     }
 
     /// And with generated tokens written straight into the FP8 waiting blocks, no 16-bit
     /// window (`serve --wait-fp8 --sinks-fp8 --decode-fp8`): prefix reuse cuts them back out.
     #[test]
     fn engine_like_steps_with_fp8_decode_never_leak() {
-        engine_like(true, true, true);
+        engine_like(true, true, true, false);
     }
 
-    fn engine_like(wait_fp8: bool, sinks_fp8: bool, decode_fp8: bool) {
+    /// And with a 32-token window kept in the FP8 waiting blocks (`serve --wait-fp8
+    /// --sinks-fp8 --decode-fp8 --window-fp8`, or a `--hold-fp8` profile).
+    #[test]
+    fn engine_like_steps_with_an_fp8_window_never_leak() {
+        engine_like(true, true, true, true);
+    }
+
+    fn engine_like(wait_fp8: bool, sinks_fp8: bool, decode_fp8: bool, window_fp8: bool) {
         let mut shape = ModelShape::llama3_8b();
         shape.vocab = 1000;
         let slot = shape.layers * shape.kv_heads * 9728;
@@ -711,13 +724,14 @@ mod tests {
         // Free slots a new sequence waits for: a window-0 session needs far fewer.
         let admit_free = if decode_fp8 { 12 } else { 30 };
         let map = ClassMap {
-            window: if decode_fp8 { 0 } else { 32 },
+            window: if decode_fp8 && !window_fp8 { 0 } else { 32 },
             ..mixed()
         };
         let spec = PoolSpec {
             wait_fp8,
             sinks_fp8,
             decode_fp8,
+            window_fp8,
             ..PoolSpec::new(map, slots * slot)
         };
         let backend = GpuBackend::checked(&shape, spec, 96).unwrap();

@@ -62,6 +62,9 @@ pub struct ServeBenchConfig {
     /// With `wait_fp8`, generated tokens that wait in FP8 are written there, not into the
     /// 16-bit stream (`ClassTokens::decode_fp8`).
     pub decode_fp8: bool,
+    /// With `decode_fp8`, a profile's residual window is kept in the FP8 waiting blocks
+    /// (`ClassTokens::fp8_window`).
+    pub window_fp8: bool,
     pub seed: u32,
     /// The order clients take sessions in (`SessionOrder`).
     pub order: SessionOrder,
@@ -93,6 +96,7 @@ impl ServeBenchConfig {
             wait_fp8: false,
             sinks_fp8: false,
             decode_fp8: false,
+            window_fp8: false,
             seed: 0,
             order: SessionOrder::Recorded,
             staggered_start: false,
@@ -334,14 +338,26 @@ pub(crate) fn estimate_slots(
     tags: &[TokenTag],
     now: (u32, u32),
 ) -> usize {
+    // With the window in FP8 (`ClassTokens::fp8_window`) its tokens that wait in FP8 are
+    // not packed yet.
+    let window_start = if tokens.window_in_fp8(map) {
+        tags.len().saturating_sub(map.window)
+    } else {
+        tags.len()
+    };
     let mut per = [0usize; 4];
+    let mut in_window = 0;
     for (p, t) in tags.iter().enumerate() {
         let c = map.class(p, t, now);
-        per[class_index(c)] += 1;
+        if p >= window_start && tokens.waits_fp8(c) {
+            in_window += 1;
+        } else {
+            per[class_index(c)] += 1;
+        }
     }
     // Sinks kept in FP8 (`ClassTokens::fp8_sinks`) wait with the FP8 tokens.
     let fp8_sinks = tokens.fp8_sinks.min(tags.len());
-    let (mut held, mut wait) = (per[0].saturating_sub(fp8_sinks), fp8_sinks);
+    let (mut held, mut wait) = (per[0].saturating_sub(fp8_sinks), fp8_sinks + in_window);
     // A decoding session under `decodes_fp8` has flushed its stream.
     let mut slots = if tokens.decodes_fp8(map) {
         0
@@ -1511,6 +1527,7 @@ pub fn pool_layout(
 fn cfg_tokens(cfg: &ServeBenchConfig, layout: &PagedLayout, map: &ClassMap) -> ClassTokens {
     ClassTokens {
         decode_fp8: cfg.decode_fp8,
+        fp8_window: cfg.window_fp8,
         ..pool_tokens(layout, map, cfg.wait_fp8, cfg.sinks_fp8)
     }
 }
@@ -1573,6 +1590,7 @@ pub fn class_tokens(layout: &PagedLayout) -> ClassTokens {
         wait_fp8: false,
         fp8_sinks: 0,
         decode_fp8: false,
+        fp8_window: false,
     }
 }
 
@@ -1996,16 +2014,19 @@ mod tests {
             },
         ];
         // Separate steps, fused ones, fused with tokens waiting in FP8 blocks, the sinks in
-        // them too, and generated tokens written there.
-        for (bc, fused_step, wait_fp8, sinks_fp8, decode_fp8) in caches.iter().flat_map(|bc| {
-            [
-                (bc, false, false, false, false),
-                (bc, true, false, false, false),
-                (bc, true, true, false, false),
-                (bc, true, true, true, false),
-                (bc, true, true, true, true),
-            ]
-        }) {
+        // them too, generated tokens written there, and the window kept there.
+        let flags = [
+            (false, false, false, false, false),
+            (true, false, false, false, false),
+            (true, true, false, false, false),
+            (true, true, true, false, false),
+            (true, true, true, true, false),
+            (true, true, true, true, true),
+        ];
+        for (bc, (fused_step, wait_fp8, sinks_fp8, decode_fp8, window_fp8)) in caches
+            .iter()
+            .flat_map(|bc| flags.iter().map(move |&f| (bc, f)))
+        {
             let shape = crate::gpu::decode_step::ModelShape::llama3_8b();
             // 200 slots: room for a few sessions at 16 bits, many more mixed.
             let slot = shape.layers * shape.kv_heads * 9728;
@@ -2016,6 +2037,7 @@ mod tests {
                 wait_fp8,
                 sinks_fp8,
                 decode_fp8,
+                window_fp8,
                 fused_step,
                 ..ServeBenchConfig::new(shape, 200 * slot)
             };
@@ -2036,10 +2058,11 @@ mod tests {
                 row.turns_completed
             );
             assert!(checker.prefills > 0 && checker.decodes > 0);
-            // Generated tokens skip the stream only without a 16-bit window.
+            // Generated tokens skip the stream only without a 16-bit window, or with the
+            // window in FP8.
             assert_eq!(
                 checker.fp8_appends > 0,
-                decode_fp8 && bc.name == "mixed-w0",
+                decode_fp8 && (bc.name == "mixed-w0" || (window_fp8 && bc.name == "mixed")),
                 "{}: {} generated tokens written into FP8 blocks",
                 bc.name,
                 checker.fp8_appends
@@ -2055,7 +2078,7 @@ mod tests {
                 assert!(checker.mixed > 0, "{}: no fused step", bc.name);
             }
             eprintln!(
-                "{} (fused {fused_step}): {} turns, peak {} sessions, {} preemptions, {} blocks \
+                "{} (fused {fused_step}, window in FP8 {window_fp8}): {} turns, peak {} sessions, {} preemptions, {} blocks \
                  quantized, {} tokens moved",
                 bc.name,
                 row.turns_completed,

@@ -121,6 +121,12 @@ pub struct QuantCacheConfig {
     /// window, at one byte per element: what a GPU pool keeping them in its FP8 waiting blocks
     /// stores (`bench serve --sinks-fp8`, `paged::pool::ClassTokens::fp8_sinks`).
     pub sinks_fp8: bool,
+    /// Tokens of a quantized class hold the E4M3 rounding (scale 1) of their values while in
+    /// the residual window too, at one byte per element (requires `wait_fp8`): what a GPU pool
+    /// that keeps the window in its FP8 waiting blocks stores (`bench serve --window-fp8`,
+    /// `paged::pool::ClassTokens::fp8_window`). Sinks follow `sinks_fp8`; 16-bit tags stay
+    /// 16-bit.
+    pub window_fp8: bool,
 }
 
 impl Default for QuantCacheConfig {
@@ -136,6 +142,7 @@ impl Default for QuantCacheConfig {
             value_clip: false,
             wait_fp8: false,
             sinks_fp8: false,
+            window_fp8: false,
         }
     }
 }
@@ -181,6 +188,9 @@ struct Layer {
     loc: Vec<Loc>,
     /// 16-bit K and V per token at `Loc::Half` (empty otherwise).
     half: Vec<(Vec<f16>, Vec<f16>)>,
+    /// Whether the token's `half` values are an E4M3 rounding held at one byte each
+    /// (`window_fp8`).
+    fp8: Vec<bool>,
     blocks: Vec<Option<Block>>,
     free: Vec<usize>,
     /// The block of each class still taking tokens.
@@ -278,6 +288,11 @@ impl QuantCache {
         if matches!(cfg.key_mode, KeyMode::PerToken { rotate: true }) && !hd.is_power_of_two() {
             return Err(QuantError::NotPowerOfTwo(hd));
         }
+        if cfg.window_fp8 && !(cfg.wait_fp8 && cfg.key_mode == KeyMode::PerChannel) {
+            return Err(QuantError::Shape(
+                "an FP8 window needs per-channel keys waiting in FP8 (wait_fp8)".into(),
+            ));
+        }
         Ok(QuantCache {
             shape,
             policy,
@@ -368,6 +383,7 @@ impl QuantCache {
         }
         layer.loc[pos] = Loc::Half;
         layer.half[pos] = (Vec::new(), Vec::new());
+        layer.fp8[pos] = false;
     }
 
     /// Store `pos` (whose values are in the mirror) in `class`, quantizing from the mirror.
@@ -378,9 +394,10 @@ impl QuantCache {
         }
     }
 
-    /// Sink `pos` out of the window with `sinks_fp8`: its 16-bit values become their E4M3
-    /// rounding (exact in f16), as the GPU pool's FP8 waiting blocks hold them.
-    fn round_sink_fp8(&mut self, l: usize, pos: usize) {
+    /// Sink `pos` out of the window with `sinks_fp8` (or a window token, `round_window_fp8`):
+    /// its 16-bit values become their E4M3 rounding (exact in f16), as the GPU pool's FP8
+    /// waiting blocks hold them.
+    fn round_to_fp8(&mut self, l: usize, pos: usize) {
         let row = self.row();
         let layer = &mut self.layers[l];
         let (k, v) = &mut layer.half[pos];
@@ -392,6 +409,16 @@ impl QuantCache {
             *x = fp8_round(h.to_f32(), &mut self.fp8_rounded, &mut self.fp8_clipped);
             *h = f16::from_f32(*x);
         }
+    }
+
+    /// Window token `pos` with `window_fp8`: its 16-bit values become their E4M3 rounding (exact
+    /// in f16), held at one byte per element, as the GPU pool's FP8 waiting blocks hold it.
+    fn round_window_fp8(&mut self, l: usize, pos: usize) {
+        if self.layers[l].fp8[pos] {
+            return;
+        }
+        self.round_to_fp8(l, pos);
+        self.layers[l].fp8[pos] = true;
     }
 
     fn store_half(&mut self, l: usize, pos: usize) {
@@ -409,6 +436,7 @@ impl QuantCache {
         write_back(&mut layer.v[pos * row..(pos + 1) * row], &v);
         layer.half[pos] = (k, v);
         layer.loc[pos] = Loc::Half;
+        layer.fp8[pos] = false;
     }
 
     fn try_place(&mut self, l: usize, pos: usize, class: PrecisionClass) -> Result<(), QuantError> {
@@ -478,6 +506,7 @@ impl QuantCache {
         };
         layer.loc[pos] = Loc::Block(b);
         layer.half[pos] = (Vec::new(), Vec::new());
+        layer.fp8[pos] = false;
         if full {
             layer.open.remove(&class);
             if per_channel && class.k != KEEP {
@@ -532,7 +561,10 @@ impl QuantCache {
                 .half
                 .iter()
                 .enumerate()
-                .map(|(p, (k, v))| if p < fp8 { 1 } else { 2 } * (k.len() + v.len()))
+                .map(|(p, (k, v))| {
+                    let bytes = if p < fp8 || layer.fp8[p] { 1 } else { 2 };
+                    bytes * (k.len() + v.len())
+                })
                 .sum::<usize>();
             for blk in layer.blocks.iter().flatten() {
                 if blk.k_channel.is_some() {
@@ -719,6 +751,7 @@ impl KvCache for QuantCache {
                 layer.k.extend(kh.iter().map(|x| x.to_f32()));
                 layer.v.extend(vh.iter().map(|x| x.to_f32()));
                 layer.half.push((kh, vh));
+                layer.fp8.push(false);
                 layer.loc.push(Loc::Half);
                 layer.tags.push(*t);
             }
@@ -732,6 +765,14 @@ impl KvCache for QuantCache {
         }
         // Tokens that left the residual window go to their class.
         let len = self.layers[l].tags.len();
+        if self.cfg.window_fp8 {
+            let first = self.layers[l].settled.max(self.cfg.sinks);
+            for pos in first..len {
+                if self.class_of(l, pos).k != KEEP {
+                    self.round_window_fp8(l, pos);
+                }
+            }
+        }
         let end = len.saturating_sub(self.cfg.window);
         let settled = self.layers[l].settled;
         for pos in settled.max(self.cfg.sinks)..end {
@@ -740,7 +781,7 @@ impl KvCache for QuantCache {
         }
         if self.cfg.sinks_fp8 {
             for pos in settled.min(self.cfg.sinks)..end.min(self.cfg.sinks) {
-                self.round_sink_fp8(l, pos);
+                self.round_to_fp8(l, pos);
             }
         }
         self.layers[l].settled = settled.max(end);
@@ -762,6 +803,7 @@ impl KvCache for QuantCache {
             layer.tags.truncate(len);
             layer.loc.truncate(len);
             layer.half.truncate(len);
+            layer.fp8.truncate(len);
             layer.k.truncate(len * row);
             layer.v.truncate(len * row);
             layer.settled = layer.settled.min(len);
@@ -931,6 +973,61 @@ mod tests {
         );
     }
 
+    /// With `window_fp8` a window token of a quantized class holds its E4M3 rounding at one
+    /// byte per element; a 16-bit tag's stays 16-bit; without `wait_fp8` it is refused.
+    #[test]
+    fn window_tokens_of_quantized_classes_hold_their_fp8_rounding() {
+        let s = shape();
+        let row = s.num_kv_heads * s.head_dim;
+        let mut policy = KvPolicy::uniform(s.num_layers, PrecisionClass::new(2, 2).unwrap());
+        for r in Recency::ALL {
+            let system = Tag {
+                recency: r,
+                modality: Modality::Text,
+                role: Role::System,
+            };
+            policy.set(0, system, PrecisionClass::FULL).unwrap();
+        }
+        let k: Vec<f32> = (0..12 * row)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
+        let v: Vec<f32> = (0..12 * row).map(|i| (i as f32 * 0.11).cos()).collect();
+        let cfg = QuantCacheConfig {
+            sinks: 0,
+            window: 16,
+            wait_fp8: true,
+            window_fp8: true,
+            ..QuantCacheConfig::default()
+        };
+        let mut c = QuantCache::new(s, policy.clone(), cfg).unwrap();
+        // Positions 0..9 are system tokens (16-bit), 9..12 user tokens (INT2): all in the window.
+        c.append(0, &k, &v, &tags(12));
+        let x16 = |x: f32| f16::from_f32(x).to_f32();
+        let fp8 = |x: f32| e4m3_decode(e4m3_encode(x16(x)));
+        let (kd, vd) = c.dequantize(0).unwrap();
+        for i in 0..12 * row {
+            let want = |x: f32| if i < 9 * row { x16(x) } else { fp8(x) };
+            assert_eq!((kd[i], vd[i]), (want(k[i]), want(v[i])), "element {i}");
+        }
+        assert_eq!(c.bytes().half, 2 * row * (2 * 9 + 3));
+        assert!(
+            (9 * row..12 * row).any(|i| fp8(k[i]) != x16(k[i])),
+            "the test values are not all FP8-exact"
+        );
+        let plain = QuantCacheConfig {
+            window_fp8: false,
+            ..cfg
+        };
+        let mut p = QuantCache::new(s, policy.clone(), plain).unwrap();
+        p.append(0, &k, &v, &tags(12));
+        assert_eq!(p.bytes().half, 2 * row * 2 * 12);
+        let no_wait = QuantCacheConfig {
+            wait_fp8: false,
+            ..cfg
+        };
+        assert!(QuantCache::new(s, policy, no_wait).is_err());
+    }
+
     /// FP8 at scale 1 clips beyond ±448, as the GPU's saturating conversion does; the cache
     /// counts its FP8 roundings and the clipped ones.
     #[test]
@@ -1073,6 +1170,7 @@ mod tests {
             value_clip: false,
             wait_fp8: false,
             sinks_fp8: false,
+            window_fp8: false,
         };
         let mut c = QuantCache::new(
             s,

@@ -13,7 +13,9 @@
 //!   `HOLD_FP8_SCALE`) of the tokens waiting for an INT4/INT2 key group instead of the 16-bit
 //!   hold: half the bytes of what waits, dense like the hold; with `fp8_sinks` the sinks too,
 //!   so no sequence keeps a 16-bit block for its 4 sinks; with `decode_fp8` generated tokens
-//!   that wait in FP8 are written there directly (`append_decode`) once the stream is flushed;
+//!   that wait in FP8 are written there directly (`append_decode`) once the stream is flushed,
+//!   and with `fp8_window` the residual window of such tokens is held there too (a key group
+//!   is quantized only once its tokens are out of the window);
 //! - **packed[c]**: quantized blocks of class `c`, all full but the last, which holds whole
 //!   key groups.
 //!
@@ -71,6 +73,11 @@ pub struct ClassTokens {
     /// that decodes flushes its stream (`settle` with `flush`), so no decoding sequence keeps a
     /// 16-bit block of ~8 tokens for its newest ones.
     pub decode_fp8: bool,
+    /// With `decode_fp8`: the map's residual window is kept in the FP8 waiting blocks, not the
+    /// 16-bit stream. Full stream blocks leave at once (INT4/INT2 tokens to the waiting
+    /// blocks), generated tokens go there directly, and a class's key group is quantized only
+    /// from tokens out of the window: the newest `window` tokens at 8 bits instead of 16.
+    pub fp8_window: bool,
 }
 
 impl Default for ClassTokens {
@@ -82,6 +89,7 @@ impl Default for ClassTokens {
             wait_fp8: false,
             fp8_sinks: 0,
             decode_fp8: false,
+            fp8_window: false,
         }
     }
 }
@@ -107,12 +115,19 @@ impl ClassTokens {
     }
 
     /// Whether generated tokens may skip the 16-bit stream under `map` (`decode_fp8`; a
-    /// 16-bit window keeps the newest tokens in the stream, and only INT4/INT2 tokens wait).
+    /// 16-bit window keeps the newest tokens in the stream unless it is in FP8,
+    /// `fp8_window`, and only INT4/INT2 tokens wait).
     pub fn decodes_fp8(&self, map: &ClassMap) -> bool {
         self.decode_fp8
             && self.wait_fp8
-            && map.window == 0
+            && (map.window == 0 || self.fp8_window)
             && (map.uses(KvClass::Int4) || map.uses(KvClass::Int2))
+    }
+
+    /// Whether `map`'s residual window is held in the FP8 waiting blocks (`fp8_window`, where
+    /// generated tokens go there: `decodes_fp8`).
+    pub fn window_in_fp8(&self, map: &ClassMap) -> bool {
+        self.fp8_window && map.window > 0 && self.decodes_fp8(map)
     }
 }
 
@@ -659,17 +674,25 @@ impl SeqBlocks {
         let n = self.tags.len();
         self.cache_classes(map);
         let flush = flush && tokens.decodes_fp8(map);
+        // With the window in FP8 full stream blocks leave at once; the window is kept from
+        // the key groups instead.
+        let window = if tokens.window_in_fp8(map) {
+            0
+        } else {
+            map.window
+        };
         let mut leaving = 0;
         // The newest block stays, unless flushed: the next tokens append to it.
         while leaving + usize::from(!flush) < self.stream.len() {
             let b = &self.stream[leaving];
             let last = b.pos.last().copied().unwrap_or(0) as usize;
-            if !flush && (b.pos.len() < F16_TOKENS || last + map.window >= n) {
+            if !flush && (b.pos.len() < F16_TOKENS || last + window >= n) {
                 break;
             }
             leaving += 1;
         }
-        if leaving == 0 && !self.wait_group_ready(tokens) {
+        let quant_end = n.saturating_sub(map.window);
+        if leaving == 0 && !self.wait_group_ready(tokens, quant_end) {
             // Classes change only when ageing, and a pass leaves less than a key group of
             // each class held (generated tokens that wait in FP8 may complete one): nothing
             // to do.
@@ -679,7 +702,7 @@ impl SeqBlocks {
             self.hold.extend(self.stream.drain(..leaving));
             return Ok(());
         }
-        self.rebalance(pool, tokens, ops, leaving, &[])
+        self.rebalance(pool, tokens, ops, leaving, &[], quant_end)
     }
 
     /// Extend the class cache over positions appended since (classes at `self.now`).
@@ -691,15 +714,18 @@ impl SeqBlocks {
         }
     }
 
-    /// Whether the FP8 waiting blocks hold a key group's worth of some class (generated
-    /// tokens, `append_decode`, join them without a pass). Classes cached.
-    fn wait_group_ready(&self, tokens: &ClassTokens) -> bool {
+    /// Whether the FP8 waiting blocks hold a key group's worth of some class before
+    /// `quant_end` (generated tokens, `append_decode`, join them without a pass, and with the
+    /// window in FP8 tokens leave it without one). Classes cached.
+    fn wait_group_ready(&self, tokens: &ClassTokens, quant_end: usize) -> bool {
         if !tokens.decode_fp8 || self.wait.is_empty() {
             return false;
         }
         let mut per = [0usize; 4];
         for &p in self.wait.iter().flat_map(|b| &b.pos) {
-            per[class_index(self.class_at[p as usize])] += 1;
+            if (p as usize) < quant_end {
+                per[class_index(self.class_at[p as usize])] += 1;
+            }
         }
         (1..4).any(|k| per[k] >= tokens.fill[k])
     }
@@ -733,13 +759,15 @@ impl SeqBlocks {
                 }
             }
         }
-        self.rebalance(pool, tokens, ops, 0, &stale)
+        let quant_end = self.tags.len().saturating_sub(map.window);
+        self.rebalance(pool, tokens, ops, 0, &stale, quant_end)
     }
 
     /// Re-plan the tokens out of the stream not packed: the held blocks with a token waiting
     /// for a key group, the FP8 waiting blocks, the first `leaving` stream blocks and the
     /// packed blocks `stale` (class index, block index), with `class_at` current. Per class,
-    /// whole key groups of its tokens (oldest first) are quantized; a block that loses a
+    /// whole key groups of its tokens before `quant_end` (out of the residual window; oldest
+    /// first) are quantized; a block that loses a
     /// token, or holds one that belongs in the other list (16-bit or FP8 waiting), is freed
     /// and its other tokens moved to the end of their list, so both stay dense. Planned
     /// first: on `OutOfSlots` nothing changed.
@@ -750,6 +778,7 @@ impl SeqBlocks {
         ops: &mut Ops,
         leaving: usize,
         stale: &[(usize, usize)],
+        quant_end: usize,
     ) -> Result<(), PoolError> {
         let class_at = &self.class_at;
         let to_wait = |p: u32| tokens.in_fp8(p, class_at[p as usize]);
@@ -781,7 +810,9 @@ impl SeqBlocks {
         let mut groups: [Vec<(usize, usize)>; 4] = Default::default();
         for (bi, (b, _)) in cands.iter().enumerate() {
             for (ti, &p) in b.pos.iter().enumerate() {
-                groups[class_index(class_at[p as usize])].push((bi, ti));
+                if (p as usize) < quant_end {
+                    groups[class_index(class_at[p as usize])].push((bi, ti));
+                }
             }
         }
         groups[0].clear();
@@ -1357,14 +1388,61 @@ mod tests {
     /// reuse cuts generated tokens back out of them, and the pool returns to full.
     #[test]
     fn decoded_tokens_wait_in_fp8_blocks_and_never_leak() {
+        decode_fp8_churn(0, false);
+    }
+
+    /// The same with a 64-token window kept in the FP8 waiting blocks
+    /// (`ClassTokens::fp8_window`): no stream block either, and no token of the window is
+    /// ever packed, while every key group out of it is.
+    #[test]
+    fn an_fp8_window_waits_in_fp8_blocks_and_never_leaks() {
+        decode_fp8_churn(64, true);
+    }
+
+    /// Whether `seq` packs a token of its newest `window` or leaves a key group's worth of a
+    /// class out of the window waiting.
+    fn window_kept(seq: &SeqBlocks, tokens: &ClassTokens, window: usize) -> Result<(), String> {
+        let end = seq.len().saturating_sub(window);
+        for (k, list) in seq.packed.iter().enumerate() {
+            if let Some(p) = list
+                .iter()
+                .flat_map(|b| &b.pos)
+                .find(|&&p| p as usize >= end)
+            {
+                return Err(format!(
+                    "{:?} packs position {p} of {}",
+                    KvClass::ALL[k],
+                    seq.len()
+                ));
+            }
+        }
+        let mut per = [0usize; 4];
+        for &p in seq.wait.iter().flat_map(|b| &b.pos) {
+            if (p as usize) < end {
+                per[class_index(seq.class_at[p as usize])] += 1;
+            }
+        }
+        match (1..4).find(|&k| per[k] >= tokens.fill[k]) {
+            Some(k) => Err(format!(
+                "{} {:?} tokens out of the window wait",
+                per[k],
+                KvClass::ALL[k]
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn decode_fp8_churn(window: usize, fp8_window: bool) {
         let tokens = ClassTokens {
             wait_fp8: true,
             fp8_sinks: 4,
             decode_fp8: true,
+            fp8_window,
             ..Default::default()
         };
-        let map = ClassMap { window: 0, ..map() };
+        let map = ClassMap { window, ..map() };
         assert!(tokens.decodes_fp8(&map));
+        assert_eq!(tokens.window_in_fp8(&map), window > 0);
         let mut pool = SlotPool::new(4096);
         let mut dev = Device::default();
         let mut seqs = vec![SeqBlocks::new(), SeqBlocks::new()];
@@ -1382,6 +1460,7 @@ mod tests {
                     &tokens,
                     &vec![tag(role, turn, turn); n],
                 );
+                window_kept(seq, &tokens, window).expect("the window in FP8");
                 // The prompt is in: flush, then generate one token per pass.
                 for i in 0..(30 + 17 * si) {
                     let mut ops = Ops::default();
@@ -1416,6 +1495,7 @@ mod tests {
                     pool.commit();
                     seq.check(&tokens).expect("consistent");
                     dev.check(seq);
+                    window_kept(seq, &tokens, window).expect("the window in FP8");
                 }
                 // Prefix reuse cuts the last generated tokens out of their waiting blocks
                 // (or, when a key group took them, frees everything).
