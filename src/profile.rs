@@ -105,9 +105,10 @@ pub struct CacheSettings {
     pub window: usize,
     pub recency_unit: RecencyUnit,
     /// The sinks, the window and the tokens waiting for a key group are held as FP8 (E4M3,
-    /// scale 1), not 16 bits, and the budget charges the sinks and window at 8 bits: what
-    /// `eval` applies on its own (`--wait-fp8 --sinks-fp8 --window-fp8`) and the GPU pool
-    /// stores with `--wait fp8 --sinks-fp8 --decode-fp8 --window-fp8` (`allocate --hold-fp8`).
+    /// scale 1), not 16 bits, and the budget charges the sinks and window at 8 bits
+    /// (`allocate --hold-fp8`). `eval`, `serve` and `bench serve` apply it without flags: in
+    /// the CPU cache `--wait-fp8 --sinks-fp8 --window-fp8`, in the GPU pool those and
+    /// `--decode-fp8`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold_fp8: bool,
 }
@@ -127,39 +128,6 @@ impl CacheSettings {
             sinks_fp8: self.hold_fp8,
             window_fp8: self.hold_fp8,
         }
-    }
-
-    /// What a GPU pool holding waiting tokens, sinks and the window as given keeps at 16 bits
-    /// that a `hold_fp8` profile's budget charged at 8 (the window is in FP8 only with
-    /// generated tokens written there too); `None` when nothing, or the profile is not
-    /// `hold_fp8`.
-    pub fn hold_fp8_gap(
-        &self,
-        wait_fp8: bool,
-        sinks_fp8: bool,
-        decode_fp8: bool,
-        window_fp8: bool,
-    ) -> Option<String> {
-        if !self.hold_fp8 {
-            return None;
-        }
-        let mut missing = Vec::new();
-        if !wait_fp8 {
-            missing.push("the tokens waiting for a key group");
-        }
-        if self.sinks > 0 && !sinks_fp8 {
-            missing.push("the sinks");
-        }
-        if self.window > 0 && !(wait_fp8 && decode_fp8 && window_fp8) {
-            missing.push("the window");
-        }
-        (!missing.is_empty()).then(|| {
-            format!(
-                "it was allocated with its sinks, window and waiting tokens in FP8 (hold_fp8), \
-                 but {} stay 16-bit here, above its budget (FP8 flags: wait, sinks, decode, window)",
-                missing.join(", ")
-            )
-        })
     }
 
     pub fn from_cache_config(c: &QuantCacheConfig) -> Self {

@@ -2018,6 +2018,7 @@ fn fused_step_generates_what_separate_steps_do() {
         let bc = BenchCache {
             name: name.into(),
             map,
+            hold_fp8: false,
         };
         let mut ids = Vec::new();
         let mut fused_steps = 0;

@@ -29,6 +29,9 @@ pub enum Policy {
     /// One bit width per tag, shared by every layer and K and V: no layer axis. What the GPU
     /// block pool serves exactly (a block holds a token's K and V in every layer).
     TagOnly,
+    /// One bit width per (tag, K|V), shared by every layer: tag-only with keys and values
+    /// apart (the GPU pool would need blocks whose K and V differ in class).
+    TagKv,
     /// Every token at 4 (2) bits; no sinks, no window.
     UniformInt4,
     UniformInt2,
@@ -38,13 +41,14 @@ pub enum Policy {
 }
 
 impl Policy {
-    pub const ALL: [Policy; 10] = [
+    pub const ALL: [Policy; 11] = [
         Policy::Triaxial,
         Policy::RoleOnly,
         Policy::RecencyOnly,
         Policy::ModalityOnly,
         Policy::LayerOnly,
         Policy::TagOnly,
+        Policy::TagKv,
         Policy::UniformInt4,
         Policy::UniformInt2,
         Policy::Kivi4,
@@ -59,6 +63,7 @@ impl Policy {
             Policy::ModalityOnly => "modality-only",
             Policy::LayerOnly => "layer-only",
             Policy::TagOnly => "tag-only",
+            Policy::TagKv => "tag-kv",
             Policy::UniformInt4 => "uniform-int4",
             Policy::UniformInt2 => "uniform-int2",
             Policy::Kivi4 => "kivi4",
@@ -97,6 +102,7 @@ impl Policy {
         };
         let (layer, kv) = match self {
             Policy::TagOnly => (0, Kv::K),
+            Policy::TagKv => (0, k.kv),
             _ => (k.layer, k.kv),
         };
         GroupKey {

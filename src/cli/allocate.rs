@@ -26,6 +26,8 @@ enum PolicyArg {
     /// Solved, with one bit width per tag for all layers, K and V alike (what
     /// `serve --gpu` stores exactly).
     TagOnly,
+    /// Solved, with one bit width per (tag, K|V) for all layers (keys and values apart).
+    TagKv,
     /// Every token at INT4: no sinks, no 16-bit window.
     UniformInt4,
     /// Every token at INT2: no sinks, no 16-bit window.
@@ -45,6 +47,7 @@ impl From<PolicyArg> for Policy {
             PolicyArg::ModalityOnly => Policy::ModalityOnly,
             PolicyArg::LayerOnly => Policy::LayerOnly,
             PolicyArg::TagOnly => Policy::TagOnly,
+            PolicyArg::TagKv => Policy::TagKv,
             PolicyArg::UniformInt4 => Policy::UniformInt4,
             PolicyArg::UniformInt2 => Policy::UniformInt2,
             PolicyArg::Kivi4 => Policy::Kivi4,
@@ -107,8 +110,8 @@ pub struct AllocateArgs {
     window: Option<usize>,
     /// Hold the sinks, the window and the tokens waiting for a key group in FP8 (E4M3 at
     /// scale 1) instead of 16 bits: the budget charges the sinks and window at 8 bits, the
-    /// profile records it (`cache.hold_fp8`), `eval` and `serve` apply it, and `bench serve`
-    /// stores it with `--wait fp8 --sinks-fp8 --decode-fp8 --window-fp8`.
+    /// profile records it (`cache.hold_fp8`), and `eval`, `serve` and `bench serve` hold it so
+    /// without flags.
     #[arg(long)]
     hold_fp8: bool,
     /// The calibrated model (GGUF file or safetensors folder), for its identity and shape

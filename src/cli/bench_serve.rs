@@ -211,8 +211,20 @@ fn caches(name: &str, profiles: &[Profile], k_group: usize) -> Result<Vec<BenchC
                     if let Some(n) = map.key_block_note(p, k_group) {
                         eprintln!("note: {n}");
                     }
+                    if p.cache.hold_fp8 {
+                        eprintln!(
+                            "note: profile {} was allocated with --hold-fp8: its waiting tokens, \
+                             sinks, generated tokens and window are held in FP8 whatever the \
+                             FP8 flags say",
+                            p.name
+                        );
+                    }
                     let name = format!("profile {}", p.name);
-                    BenchCache { name, map }
+                    BenchCache {
+                        name,
+                        map,
+                        hold_fp8: p.cache.hold_fp8,
+                    }
                 })
                 .collect());
         }
@@ -221,6 +233,7 @@ fn caches(name: &str, profiles: &[Profile], k_group: usize) -> Result<Vec<BenchC
     Ok(vec![BenchCache {
         name: name.trim().to_ascii_lowercase(),
         map,
+        hold_fp8: false,
     }])
 }
 
@@ -233,23 +246,10 @@ fn profiles(args: &ServeArgs) -> Result<Vec<Profile>> {
     if !runs {
         return Ok(Vec::new());
     }
-    let profiles = args
-        .profile
+    args.profile
         .iter()
         .map(|path| Ok(Profile::read(path)?))
-        .collect::<Result<Vec<Profile>>>()?;
-    for p in &profiles {
-        let gap = p.cache.hold_fp8_gap(
-            args.wait == Wait::Fp8,
-            args.sinks_fp8,
-            args.decode_fp8,
-            args.window_fp8,
-        );
-        if let Some(gap) = gap {
-            eprintln!("warning: profile {}: {gap}", p.name);
-        }
-    }
-    Ok(profiles)
+        .collect()
 }
 
 /// What a quantizing cache's 16-bit blocks (and FP8 waiting blocks) held at its peak (the

@@ -35,6 +35,9 @@ pub const PREFILL_ROWS: usize = 2048;
 pub struct BenchCache {
     pub name: String,
     pub map: ClassMap,
+    /// A profile allocated with `--hold-fp8`: its waiting tokens, sinks, generated tokens and
+    /// window are held in FP8 whatever the run's flags (`ClassTokens` all on), as allocated.
+    pub hold_fp8: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1523,12 +1526,13 @@ pub fn pool_layout(
     pool_layout_for(&cfg.shape, cfg.v_group, cfg.k_group, cfg.kv_memory, map)
 }
 
-/// The pool's `ClassTokens` for `cfg` and `map`.
-fn cfg_tokens(cfg: &ServeBenchConfig, layout: &PagedLayout, map: &ClassMap) -> ClassTokens {
+/// The pool's `ClassTokens` for `cfg` and cache `bc` (a `hold_fp8` profile's FP8 holding on).
+fn cfg_tokens(cfg: &ServeBenchConfig, layout: &PagedLayout, bc: &BenchCache) -> ClassTokens {
+    let hold = bc.hold_fp8;
     ClassTokens {
-        decode_fp8: cfg.decode_fp8,
-        fp8_window: cfg.window_fp8,
-        ..pool_tokens(layout, map, cfg.wait_fp8, cfg.sinks_fp8)
+        decode_fp8: cfg.decode_fp8 || hold,
+        fp8_window: cfg.window_fp8 || hold,
+        ..pool_tokens(layout, &bc.map, cfg.wait_fp8 || hold, cfg.sinks_fp8 || hold)
     }
 }
 
@@ -1630,7 +1634,7 @@ pub fn serve_cache<E: Executor>(
             reserved: 0,
         })
         .collect();
-    let tokens = cfg_tokens(cfg, &layout, &bc.map);
+    let tokens = cfg_tokens(cfg, &layout, bc);
     let mut run = Run {
         exec,
         cfg,
@@ -2000,10 +2004,12 @@ mod tests {
             BenchCache {
                 name: "bf16".into(),
                 map: ClassMap::uniform(KvClass::F16, 0, 0),
+                hold_fp8: false,
             },
             BenchCache {
                 name: "mixed".into(),
                 map: mixed(),
+                hold_fp8: false,
             },
             BenchCache {
                 name: "mixed-w0".into(),
@@ -2011,6 +2017,13 @@ mod tests {
                     window: 0,
                     ..mixed()
                 },
+                hold_fp8: false,
+            },
+            // A `--hold-fp8` profile holds its window (and the rest) in FP8 without the flags.
+            BenchCache {
+                name: "mixed-hold".into(),
+                map: mixed(),
+                hold_fp8: true,
             },
         ];
         // Separate steps, fused ones, fused with tokens waiting in FP8 blocks, the sinks in
@@ -2062,7 +2075,9 @@ mod tests {
             // window in FP8.
             assert_eq!(
                 checker.fp8_appends > 0,
-                decode_fp8 && (bc.name == "mixed-w0" || (window_fp8 && bc.name == "mixed")),
+                bc.hold_fp8
+                    || (decode_fp8
+                        && (bc.name == "mixed-w0" || (window_fp8 && bc.name == "mixed"))),
                 "{}: {} generated tokens written into FP8 blocks",
                 bc.name,
                 checker.fp8_appends
@@ -2098,6 +2113,7 @@ mod tests {
             caches: vec![BenchCache {
                 name: "bf16".into(),
                 map: ClassMap::uniform(KvClass::F16, 0, 0),
+                hold_fp8: false,
             }],
             ..ServeBenchConfig::new(crate::gpu::decode_step::ModelShape::llama3_8b(), 1 << 30)
         };
@@ -2125,6 +2141,7 @@ mod tests {
                 window: 0,
                 ..mixed()
             },
+            hold_fp8: false,
         };
         let run = |staggered_start: bool| {
             let cfg = ServeBenchConfig {
