@@ -1844,15 +1844,18 @@ fn serve_backend_matches_gpu_forward() {
                 usage.packed
             );
         }
-        // Generated tokens written straight into the FP8 waiting blocks (`serve --gpu
-        // --wait-fp8 --sinks-fp8 --decode-fp8`), window 0: the same batched as alone, and
-        // nearer the pool that keeps them in a 16-bit stream first than INT4 is to 16 bits.
-        let fp8_pool = |decode_fp8: bool, label: &str| {
+        // FP8 holding against the same pool without it: the same batched as alone, and nearer
+        // it than INT4 is to 16 bits. Generated tokens written straight into the FP8 waiting
+        // blocks (`serve --gpu --wait-fp8 --sinks-fp8 --decode-fp8`, window 0) against a 16-bit
+        // stream first; a 32-token window kept in the FP8 waiting blocks (`--window-fp8`, a
+        // `--hold-fp8` profile) against the same window at 16 bits.
+        let fp8_pool = |window: usize, direct: bool, label: &str| {
             let spec = PoolSpec {
                 wait_fp8: true,
                 sinks_fp8: true,
-                decode_fp8,
-                ..PoolSpec::new(ClassMap::uniform(KvClass::Int4, 4, 0), 64 << 20)
+                decode_fp8: direct,
+                window_fp8: direct && window > 0,
+                ..PoolSpec::new(ClassMap::uniform(KvClass::Int4, 4, window), 64 << 20)
             };
             GpuBackend::open(
                 GpuContext::open(0).unwrap(),
@@ -1864,65 +1867,27 @@ fn serve_backend_matches_gpu_forward() {
             )
             .unwrap()
         };
-        let (stream, _) = feed_backend(&fp8_pool(false, "stream"), &seqs, "stream");
-        let direct = fp8_pool(true, "decode fp8");
-        let (got, _) = feed_backend(&direct, &seqs, "decode fp8");
-        let (alone, _) = feed_backend(&direct, &seqs[..1], "decode fp8");
-        let (d_alone, ..) = logit_gap(&alone, &got[..1]);
-        let (d_fp8, same, rows) = logit_gap(&got, &stream);
-        eprintln!(
-            "serve backend {tag} Int4 window 0, decode fp8: max |Δlogit| vs the 16-bit stream \
-             {d_fp8:.3e}, top-1 equal {same}/{rows}; batched vs alone {d_alone:.3e}"
-        );
-        assert!(
-            d_alone < 1e-3 * max_ref,
-            "{tag} decode fp8: batched vs alone {d_alone:.3e}"
-        );
-        assert!(
-            d_fp8.is_finite() && d_fp8 < quantized[0].0,
-            "{tag} decode fp8: {d_fp8:.3e} from the stream, INT4 {:.3e} from 16 bits",
-            quantized[0].0
-        );
-        // A 32-token window kept in the FP8 waiting blocks (`--window-fp8`, a `--hold-fp8`
-        // profile) against the same window at 16 bits: the same batched as alone, and nearer
-        // it than INT4 is to 16 bits.
-        let window_pool = |window_fp8: bool, label: &str| {
-            let spec = PoolSpec {
-                wait_fp8: true,
-                sinks_fp8: true,
-                decode_fp8: window_fp8,
-                window_fp8,
-                ..PoolSpec::new(ClassMap::uniform(KvClass::Int4, 4, 32), 64 << 20)
-            };
-            GpuBackend::open(
-                GpuContext::open(0).unwrap(),
-                "tiny",
-                &model,
-                spec,
-                128,
-                label,
-            )
-            .unwrap()
-        };
-        let (w16, _) = feed_backend(&window_pool(false, "window 16"), &seqs, "window 16");
-        let w8 = window_pool(true, "window fp8");
-        let (got, _) = feed_backend(&w8, &seqs, "window fp8");
-        let (alone, _) = feed_backend(&w8, &seqs[..1], "window fp8");
-        let (d_alone, ..) = logit_gap(&alone, &got[..1]);
-        let (d_w8, same, rows) = logit_gap(&got, &w16);
-        eprintln!(
-            "serve backend {tag} Int4 window 32 in FP8: max |Δlogit| vs the 16-bit window \
-             {d_w8:.3e}, top-1 equal {same}/{rows}; batched vs alone {d_alone:.3e}"
-        );
-        assert!(
-            d_alone < 1e-3 * max_ref,
-            "{tag} window fp8: batched vs alone {d_alone:.3e}"
-        );
-        assert!(
-            d_w8.is_finite() && d_w8 < quantized[0].0,
-            "{tag} window fp8: {d_w8:.3e} from the 16-bit window, INT4 {:.3e} from 16 bits",
-            quantized[0].0
-        );
+        for (window, what) in [(0, "decode fp8"), (32, "window 32 in fp8")] {
+            let (base, _) = feed_backend(&fp8_pool(window, false, "16-bit"), &seqs, "16-bit");
+            let direct = fp8_pool(window, true, what);
+            let (got, _) = feed_backend(&direct, &seqs, what);
+            let (alone, _) = feed_backend(&direct, &seqs[..1], what);
+            let (d_alone, ..) = logit_gap(&alone, &got[..1]);
+            let (d_fp8, same, rows) = logit_gap(&got, &base);
+            eprintln!(
+                "serve backend {tag} Int4 window {window}, {what}: max |Δlogit| vs 16 bits \
+                 {d_fp8:.3e}, top-1 equal {same}/{rows}; batched vs alone {d_alone:.3e}"
+            );
+            assert!(
+                d_alone < 1e-3 * max_ref,
+                "{tag} {what}: batched vs alone {d_alone:.3e}"
+            );
+            assert!(
+                d_fp8.is_finite() && d_fp8 < quantized[0].0,
+                "{tag} {what}: {d_fp8:.3e} from 16 bits, INT4 {:.3e} from 16 bits",
+                quantized[0].0
+            );
+        }
         let ((d4, same4, rows), (d2, _, _)) = (quantized[0], quantized[1]);
         assert!(
             d4 < d2,
