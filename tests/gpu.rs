@@ -1723,7 +1723,7 @@ fn logit_gap(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> (f32, usize, usize) {
 fn serve_backend_matches_gpu_forward() {
     use triaxkv::gpu::{GpuBackend, GpuForward, PoolSpec};
     use triaxkv::model::config::Arch;
-    use triaxkv::paged::pool::ClassMap;
+    use triaxkv::paged::pool::{ClassMap, Fp8Hold};
     use triaxkv::tags::{Modality, Role, TokenTag};
     let Some(gpu) = gpu_or_skip("serve_backend_matches_gpu_forward") else {
         return;
@@ -1851,10 +1851,12 @@ fn serve_backend_matches_gpu_forward() {
         // `--hold-fp8` profile) against the same window at 16 bits.
         let fp8_pool = |window: usize, direct: bool, label: &str| {
             let spec = PoolSpec {
-                wait_fp8: true,
-                sinks_fp8: true,
-                decode_fp8: direct,
-                window_fp8: direct && window > 0,
+                fp8: Fp8Hold {
+                    wait: true,
+                    sinks: true,
+                    decode: direct,
+                    window: direct && window > 0,
+                },
                 ..PoolSpec::new(ClassMap::uniform(KvClass::Int4, 4, window), 64 << 20)
             };
             GpuBackend::open(
@@ -2043,7 +2045,7 @@ fn fused_step_generates_what_separate_steps_do() {
 fn decode_append_into_fp8_writes_what_a_move_does() {
     use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights};
     use triaxkv::gpu::serve_bench::{pool_layout, Executor, GpuExec, ServeBenchConfig, StepRows};
-    use triaxkv::paged::pool::{ClassMap, Move, Ops};
+    use triaxkv::paged::pool::{ClassMap, Fp8Hold, Move, Ops};
     let Some(gpu) = gpu_or_skip("decode_append_into_fp8_writes_what_a_move_does") else {
         return;
     };
@@ -2051,9 +2053,12 @@ fn decode_append_into_fp8_writes_what_a_move_does() {
     let cfg = ServeBenchConfig {
         chunk: 64,
         max_batch: 4,
-        wait_fp8: true,
-        sinks_fp8: true,
-        decode_fp8: true,
+        fp8: Fp8Hold {
+            wait: true,
+            sinks: true,
+            decode: true,
+            window: false,
+        },
         ..ServeBenchConfig::new(shape.clone(), 16 << 20)
     };
     let map = ClassMap::uniform(KvClass::Int2, 4, 0);

@@ -943,19 +943,31 @@ fn gpu_pool_backend_serves_http_with_fp8_decode() {
     gpu_pool_http("profiles/tag-only-2.55-w0.json", true);
 }
 
+/// And with a profile allocated with `--hold-fp8` (a 32-token window kept in the FP8 waiting
+/// blocks): no flags needed, the pool holds it as allocated.
+#[test]
+fn gpu_pool_backend_serves_http_with_an_fp8_window() {
+    gpu_pool_http("profiles/tag-only-2.57-w32-fp8.json", true);
+}
+
 fn gpu_pool_http(profile: &str, fp8: bool) {
     use triaxkv::gpu::decode_step::ModelShape;
     use triaxkv::gpu::serve_bench::HostCheck;
     use triaxkv::gpu::{GpuBackend, PoolSpec};
+    use triaxkv::paged::pool::Fp8Hold;
     let Some(s) = shared() else { return };
     let profile = triaxkv::profile::Profile::read(std::path::Path::new(profile))
         .expect("the shipped profile");
     let shape = ModelShape::of_config("smol", &s.model.config);
     // Slots of this pool: 3 KV heads × 30 layers × the largest class's slab.
     let spec = PoolSpec {
-        wait_fp8: fp8,
-        sinks_fp8: fp8,
-        decode_fp8: fp8,
+        fp8: Fp8Hold {
+            wait: fp8,
+            sinks: fp8,
+            decode: fp8,
+            window: false,
+        }
+        .or_hold(profile.cache.hold_fp8),
         ..PoolSpec::of_profile(&profile, 110 << 20)
     };
     let backend = GpuBackend::checked(&shape, spec, 256).unwrap();

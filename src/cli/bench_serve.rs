@@ -13,7 +13,7 @@ use triaxkv::gpu::serve_bench::{
     self, BenchCache, ServeBenchConfig, ServeBenchRow, SessionOrder, TimelinePoint,
 };
 use triaxkv::gpu::GpuContext;
-use triaxkv::paged::pool::ClassMap;
+use triaxkv::paged::pool::{ClassMap, Fp8Hold};
 use triaxkv::paged::workload::Workload;
 
 /// Where tokens waiting for a key group are kept (`--wait`).
@@ -509,10 +509,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         warmup_s: args.warmup,
         v_group,
         k_group,
-        wait_fp8: args.wait == Wait::Fp8,
-        sinks_fp8: args.sinks_fp8,
-        decode_fp8: args.decode_fp8,
-        window_fp8: args.window_fp8,
+        fp8: Fp8Hold {
+            wait: args.wait == Wait::Fp8,
+            sinks: args.sinks_fp8,
+            decode: args.decode_fp8,
+            window: args.window_fp8,
+        },
         staggered_start: args.staggered_start,
         seed: 0x5eed,
         order: match args.order {
@@ -646,12 +648,12 @@ fn steps(cfg: &ServeBenchConfig) -> String {
     } else {
         ", prefill and decode in separate steps"
     };
-    let window = if cfg.window_fp8 {
+    let window = if cfg.fp8.window {
         ", the window in FP8"
     } else {
         ""
     };
-    let wait = match (cfg.wait_fp8, cfg.sinks_fp8, cfg.decode_fp8) {
+    let wait = match (cfg.fp8.wait, cfg.fp8.sinks, cfg.fp8.decode) {
         (false, false, _) => "",
         (false, true, _) => ", sinks in FP8",
         (true, false, false) => ", tokens waiting for a key group in FP8",

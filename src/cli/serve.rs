@@ -10,7 +10,7 @@ use std::time::Instant;
 use triaxkv::gpu::{GpuBackend, GpuContext, PoolSpec};
 use triaxkv::kvcache::QuantCacheConfig;
 use triaxkv::model::load;
-use triaxkv::paged::pool::ClassMap;
+use triaxkv::paged::pool::{ClassMap, Fp8Hold};
 use triaxkv::profile::{ModelIdentity, Profile};
 use triaxkv::quant::KvClass;
 use triaxkv::runtime::{CpuBackend, CpuKv, Engine, EngineConfig, Prompter};
@@ -203,15 +203,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
             Some(path) => {
                 let p = Profile::read(path)?;
                 // A `hold_fp8` profile is stored as it was allocated without the flags.
-                let hold = p.cache.hold_fp8;
+                let fp8 = Fp8Hold {
+                    wait: args.wait_fp8,
+                    sinks: args.sinks_fp8,
+                    decode: args.decode_fp8,
+                    window: args.window_fp8,
+                };
                 let spec = PoolSpec {
-                    wait_fp8: args.wait_fp8 || hold,
-                    sinks_fp8: args.sinks_fp8 || hold,
-                    decode_fp8: args.decode_fp8 || hold,
-                    window_fp8: args.window_fp8 || hold,
+                    fp8: fp8.or_hold(p.cache.hold_fp8),
                     ..PoolSpec::of_profile(&p, args.kv_memory)
                 };
-                if args.decode_fp8 && p.cache.window > 0 && !spec.window_fp8 {
+                if args.decode_fp8 && p.cache.window > 0 && !spec.fp8.window {
                     eprintln!(
                         "note: profile {} keeps its newest {} tokens at 16 bits: --decode-fp8 \
                          changes nothing without --window-fp8",

@@ -20,7 +20,7 @@ use super::serve_bench::{
 };
 use super::{GpuContext, GpuError};
 use crate::model::llama::Model;
-use crate::paged::pool::{ClassMap, ClassTokens, Ops, SeqBlocks, SlotPool, F16_TOKENS};
+use crate::paged::pool::{ClassMap, ClassTokens, Fp8Hold, Ops, SeqBlocks, SlotPool, F16_TOKENS};
 use crate::quant::KvClass;
 use crate::runtime::{Backend, BackendError, KvUsage, PoolOccupancy, Work};
 use crate::tags::TokenTag;
@@ -42,16 +42,8 @@ pub struct PoolSpec {
     pub kv_memory: usize,
     pub v_group: usize,
     pub k_group: usize,
-    /// Tokens waiting for an INT4/INT2 key group wait in FP8 blocks (`ClassTokens::wait_fp8`).
-    pub wait_fp8: bool,
-    /// The sinks are kept in the FP8 waiting blocks (`ClassTokens::fp8_sinks`).
-    pub sinks_fp8: bool,
-    /// Generated tokens that wait in FP8 are written there, not into the 16-bit stream
-    /// (`ClassTokens::decode_fp8`).
-    pub decode_fp8: bool,
-    /// With `decode_fp8`, the residual window is kept in the FP8 waiting blocks
-    /// (`ClassTokens::fp8_window`).
-    pub window_fp8: bool,
+    /// What the pool holds in FP8 blocks.
+    pub fp8: Fp8Hold,
 }
 
 impl PoolSpec {
@@ -63,10 +55,7 @@ impl PoolSpec {
             kv_memory,
             v_group: 64,
             k_group: 64,
-            wait_fp8: false,
-            sinks_fp8: false,
-            decode_fp8: false,
-            window_fp8: false,
+            fp8: Fp8Hold::default(),
         }
     }
 
@@ -78,10 +67,7 @@ impl PoolSpec {
             kv_memory,
             v_group: p.cache.value_group,
             k_group: p.cache.block_tokens,
-            wait_fp8: false,
-            sinks_fp8: false,
-            decode_fp8: false,
-            window_fp8: false,
+            fp8: Fp8Hold::default(),
         }
     }
 }
@@ -206,11 +192,7 @@ impl<E: Executor> GpuBackend<E> {
         let class_bytes =
             KvClass::ALL.map(|c| layout.kv_heads * layout.geom(c).slab_bytes() * shape.layers);
         Ok(PoolShape {
-            tokens: ClassTokens {
-                decode_fp8: spec.decode_fp8,
-                fp8_window: spec.window_fp8,
-                ..pool_tokens(&layout, &spec.map, spec.wait_fp8, spec.sinks_fp8)
-            },
+            tokens: pool_tokens(&layout, &spec.map, spec.fp8),
             layout,
             slot_bytes,
             class_bytes,
@@ -728,10 +710,12 @@ mod tests {
             ..mixed()
         };
         let spec = PoolSpec {
-            wait_fp8,
-            sinks_fp8,
-            decode_fp8,
-            window_fp8,
+            fp8: Fp8Hold {
+                wait: wait_fp8,
+                sinks: sinks_fp8,
+                decode: decode_fp8,
+                window: window_fp8,
+            },
             ..PoolSpec::new(map, slots * slot)
         };
         let backend = GpuBackend::checked(&shape, spec, 96).unwrap();

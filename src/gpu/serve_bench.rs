@@ -19,7 +19,7 @@ use super::prefill_attention::PrefillCall;
 use super::token_moves::TokenMoves;
 use super::{DeviceCache, GpuContext, GpuError};
 use crate::paged::pool::{
-    ClassMap, ClassTokens, F16Use, Ops, PoolError, SeqBlocks, SlotPool, F16_TOKENS,
+    ClassMap, ClassTokens, F16Use, Fp8Hold, Ops, PoolError, SeqBlocks, SlotPool, F16_TOKENS,
 };
 use crate::paged::workload::Workload;
 use crate::quant::KvClass;
@@ -58,16 +58,8 @@ pub struct ServeBenchConfig {
     pub v_group: usize,
     /// Tokens per per-channel key group of the INT2 blocks (64 or 128; INT4 blocks hold 64).
     pub k_group: usize,
-    /// Tokens waiting for an INT4/INT2 key group wait in FP8 blocks (`ClassTokens::wait_fp8`).
-    pub wait_fp8: bool,
-    /// A quantizing cache keeps its sinks in the FP8 waiting blocks (`ClassTokens::fp8_sinks`).
-    pub sinks_fp8: bool,
-    /// With `wait_fp8`, generated tokens that wait in FP8 are written there, not into the
-    /// 16-bit stream (`ClassTokens::decode_fp8`).
-    pub decode_fp8: bool,
-    /// With `decode_fp8`, a profile's residual window is kept in the FP8 waiting blocks
-    /// (`ClassTokens::fp8_window`).
-    pub window_fp8: bool,
+    /// What the quantizing caches hold in FP8 blocks (a `hold_fp8` profile holds all of it).
+    pub fp8: Fp8Hold,
     pub seed: u32,
     /// The order clients take sessions in (`SessionOrder`).
     pub order: SessionOrder,
@@ -96,10 +88,7 @@ impl ServeBenchConfig {
             warmup_s: 0.0,
             v_group: 64,
             k_group: 64,
-            wait_fp8: false,
-            sinks_fp8: false,
-            decode_fp8: false,
-            window_fp8: false,
+            fp8: Fp8Hold::default(),
             seed: 0,
             order: SessionOrder::Recorded,
             staggered_start: false,
@@ -1528,29 +1517,21 @@ pub fn pool_layout(
 
 /// The pool's `ClassTokens` for `cfg` and cache `bc` (a `hold_fp8` profile's FP8 holding on).
 fn cfg_tokens(cfg: &ServeBenchConfig, layout: &PagedLayout, bc: &BenchCache) -> ClassTokens {
-    let hold = bc.hold_fp8;
-    ClassTokens {
-        decode_fp8: cfg.decode_fp8 || hold,
-        fp8_window: cfg.window_fp8 || hold,
-        ..pool_tokens(layout, &bc.map, cfg.wait_fp8 || hold, cfg.sinks_fp8 || hold)
-    }
+    pool_tokens(layout, &bc.map, cfg.fp8.or_hold(bc.hold_fp8))
 }
 
-/// Block capacity of each class in `layout`, waiting tokens in FP8 blocks or not, and
-/// `map`'s sinks in them or not (only when it quantizes: a 16-bit cache has no FP8 blocks).
-pub fn pool_tokens(
-    layout: &PagedLayout,
-    map: &ClassMap,
-    wait_fp8: bool,
-    sinks_fp8: bool,
-) -> ClassTokens {
+/// Block capacity of each class in `layout`, and what `fp8` holds in FP8 blocks (`map`'s
+/// sinks only when it quantizes: a 16-bit cache has no FP8 blocks).
+pub fn pool_tokens(layout: &PagedLayout, map: &ClassMap, fp8: Fp8Hold) -> ClassTokens {
     ClassTokens {
-        wait_fp8,
-        fp8_sinks: if sinks_fp8 && map.quantizes() {
+        wait_fp8: fp8.wait,
+        fp8_sinks: if fp8.sinks && map.quantizes() {
             map.sinks
         } else {
             0
         },
+        decode_fp8: fp8.decode,
+        fp8_window: fp8.window,
         ..class_tokens(layout)
     }
 }
@@ -2047,10 +2028,12 @@ mod tests {
                 clients: 24,
                 chunk: 256,
                 k_group: 128,
-                wait_fp8,
-                sinks_fp8,
-                decode_fp8,
-                window_fp8,
+                fp8: Fp8Hold {
+                    wait: wait_fp8,
+                    sinks: sinks_fp8,
+                    decode: decode_fp8,
+                    window: window_fp8,
+                },
                 fused_step,
                 ..ServeBenchConfig::new(shape, 200 * slot)
             };
@@ -2147,9 +2130,12 @@ mod tests {
             let cfg = ServeBenchConfig {
                 clients: 24,
                 chunk: 512,
-                wait_fp8: true,
-                sinks_fp8: true,
-                decode_fp8: true,
+                fp8: Fp8Hold {
+                    wait: true,
+                    sinks: true,
+                    decode: true,
+                    window: false,
+                },
                 seed: 3,
                 order: SessionOrder::Shuffled(1),
                 staggered_start,

@@ -53,6 +53,40 @@ pub enum PoolError {
     OutOfSlots { total: usize },
 }
 
+/// Which tokens outside a quantizing pool's packed blocks are held in its FP8 blocks (E4M3 at
+/// `HOLD_FP8_SCALE`) instead of 16-bit ones, as asked for (`ClassTokens` applies them where the
+/// class map allows).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fp8Hold {
+    /// Tokens waiting for an INT4/INT2 key group (`ClassTokens::wait_fp8`).
+    pub wait: bool,
+    /// The attention sinks (`ClassTokens::fp8_sinks`).
+    pub sinks: bool,
+    /// Generated tokens, written there directly (`ClassTokens::decode_fp8`).
+    pub decode: bool,
+    /// The residual window (`ClassTokens::fp8_window`).
+    pub window: bool,
+}
+
+impl Fp8Hold {
+    /// Everything: how a profile allocated with `--hold-fp8` is stored.
+    pub const ALL: Fp8Hold = Fp8Hold {
+        wait: true,
+        sinks: true,
+        decode: true,
+        window: true,
+    };
+
+    /// `self`, or `ALL` for a profile allocated with `--hold-fp8` (`CacheSettings::hold_fp8`).
+    pub fn or_hold(self, hold_fp8: bool) -> Self {
+        if hold_fp8 {
+            Self::ALL
+        } else {
+            self
+        }
+    }
+}
+
 /// Block capacity in tokens per class, and the tokens quantized into a block at once, in
 /// `KvClass::ALL` order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
