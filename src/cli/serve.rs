@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use triaxkv::gpu::{GpuBackend, GpuContext, PoolSpec};
-use triaxkv::kvcache::QuantCacheConfig;
 use triaxkv::model::load;
 use triaxkv::paged::pool::{ClassMap, Fp8Hold};
 use triaxkv::profile::{ModelIdentity, Profile};
@@ -159,13 +158,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 policy: profile
                     .to_policy()
                     .with_context(|| format!("profile {}", path.display()))?,
-                // A `hold_fp8` profile holds them in FP8 without the flags.
-                config: QuantCacheConfig {
-                    wait_fp8: args.wait_fp8 || profile.cache.hold_fp8,
-                    sinks_fp8: args.sinks_fp8 || profile.cache.hold_fp8,
-                    window_fp8: args.window_fp8 || profile.cache.hold_fp8,
-                    ..profile.cache.cache_config()
-                },
+                config: profile.cache.cache_config().with_fp8(
+                    args.wait_fp8,
+                    args.sinks_fp8,
+                    args.window_fp8,
+                ),
             }
         }
         None => match args.kv {

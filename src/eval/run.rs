@@ -365,14 +365,13 @@ pub fn evaluate(
     let policies = profiles
         .iter()
         .map(|p| {
-            // A `hold_fp8` profile's config has them on already.
-            let base = p.profile.cache.cache_config();
             let cfg = QuantCacheConfig {
                 value_clip: opts.value_clip,
-                wait_fp8: opts.wait_fp8 || base.wait_fp8,
-                sinks_fp8: opts.sinks_fp8 || base.sinks_fp8,
-                window_fp8: opts.window_fp8 || base.window_fp8,
-                ..base
+                ..p.profile.cache.cache_config().with_fp8(
+                    opts.wait_fp8,
+                    opts.sinks_fp8,
+                    opts.window_fp8,
+                )
             };
             Ok((p.profile.to_policy()?, cfg))
         })

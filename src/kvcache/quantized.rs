@@ -147,6 +147,19 @@ impl Default for QuantCacheConfig {
     }
 }
 
+impl QuantCacheConfig {
+    /// `self` with the FP8 holding asked for added to what it has (a `hold_fp8` profile's
+    /// config has all three already): `wait_fp8`, `sinks_fp8`, `window_fp8`.
+    pub fn with_fp8(self, wait: bool, sinks: bool, window: bool) -> Self {
+        QuantCacheConfig {
+            wait_fp8: self.wait_fp8 || wait,
+            sinks_fp8: self.sinks_fp8 || sinks,
+            window_fp8: self.window_fp8 || window,
+            ..self
+        }
+    }
+}
+
 /// One side (K or V) of one token.
 #[derive(Debug, Clone)]
 enum Coded {
