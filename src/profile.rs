@@ -127,6 +127,7 @@ impl CacheSettings {
             wait_fp8: self.hold_fp8,
             sinks_fp8: self.hold_fp8,
             window_fp8: self.hold_fp8,
+            key_outliers: 0.0,
         }
     }
 

@@ -489,3 +489,80 @@ fn hold_fp8_charges_sinks_and_window_at_8_bits() {
     assert!(!text.contains("hold_fp8"));
     assert!(!Profile::read(&plain).unwrap().cache.hold_fp8);
 }
+
+/// `--layer-bands N` relaxes tag-only to one bit width per tag in each band of layers (K and
+/// V alike inside a band): never a higher objective, and refused where it means nothing.
+#[test]
+fn layer_bands_relax_tag_only_per_band() {
+    let (dir, calib) = calib_dir();
+    let run = |extra: &[&str]| -> Profile {
+        let out = dir.path().join("bands.json");
+        let mut args = vec!["--budget", "4.2", "--policy", "tag-only"];
+        args.extend_from_slice(extra);
+        ok(&allocate(&calib, &out, &args));
+        Profile::read(&out).unwrap()
+    };
+    let one = run(&[]);
+    let two = run(&["--layer-bands", "2"]);
+    let (o1, o2) = (
+        one.provenance.objective.unwrap(),
+        two.provenance.objective.unwrap(),
+    );
+    assert!(o2 <= o1 * (1.0 + 1e-12), "2 bands {o2} > 1 band {o1}");
+    assert!(two.budget.achieved_bits <= 4.2 + 1e-9);
+    // One band is plain tag-only; two bands on the 2-layer fixture are one per layer, where a
+    // tag's K and V still share the bits.
+    assert_eq!(run(&["--layer-bands", "1"]).assignments, one.assignments);
+    for a in &two.assignments {
+        for b in &two.assignments {
+            if a.layer == b.layer && a.tag() == b.tag() {
+                assert_eq!(a.bits, b.bits, "{a:?} vs {b:?}");
+            }
+        }
+    }
+    let out = dir.path().join("refused.json");
+    for args in [
+        &[
+            "--budget",
+            "4.2",
+            "--policy",
+            "tag-only",
+            "--layer-bands",
+            "3",
+        ][..],
+        &[
+            "--budget",
+            "4.2",
+            "--policy",
+            "tag-only",
+            "--layer-bands",
+            "0",
+        ][..],
+        &[
+            "--budget",
+            "4.2",
+            "--policy",
+            "triaxial",
+            "--layer-bands",
+            "2",
+        ][..],
+    ] {
+        let e = failed(&allocate(&calib, &out, args));
+        assert!(e.contains("--layer-bands") && e.contains("2 layers"), "{e}");
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn layer_band_splits_layers_into_contiguous_bands() {
+    use triaxkv::allocate::policy::layer_band;
+    let bands: Vec<usize> = (0..30).map(|l| layer_band(l, 3, 30)).collect();
+    assert_eq!(&bands[..10], &[0; 10]);
+    assert_eq!(&bands[10..20], &[1; 10]);
+    assert_eq!(&bands[20..], &[2; 10]);
+    assert_eq!(
+        (0..7).map(|l| layer_band(l, 2, 7)).collect::<Vec<_>>(),
+        [0, 0, 0, 0, 1, 1, 1]
+    );
+    assert!((0..5).all(|l| layer_band(l, 1, 5) == 0));
+}

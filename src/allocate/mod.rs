@@ -71,6 +71,11 @@ pub enum AllocateError {
     #[error("{0}")]
     BudgetOptions(String),
     #[error(
+        "--layer-bands {bands}: applies to --policy tag-only or tag-kv (the others choose per \
+         layer already), and must be between 1 and the model's {layers} layers"
+    )]
+    LayerBands { bands: usize, layers: usize },
+    #[error(
         "budget {budget:.4} bits per element is below the smallest feasible, {floor:.4} \
          (every tag at {lowest} bits, the {protected:.0} sink and window tokens per query at \
          {protected_bits})"
@@ -134,6 +139,9 @@ pub struct Request {
     /// The sinks, window and waiting tokens held in FP8 (`CacheSettings::hold_fp8`): the
     /// sinks and window charged at 8 bits.
     pub hold_fp8: bool,
+    /// For `tag-only` / `tag-kv`: split the layers into this many contiguous bands of
+    /// (nearly) equal size, each with its own bit width per tag (None or 1: one band).
+    pub layer_bands: Option<usize>,
 }
 
 /// The sensitivity table solved over, for the profile's provenance.
@@ -232,6 +240,18 @@ pub fn allocate(
         return Err(AllocateError::BudgetOptions("--context must be > 0".into()));
     }
 
+    let bands = req.layer_bands.unwrap_or(1);
+    if bands != 1
+        && (!matches!(req.policy, Policy::TagOnly | Policy::TagKv)
+            || bands == 0
+            || bands > model.layers)
+    {
+        return Err(AllocateError::LayerBands {
+            bands,
+            layers: model.layers,
+        });
+    }
+
     let fixed = req.policy.fixed_bits();
     let mut bits: Vec<u8> = match fixed {
         Some(b) => vec![b],
@@ -325,7 +345,11 @@ pub fn allocate(
             // One knapsack item per group of items that must share a bit width.
             let mut groups: BTreeMap<policy::GroupKey, Vec<usize>> = BTreeMap::new();
             for (i, it) in sens.items.iter().enumerate() {
-                groups.entry(req.policy.group(&it.key)).or_default().push(i);
+                let mut g = req.policy.group(&it.key);
+                if bands > 1 {
+                    g.layer = policy::layer_band(it.key.layer, bands, model.layers);
+                }
+                groups.entry(g).or_default().push(i);
             }
             let groups: Vec<Vec<usize>> = groups.into_values().collect();
             let mut items = Vec::with_capacity(groups.len());

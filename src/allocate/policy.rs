@@ -121,6 +121,12 @@ impl fmt::Display for Policy {
     }
 }
 
+/// The band of `layer` when `layers` layers are split into `bands` contiguous bands of
+/// (nearly) equal size: what a pool with per-band classes stores together.
+pub fn layer_band(layer: usize, bands: usize, layers: usize) -> usize {
+    layer * bands / layers.max(1)
+}
+
 /// What items sharing one bit width have in common under a policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GroupKey {

@@ -114,6 +114,10 @@ pub struct AllocateArgs {
     /// without flags.
     #[arg(long)]
     hold_fp8: bool,
+    /// With --policy tag-only or tag-kv: one bit width per tag in each of N contiguous
+    /// bands of layers (of nearly equal size) instead of one for all layers.
+    #[arg(long, value_name = "N")]
+    layer_bands: Option<usize>,
     /// The calibrated model (GGUF file or safetensors folder), for its identity and shape
     /// [default: the bundled SmolLM2 from scripts/setup.sh].
     #[arg(long)]
@@ -161,6 +165,7 @@ pub fn run(args: AllocateArgs) -> Result<()> {
         sinks: args.sinks,
         window: args.window,
         hold_fp8: args.hold_fp8,
+        layer_bands: args.layer_bands,
     };
     let calibration = Calibration {
         path: file.display().to_string(),

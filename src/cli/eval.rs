@@ -53,6 +53,12 @@ pub struct EvalArgs {
     /// pool and `serve` quantize with min/max.
     #[arg(long)]
     value_clip: bool,
+    /// Keep this fraction of every per-channel key block exactly (dense-and-sparse, as
+    /// KVQuant; 4 bytes each, counted in the measured bits), quantizing the rest over the
+    /// narrowed ranges, in every profile (the name gets `-koN`). An experiment: the GPU pool
+    /// and `serve` hold no outliers.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    key_outliers: f32,
     /// Per-channel keys wait for their key group in FP8 (E4M3, scale 1) instead of 16 bits
     /// and values are quantized from their E4M3 rounding, in every profile (the name gets
     /// `-wait8`): what `bench serve --wait fp8` stores.
@@ -185,6 +191,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             if args.value_clip {
                 profile.name = format!("{}-vclip", profile.name);
             }
+            if args.key_outliers > 0.0 {
+                profile.name = format!("{}-ko{}", profile.name, args.key_outliers);
+            }
             if args.wait_fp8 {
                 profile.name = format!("{}-wait8", profile.name);
             }
@@ -216,6 +225,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         wait_fp8: args.wait_fp8,
         sinks_fp8: args.sinks_fp8,
         window_fp8: args.window_fp8,
+        key_outliers: args.key_outliers,
         ..EvalOptions::default()
     };
     let (plans, notes) = prepare_plans(

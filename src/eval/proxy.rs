@@ -139,6 +139,7 @@ fn cache_config(t: &TableView) -> QuantCacheConfig {
         wait_fp8: false,
         sinks_fp8: false,
         window_fp8: false,
+        key_outliers: 0.0,
     }
 }
 

@@ -39,6 +39,8 @@ pub struct EvalOptions {
     pub sinks_fp8: bool,
     /// Every profile's window tokens of quantized classes rounded to FP8 (`--window-fp8`).
     pub window_fp8: bool,
+    /// Fraction of every sealed per-channel key block kept exactly (`--key-outliers`).
+    pub key_outliers: f32,
 }
 
 impl Default for EvalOptions {
@@ -54,6 +56,7 @@ impl Default for EvalOptions {
             wait_fp8: false,
             sinks_fp8: false,
             window_fp8: false,
+            key_outliers: 0.0,
         }
     }
 }
@@ -278,6 +281,8 @@ pub struct EvalOptionsOut {
     pub sinks_fp8: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub window_fp8: bool,
+    #[serde(skip_serializing_if = "is_zero_f32")]
+    pub key_outliers: f32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -352,6 +357,10 @@ struct Totals {
 }
 
 /// Evaluate `profiles` on `plans` against the f32 reference cache.
+fn is_zero_f32(x: &f32) -> bool {
+    *x == 0.0
+}
+
 pub fn evaluate(
     model: &LoadedModel,
     plans: &[ReplayPlan],
@@ -367,6 +376,7 @@ pub fn evaluate(
         .map(|p| {
             let cfg = QuantCacheConfig {
                 value_clip: opts.value_clip,
+                key_outliers: opts.key_outliers,
                 ..p.profile.cache.cache_config().with_fp8(
                     opts.wait_fp8,
                     opts.sinks_fp8,
@@ -559,6 +569,7 @@ pub fn evaluate(
             wait_fp8: opts.wait_fp8,
             sinks_fp8: opts.sinks_fp8,
             window_fp8: opts.window_fp8,
+            key_outliers: opts.key_outliers,
         },
         trajectories: infos,
         reference: ReferenceSummary {

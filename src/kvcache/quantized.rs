@@ -127,6 +127,11 @@ pub struct QuantCacheConfig {
     /// `paged::pool::ClassTokens::fp8_window`). Sinks follow `sinks_fp8`; 16-bit tags stay
     /// 16-bit.
     pub window_fp8: bool,
+    /// Dense-and-sparse keys (KVQuant): this fraction of a sealed per-channel key block's
+    /// elements, those whose removal narrows their channel's range most, is kept exactly
+    /// (fp16 value + 16-bit index, 4 bytes each) and the rest quantized over the narrowed
+    /// range. `eval --key-outliers` only: no GPU layout holds them.
+    pub key_outliers: f32,
 }
 
 impl Default for QuantCacheConfig {
@@ -143,6 +148,7 @@ impl Default for QuantCacheConfig {
             wait_fp8: false,
             sinks_fp8: false,
             window_fp8: false,
+            key_outliers: 0.0,
         }
     }
 }
@@ -177,6 +183,8 @@ struct Entry {
     pos: usize,
     k: Coded,
     v: Coded,
+    /// Key elements kept exactly by a dense-and-sparse seal: (channel, value).
+    k_out: Vec<(u16, f16)>,
 }
 
 #[derive(Debug, Clone)]
@@ -514,7 +522,12 @@ impl QuantCache {
             let blk = layer.blocks[b]
                 .as_mut()
                 .ok_or_else(|| QuantError::Layout(format!("open block {b} is missing")))?;
-            blk.entries.push(Entry { pos, k, v });
+            blk.entries.push(Entry {
+                pos,
+                k,
+                v,
+                k_out: Vec::new(),
+            });
             blk.entries.len() >= cfg.block_tokens
         };
         layer.loc[pos] = Loc::Block(b);
@@ -523,7 +536,7 @@ impl QuantCache {
         if full {
             layer.open.remove(&class);
             if per_channel && class.k != KEEP {
-                seal_per_channel(layer, b, row, bits_of(class.k)?)?;
+                seal_per_channel(layer, b, row, bits_of(class.k)?, cfg.key_outliers)?;
             }
         }
         // The mirror now holds exactly what the store decodes to.
@@ -584,6 +597,7 @@ impl QuantCache {
                     out.params += 4 * row;
                 }
                 for e in &blk.entries {
+                    out.params += 4 * e.k_out.len();
                     for (c, bits) in [(&e.k, blk.class.k), (&e.v, blk.class.v)] {
                         match c {
                             // A staged key waits in FP8 with `wait_fp8`.
@@ -650,28 +664,54 @@ fn encode_tokens(
     Ok(Coded::Int { codes, params })
 }
 
-/// Quantize a full block's staged 16-bit keys per channel (one scale/zero per channel).
-fn seal_per_channel(layer: &mut Layer, b: usize, row: usize, bits: Bits) -> Result<(), QuantError> {
+/// Quantize a full block's staged 16-bit keys per channel (one scale/zero per channel),
+/// keeping `outliers` of its elements exactly (`QuantCacheConfig::key_outliers`).
+fn seal_per_channel(
+    layer: &mut Layer,
+    b: usize,
+    row: usize,
+    bits: Bits,
+    outliers: f32,
+) -> Result<(), QuantError> {
     let Some(blk) = layer.blocks[b].as_mut() else {
         return Ok(());
     };
+    let rows = blk.entries.len();
+    let cols: Vec<Vec<f32>> = (0..row)
+        .map(|c| {
+            blk.entries
+                .iter()
+                .map(|e| match &e.k {
+                    Coded::Half(h) => h[c].to_f32(),
+                    Coded::Int { .. } => 0.0,
+                })
+                .collect()
+        })
+        .collect();
+    let kept = key_outliers(
+        &cols,
+        (outliers.max(0.0) * (rows * row) as f32).round() as usize,
+    );
     let mut params = Vec::with_capacity(row);
-    let mut col = vec![0.0f32; blk.entries.len()];
-    let mut codes = vec![vec![0u8; row]; blk.entries.len()];
-    for c in 0..row {
-        for (x, e) in col.iter_mut().zip(&blk.entries) {
-            *x = match &e.k {
-                Coded::Half(h) => h[c].to_f32(),
-                Coded::Int { .. } => 0.0,
-            };
-        }
-        let p = group_params(&col, bits)?;
+    let mut codes = vec![vec![0u8; row]; rows];
+    for (c, col) in cols.iter().enumerate() {
+        let inliers: Vec<f32> = col
+            .iter()
+            .enumerate()
+            .filter(|(r, _)| !kept[c].contains(r))
+            .map(|(_, &x)| x)
+            .collect();
+        let p = group_params(if inliers.is_empty() { col } else { &inliers }, bits)?;
         for (r, &x) in col.iter().enumerate() {
             codes[r][c] = quantize_with(x, p, bits);
         }
         params.push(p);
     }
-    for (e, c) in blk.entries.iter_mut().zip(codes) {
+    for (r, (e, c)) in blk.entries.iter_mut().zip(codes).enumerate() {
+        e.k_out = (0..row)
+            .filter(|&ch| kept[ch].contains(&r))
+            .map(|ch| (ch as u16, f16::from_f32(cols[ch][r])))
+            .collect();
         e.k = Coded::Int {
             codes: c,
             params: Vec::new(),
@@ -685,6 +725,60 @@ fn seal_per_channel(layer: &mut Layer, b: usize, row: usize, bits: Bits) -> Resu
         layer.k[pos * row..(pos + 1) * row].copy_from_slice(&kd);
     }
     Ok(())
+}
+
+/// The rows of each channel to keep exactly, `n` in all: greedily the channel end (its
+/// lowest or highest remaining value) whose removal shrinks that channel's squared range
+/// most, since a per-channel group's error grows with the square of its range.
+fn key_outliers(cols: &[Vec<f32>], n: usize) -> Vec<Vec<usize>> {
+    let mut kept = vec![Vec::new(); cols.len()];
+    if n == 0 {
+        return kept;
+    }
+    let order: Vec<Vec<usize>> = cols
+        .iter()
+        .map(|col| {
+            let mut o: Vec<usize> = (0..col.len()).collect();
+            o.sort_by(|&a, &b| col[a].total_cmp(&col[b]));
+            o
+        })
+        .collect();
+    // (taken from the bottom, taken from the top) per channel.
+    let mut ends = vec![(0usize, 0usize); cols.len()];
+    for _ in 0..n {
+        let mut best: Option<(f32, usize, bool)> = None;
+        for (c, col) in cols.iter().enumerate() {
+            let (lo, hi) = ends[c];
+            let len = col.len();
+            if lo + hi + 2 >= len {
+                continue;
+            }
+            let at = |i: usize| col[order[c][i]];
+            let range = at(len - 1 - hi) - at(lo);
+            for top in [false, true] {
+                let narrowed = if top {
+                    at(len - 2 - hi) - at(lo)
+                } else {
+                    at(len - 1 - hi) - at(lo + 1)
+                };
+                let gain = range * range - narrowed * narrowed;
+                if best.is_none_or(|(g, _, _)| gain > g) {
+                    best = Some((gain, c, top));
+                }
+            }
+        }
+        let Some((_, c, top)) = best else { break };
+        let len = cols[c].len();
+        let (lo, hi) = &mut ends[c];
+        if top {
+            kept[c].push(order[c][len - 1 - *hi]);
+            *hi += 1;
+        } else {
+            kept[c].push(order[c][*lo]);
+            *lo += 1;
+        }
+    }
+    kept
 }
 
 fn decode(c: &Coded, channel: Option<&[GroupParams]>, hd: usize, rotate: bool) -> Vec<f32> {
@@ -732,7 +826,10 @@ fn decode_entry(
         .find(|e| e.pos == pos)
         .ok_or_else(|| QuantError::Layout(format!("token {pos} is not in block {b}")))?;
     let rotate = matches!(cfg.key_mode, KeyMode::PerToken { rotate: true });
-    let k = decode(&e.k, blk.k_channel.as_deref(), hd, rotate);
+    let mut k = decode(&e.k, blk.k_channel.as_deref(), hd, rotate);
+    for &(c, x) in &e.k_out {
+        k[c as usize] = x.to_f32();
+    }
     let v = decode(&e.v, None, hd, false);
     Ok((k, v))
 }
@@ -1103,6 +1200,58 @@ mod tests {
         assert!(err(&v1) < 0.9 * err(&v0), "{} vs {}", err(&v1), err(&v0));
     }
 
+    /// Dense-and-sparse keys: a few extreme key elements kept exactly leave the other
+    /// elements of their channels a narrower range (lower INT2 key error), are decoded
+    /// exactly, and are counted at 4 bytes each; values do not change.
+    #[test]
+    fn key_outliers_are_kept_exactly_and_narrow_their_channels() {
+        let s = shape();
+        let row = s.num_kv_heads * s.head_dim;
+        let n = 300;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut k: Vec<f32> = (0..n * row).map(|_| rng.random::<f32>() - 0.5).collect();
+        let v: Vec<f32> = (0..n * row).map(|_| rng.random::<f32>() - 0.5).collect();
+        // One spike per channel and 64 consecutive tokens.
+        for (i, x) in k.iter_mut().enumerate() {
+            if (i / row) % 64 == (i % row) % 64 {
+                *x = 12.0;
+            }
+        }
+        let t = tags(n);
+        let policy = KvPolicy::uniform(s.num_layers, PrecisionClass::new(2, 2).unwrap());
+        let run = |outliers: f32| {
+            let cfg = QuantCacheConfig {
+                key_outliers: outliers,
+                ..QuantCacheConfig::default()
+            };
+            let mut c = QuantCache::new(s, policy.clone(), cfg).unwrap();
+            c.append(0, &k, &v, &t);
+            assert!(c.error().is_none());
+            let (kd, vd) = c.dequantize(0).unwrap();
+            (kd, vd, c.bytes())
+        };
+        let ((k0, v0, b0), (k1, v1, b1)) = (run(0.0), run(1.0 / 64.0));
+        assert_eq!(v0, v1, "values do not change");
+        let err = |x: &[f32]| -> f64 {
+            x.iter()
+                .zip(&k)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum()
+        };
+        assert!(err(&k1) < 0.1 * err(&k0), "{} vs {}", err(&k1), err(&k0));
+        // Spikes in sealed blocks are kept; the others are 16-bit (sinks, window, staged).
+        for (i, (&a, &b)) in k1.iter().zip(&k).enumerate() {
+            if b == 12.0 {
+                assert_eq!(a, 12.0, "spike {i} kept exactly");
+            }
+        }
+        // 300 tokens, 4 sinks, a 64-token window: 3 sealed blocks of 64, one kept element
+        // per channel each.
+        let sealed = (n - DEFAULT_SINKS - DEFAULT_WINDOW) / 64;
+        assert_eq!(b1.params - b0.params, 4 * sealed * row);
+        assert_eq!((b1.packed, b1.half), (b0.packed, b0.half));
+    }
+
     #[test]
     fn attend_equals_dequantize_then_attend() {
         for mode in [
@@ -1184,6 +1333,7 @@ mod tests {
             wait_fp8: false,
             sinks_fp8: false,
             window_fp8: false,
+            key_outliers: 0.0,
         };
         let mut c = QuantCache::new(
             s,
