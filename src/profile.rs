@@ -111,6 +111,15 @@ pub struct CacheSettings {
     /// `--decode-fp8`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold_fp8: bool,
+    /// Fraction of each per-channel key group's elements kept exactly (dense-and-sparse
+    /// keys, `allocate --key-outliers`; 4 bytes each, charged to the keys' bits). `eval`
+    /// and `serve` (CPU) apply it; the GPU pool does not store outliers and refuses it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_outliers: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl CacheSettings {
@@ -127,7 +136,7 @@ impl CacheSettings {
             wait_fp8: self.hold_fp8,
             sinks_fp8: self.hold_fp8,
             window_fp8: self.hold_fp8,
-            key_outliers: 0.0,
+            key_outliers: self.key_outliers as f32,
         }
     }
 
@@ -141,6 +150,7 @@ impl CacheSettings {
             window: c.window,
             recency_unit: c.unit,
             hold_fp8: c.wait_fp8 && c.sinks_fp8 && c.window_fp8,
+            key_outliers: c.key_outliers as f64,
         }
     }
 }

@@ -566,3 +566,37 @@ fn layer_band_splits_layers_into_contiguous_bands() {
     );
     assert!((0..5).all(|l| layer_band(l, 1, 5) == 0));
 }
+
+/// `--key-outliers F` charges each quantized key element 32 F bits (an fp16 value and a
+/// 16-bit index per kept element), records F in the profile, and the CPU cache the profile
+/// builds keeps them; out-of-range fractions are refused.
+#[test]
+fn key_outliers_are_charged_to_the_keys_and_recorded() {
+    let (dir, calib) = calib_dir();
+    let out = dir.path().join("ko.json");
+    ok(&allocate(&calib, &out, &["--policy", "uniform-int2"]));
+    let plain = Profile::read(&out).unwrap();
+    assert_eq!(plain.cache.key_outliers, 0.0);
+    assert!(!std::fs::read_to_string(&out)
+        .unwrap()
+        .contains("key_outliers"));
+    ok(&allocate(
+        &calib,
+        &out,
+        &["--policy", "uniform-int2", "--key-outliers", "0.01"],
+    ));
+    let p = Profile::read(&out).unwrap();
+    assert_eq!(p.cache.key_outliers, 0.01);
+    assert!((p.cache.cache_config().key_outliers - 0.01).abs() < 1e-9);
+    // No sinks or window under uniform INT2: every key pays 0.32 bits, K and V averaged.
+    let d = p.budget.achieved_bits - plain.budget.achieved_bits;
+    assert!((d - 0.16).abs() < 1e-9, "{d}");
+    for bad in ["--key-outliers=0.5", "--key-outliers=-0.1"] {
+        let e = failed(&allocate(
+            &calib,
+            &dir.path().join("bad.json"),
+            &["--policy", "uniform-int2", bad],
+        ));
+        assert!(e.contains("--key-outliers"), "{e}");
+    }
+}

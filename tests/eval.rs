@@ -85,6 +85,7 @@ fn profile(model: &ModelIdentity, name: &str, k: u8, v: u8) -> Profile {
             window: 16,
             recency_unit: RecencyUnit::Turn,
             hold_fp8: false,
+            key_outliers: 0.0,
         },
         budget: Budget {
             asked_bits: None,

@@ -282,3 +282,53 @@ fn serve_plot_draws_each_cache_and_names_bad_files() {
         "{err}"
     );
 }
+
+/// The GPU pool stores no key outliers: `bench serve` refuses a profile that keeps them
+/// (it would hold more sessions than the profile's bits allow), naming the profile.
+#[test]
+fn bench_serve_refuses_a_profile_with_key_outliers() {
+    if model().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut p: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("profiles/tag-only-2.57-w32-fp8.json")).unwrap(),
+    )
+    .unwrap();
+    p["cache"]["key_outliers"] = 0.005.into();
+    p["name"] = "with-outliers".into();
+    let profile = dir.path().join("p.json");
+    std::fs::write(&profile, p.to_string()).unwrap();
+    let w = dir.path().join("w.json");
+    let traces = root.join("traces/test/webvoyager.jsonl");
+    let o = triaxkv(&[
+        "bench",
+        "serve-workload",
+        "--traces",
+        traces.to_str().unwrap(),
+        "-o",
+        w.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = triaxkv(&[
+        "bench",
+        "serve",
+        "--workload",
+        w.to_str().unwrap(),
+        "--host-check",
+        "50",
+        "--kv-memory",
+        "1GiB",
+        "--caches",
+        "profile",
+        "--profile",
+        profile.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("with-outliers") && err.contains("key outliers"),
+        "{err}"
+    );
+}

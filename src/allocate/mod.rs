@@ -142,6 +142,8 @@ pub struct Request {
     /// For `tag-only` / `tag-kv`: split the layers into this many contiguous bands of
     /// (nearly) equal size, each with its own bit width per tag (None or 1: one band).
     pub layer_bands: Option<usize>,
+    /// Fraction of each per-channel key group kept exactly (`CacheSettings::key_outliers`).
+    pub key_outliers: f64,
 }
 
 /// The sensitivity table solved over, for the profile's provenance.
@@ -307,6 +309,29 @@ pub fn allocate(
         return Err(AllocateError::HoldFp8KeyMode);
     }
     cache.hold_fp8 = req.hold_fp8;
+    if req.key_outliers != 0.0 {
+        if !(0.0..=0.25).contains(&req.key_outliers) {
+            return Err(AllocateError::BudgetOptions(format!(
+                "--key-outliers {}: must be a fraction between 0 and 0.25",
+                req.key_outliers
+            )));
+        }
+        if cache.key_mode != KeyModeName::PerChannel {
+            return Err(AllocateError::BudgetOptions(
+                "--key-outliers keeps elements of per-channel key groups: the table's keys are \
+                 grouped per token"
+                    .into(),
+            ));
+        }
+        notes.push(format!(
+            "{:.2}% of every key group kept exactly (+{:.3} bits per quantized key element); \
+             the objective reuses the table's distortions, measured without outliers: an \
+             estimate. The GPU pool does not store outliers yet",
+            100.0 * req.key_outliers,
+            32.0 * req.key_outliers
+        ));
+    }
+    cache.key_outliers = req.key_outliers;
     let protected_bits = if req.hold_fp8 { 8.0 } else { 16.0 };
     let acc = accounting(&sens, sinks, window, req.context, protected_bits);
     let eff = |kv: Kv, b: u8| effective_bits(&cache, kv, b);

@@ -75,6 +75,7 @@ pub fn cache_settings(p: &Provenance) -> Result<CacheSettings, AllocateError> {
         window: p.window,
         recency_unit: unit,
         hold_fp8: false,
+        key_outliers: 0.0,
     })
 }
 
@@ -90,7 +91,12 @@ pub fn effective_bits(cache: &CacheSettings, kv: Kv, bits: u8) -> Result<f64, Al
         (Kv::K, _) => cache.key_group,
         (Kv::V, _) => cache.value_group,
     };
-    Ok(QuantSpec { bits: b, group }.effective_bits())
+    // A kept key outlier costs an fp16 value and a 16-bit index.
+    let outliers = match (kv, cache.key_mode) {
+        (Kv::K, KeyModeName::PerChannel) => 32.0 * cache.key_outliers,
+        _ => 0.0,
+    };
+    Ok(QuantSpec { bits: b, group }.effective_bits() + outliers)
 }
 
 impl Sensitivity {

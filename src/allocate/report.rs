@@ -61,10 +61,15 @@ pub fn render(o: &Outcome) -> String {
     }
     let _ = writeln!(
         s,
-        "cache: {:?} keys g{}, values g{}, block {} tokens; {} sinks + {} window at {} \
+        "cache: {:?} keys g{}{}, values g{}, block {} tokens; {} sinks + {} window at {} \
          ({:.0} of {:.0} tokens per query)",
         p.cache.key_mode,
         p.cache.key_group,
+        if p.cache.key_outliers > 0.0 {
+            format!(" with {:.2}% kept exactly", 100.0 * p.cache.key_outliers)
+        } else {
+            String::new()
+        },
         p.cache.value_group,
         p.cache.block_tokens,
         p.cache.sinks,

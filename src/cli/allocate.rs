@@ -118,6 +118,11 @@ pub struct AllocateArgs {
     /// bands of layers (of nearly equal size) instead of one for all layers.
     #[arg(long, value_name = "N")]
     layer_bands: Option<usize>,
+    /// Keep this fraction of every per-channel key group's elements exactly (dense-and-sparse
+    /// keys, e.g. 0.005; 4 bytes each, charged to the keys): the profile records it and
+    /// `eval` and `serve` (CPU) hold them. Not stored by the GPU pool yet.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    key_outliers: f64,
     /// The calibrated model (GGUF file or safetensors folder), for its identity and shape
     /// [default: the bundled SmolLM2 from scripts/setup.sh].
     #[arg(long)]
@@ -166,6 +171,7 @@ pub fn run(args: AllocateArgs) -> Result<()> {
         window: args.window,
         hold_fp8: args.hold_fp8,
         layer_bands: args.layer_bands,
+        key_outliers: args.key_outliers,
     };
     let calibration = Calibration {
         path: file.display().to_string(),

@@ -191,6 +191,21 @@ pub struct ServeArgs {
     markdown: Option<PathBuf>,
 }
 
+/// The GPU pool stores no key outliers: a profile that keeps them would be served without,
+/// at fewer bits and more sessions than the profile promises, so it is refused.
+pub(crate) fn refuse_key_outliers(p: &Profile) -> Result<()> {
+    if p.cache.key_outliers > 0.0 {
+        bail!(
+            "profile {} keeps {:.2}% of its key groups exactly (cache.key_outliers, allocated \
+             with --key-outliers): the GPU pool does not store key outliers yet; serve it on \
+             the CPU, or allocate it again without --key-outliers",
+            p.name,
+            100.0 * p.cache.key_outliers
+        );
+    }
+    Ok(())
+}
+
 /// The caches `name` stands for: one, or one per profile for `profile`.
 fn caches(name: &str, profiles: &[Profile], k_group: usize) -> Result<Vec<BenchCache>> {
     let uniform = |c| ClassMap::uniform(c, 0, 0);
@@ -200,6 +215,9 @@ fn caches(name: &str, profiles: &[Profile], k_group: usize) -> Result<Vec<BenchC
         "int4" => uniform(KvClass::Int4),
         "int2" => uniform(KvClass::Int2),
         "profile" => {
+            for p in profiles {
+                refuse_key_outliers(p)?;
+            }
             return Ok(profiles
                 .iter()
                 .map(|p| {

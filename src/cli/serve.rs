@@ -199,6 +199,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let (spec, label) = match &args.profile {
             Some(path) => {
                 let p = Profile::read(path)?;
+                super::bench_serve::refuse_key_outliers(&p)?;
                 // A `hold_fp8` profile is stored as it was allocated without the flags.
                 let fp8 = Fp8Hold {
                     wait: args.wait_fp8,

@@ -374,14 +374,16 @@ pub fn evaluate(
     let policies = profiles
         .iter()
         .map(|p| {
+            let base = p.profile.cache.cache_config();
             let cfg = QuantCacheConfig {
                 value_clip: opts.value_clip,
-                key_outliers: opts.key_outliers,
-                ..p.profile.cache.cache_config().with_fp8(
-                    opts.wait_fp8,
-                    opts.sinks_fp8,
-                    opts.window_fp8,
-                )
+                // `--key-outliers` replaces the profile's own fraction.
+                key_outliers: if opts.key_outliers > 0.0 {
+                    opts.key_outliers
+                } else {
+                    base.key_outliers
+                },
+                ..base.with_fp8(opts.wait_fp8, opts.sinks_fp8, opts.window_fp8)
             };
             Ok((p.profile.to_policy()?, cfg))
         })

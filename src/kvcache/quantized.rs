@@ -1200,6 +1200,25 @@ mod tests {
         assert!(err(&v1) < 0.9 * err(&v0), "{} vs {}", err(&v1), err(&v0));
     }
 
+    /// The greedy choice takes, one at a time, the channel end whose removal shrinks a
+    /// squared range most: here the far spike first, then the spike of the wider channel,
+    /// and never more than the channel can give.
+    #[test]
+    fn key_outliers_take_the_ends_that_narrow_ranges_most() {
+        let cols = vec![
+            vec![0.0, 1.0, 10.0, 0.5], // spike 10 at row 2
+            vec![0.0, -3.0, 0.2, 0.1], // spike -3 at row 1
+            vec![0.1, 0.2, 0.3, 0.4],  // no spike
+        ];
+        assert_eq!(key_outliers(&cols, 0), vec![Vec::<usize>::new(); 3]);
+        assert_eq!(key_outliers(&cols, 1), vec![vec![2], vec![], vec![]]);
+        assert_eq!(key_outliers(&cols, 2), vec![vec![2], vec![1], vec![]]);
+        // At most len - 2 per channel: two values always remain to span the range.
+        let k = key_outliers(&cols, 100);
+        assert!(k.iter().all(|c| c.len() <= 2), "{k:?}");
+        assert_eq!(k.iter().map(Vec::len).sum::<usize>(), 6);
+    }
+
     /// Dense-and-sparse keys: a few extreme key elements kept exactly leave the other
     /// elements of their channels a narrower range (lower INT2 key error), are decoded
     /// exactly, and are counted at 4 bytes each; values do not change.
