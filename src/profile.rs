@@ -136,7 +136,7 @@ impl CacheSettings {
             wait_fp8: self.hold_fp8,
             sinks_fp8: self.hold_fp8,
             window_fp8: self.hold_fp8,
-            key_outliers: self.key_outliers as f32,
+            key_outliers: self.key_outliers,
         }
     }
 
@@ -150,7 +150,7 @@ impl CacheSettings {
             window: c.window,
             recency_unit: c.unit,
             hold_fp8: c.wait_fp8 && c.sinks_fp8 && c.window_fp8,
-            key_outliers: c.key_outliers as f64,
+            key_outliers: c.key_outliers,
         }
     }
 }

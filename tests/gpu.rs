@@ -1986,6 +1986,7 @@ fn fused_step_generates_what_separate_steps_do() {
             name: name.into(),
             map,
             hold_fp8: false,
+            key_outliers: 0.0,
         };
         let mut ids = Vec::new();
         let mut fused_steps = 0;

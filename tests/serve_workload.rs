@@ -283,25 +283,25 @@ fn serve_plot_draws_each_cache_and_names_bad_files() {
     );
 }
 
-/// The GPU pool stores no key outliers: `bench serve` refuses a profile that keeps them
-/// (it would hold more sessions than the profile's bits allow), naming the profile.
+/// The GPU kernels hold no key outliers yet: `bench serve` refuses a profile that keeps them
+/// for a GPU run (naming it), while `--host-check` sizes their area into every INT4/INT2 slab:
+/// more stored bits and no more sessions than the same profile without them.
 #[test]
-fn bench_serve_refuses_a_profile_with_key_outliers() {
+fn key_outliers_are_sized_by_the_host_check_and_refused_on_the_gpu() {
     if model().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut p: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("profiles/tag-only-2.57-w32-fp8.json")).unwrap(),
-    )
-    .unwrap();
+    let plain = root.join("profiles/tag-only-2.57-w32-fp8.json");
+    let mut p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plain).unwrap()).unwrap();
     p["cache"]["key_outliers"] = 0.005.into();
     p["name"] = "with-outliers".into();
     let profile = dir.path().join("p.json");
     std::fs::write(&profile, p.to_string()).unwrap();
     let w = dir.path().join("w.json");
-    let traces = root.join("traces/test/webvoyager.jsonl");
+    let traces = root.join("traces/test");
     let o = triaxkv(&[
         "bench",
         "serve-workload",
@@ -311,24 +311,46 @@ fn bench_serve_refuses_a_profile_with_key_outliers() {
         w.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = triaxkv(&[
-        "bench",
-        "serve",
-        "--workload",
-        w.to_str().unwrap(),
-        "--host-check",
-        "50",
-        "--kv-memory",
-        "1GiB",
-        "--caches",
-        "profile",
-        "--profile",
-        profile.to_str().unwrap(),
-    ]);
+    let both = format!("{},{}", plain.display(), profile.display());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "serve",
+            "--workload",
+            w.to_str().unwrap(),
+            "--kv-memory",
+            "1GiB",
+            "--clients",
+            "32",
+            "--caches",
+            "profile",
+            "--profile",
+            &both,
+        ];
+        args.extend_from_slice(extra);
+        triaxkv(&args)
+    };
+    let o = run(&[]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("with-outliers") && err.contains("key outliers"),
         "{err}"
     );
+    let json = dir.path().join("serve.json");
+    let o = run(&["--host-check", "400", "--json", json.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    let (a, b) = (&rows[0], &rows[1]);
+    assert_eq!(b["cache"], "profile with-outliers");
+    assert_eq!(
+        (a["leaked_slots"].as_u64(), b["leaked_slots"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let bits = |r: &serde_json::Value| r["effective_bits"].as_f64().unwrap();
+    assert!(bits(b) > bits(a) + 0.03, "{} vs {}", bits(b), bits(a));
+    let mean = |r: &serde_json::Value| r["mean_sessions"].as_f64().unwrap();
+    assert!(mean(b) <= mean(a), "{} vs {}", mean(b), mean(a));
 }

@@ -198,7 +198,8 @@ pub(crate) fn refuse_key_outliers(p: &Profile) -> Result<()> {
         bail!(
             "profile {} keeps {:.2}% of its key groups exactly (cache.key_outliers, allocated \
              with --key-outliers): the GPU pool does not store key outliers yet; serve it on \
-             the CPU, or allocate it again without --key-outliers",
+             the CPU, measure its capacity with `bench serve --host-check`, or allocate it again without \
+             --key-outliers",
             p.name,
             100.0 * p.cache.key_outliers
         );
@@ -215,9 +216,6 @@ fn caches(name: &str, profiles: &[Profile], k_group: usize) -> Result<Vec<BenchC
         "int4" => uniform(KvClass::Int4),
         "int2" => uniform(KvClass::Int2),
         "profile" => {
-            for p in profiles {
-                refuse_key_outliers(p)?;
-            }
             return Ok(profiles
                 .iter()
                 .map(|p| {
@@ -242,6 +240,7 @@ fn caches(name: &str, profiles: &[Profile], k_group: usize) -> Result<Vec<BenchC
                         name,
                         map,
                         hold_fp8: p.cache.hold_fp8,
+                        key_outliers: p.cache.key_outliers,
                     }
                 })
                 .collect());
@@ -252,6 +251,7 @@ fn caches(name: &str, profiles: &[Profile], k_group: usize) -> Result<Vec<BenchC
         name: name.trim().to_ascii_lowercase(),
         map,
         hold_fp8: false,
+        key_outliers: 0.0,
     }])
 }
 
@@ -515,6 +515,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let mut caches = Vec::new();
     for c in &args.caches {
         caches.extend(self::caches(c, &profiles, k_group)?);
+    }
+    if args.host_check.is_none() {
+        // The host check sizes the outlier area; the kernels do not fill or read it yet.
+        for p in &profiles {
+            refuse_key_outliers(p)?;
+        }
     }
     let mut cfg = ServeBenchConfig {
         shape,

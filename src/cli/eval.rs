@@ -58,7 +58,7 @@ pub struct EvalArgs {
     /// narrowed ranges, in every profile (the name gets `-koN`). An experiment: the GPU pool
     /// and `serve` hold no outliers.
     #[arg(long, value_name = "F", default_value_t = 0.0)]
-    key_outliers: f32,
+    key_outliers: f64,
     /// Per-channel keys wait for their key group in FP8 (E4M3, scale 1) instead of 16 bits
     /// and values are quantized from their E4M3 rounding, in every profile (the name gets
     /// `-wait8`): what `bench serve --wait fp8` stores.

@@ -40,7 +40,7 @@ pub struct EvalOptions {
     /// Every profile's window tokens of quantized classes rounded to FP8 (`--window-fp8`).
     pub window_fp8: bool,
     /// Fraction of every sealed per-channel key block kept exactly (`--key-outliers`).
-    pub key_outliers: f32,
+    pub key_outliers: f64,
 }
 
 impl Default for EvalOptions {
@@ -281,8 +281,8 @@ pub struct EvalOptionsOut {
     pub sinks_fp8: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub window_fp8: bool,
-    #[serde(skip_serializing_if = "is_zero_f32")]
-    pub key_outliers: f32,
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub key_outliers: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -357,7 +357,7 @@ struct Totals {
 }
 
 /// Evaluate `profiles` on `plans` against the f32 reference cache.
-fn is_zero_f32(x: &f32) -> bool {
+fn is_zero_f64(x: &f64) -> bool {
     *x == 0.0
 }
 

@@ -150,6 +150,25 @@ impl PagedLayout {
         Ok(self)
     }
 
+    /// The same layout with room for `fraction` of every INT4/INT2 key group's elements as
+    /// kept outliers (`BlockGeometry::with_k_outliers`, rounded up), and a slab that fits
+    /// every class.
+    pub fn with_k_outliers(mut self, fraction: f64) -> Result<Self, GpuError> {
+        if !(0.0..=0.25).contains(&fraction) {
+            return Err(GpuError::Shape(format!(
+                "key outliers {fraction}: a fraction between 0 and 0.25"
+            )));
+        }
+        for g in self.geoms.iter_mut() {
+            if matches!(g.class, KvClass::Int4 | KvClass::Int2) {
+                let n = (fraction * (g.k_group * g.head_dim) as f64).ceil() as usize;
+                *g = g.with_k_outliers(n)?;
+            }
+        }
+        self.slab_bytes = widest_slab(&self.geoms);
+        Ok(self)
+    }
+
     pub fn geom(&self, c: KvClass) -> &BlockGeometry {
         &self.geoms[class_index(c)]
     }

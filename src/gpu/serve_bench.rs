@@ -38,6 +38,9 @@ pub struct BenchCache {
     /// A profile allocated with `--hold-fp8`: its waiting tokens, sinks, generated tokens and
     /// window are held in FP8 whatever the run's flags (`ClassTokens` all on), as allocated.
     pub hold_fp8: bool,
+    /// A profile keeping key outliers (`CacheSettings::key_outliers`): its INT4/INT2 slabs
+    /// hold their area. Host check only (the kernels do not fill or read it yet).
+    pub key_outliers: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -1515,6 +1518,18 @@ pub fn pool_layout(
     pool_layout_for(&cfg.shape, cfg.v_group, cfg.k_group, cfg.kv_memory, map)
 }
 
+/// `pool_layout` of cache `bc`, with its key-outlier area if it keeps outliers.
+fn cache_layout(cfg: &ServeBenchConfig, bc: &BenchCache) -> Result<(PagedLayout, usize), GpuError> {
+    pool_layout_with(
+        &cfg.shape,
+        cfg.v_group,
+        cfg.k_group,
+        bc.key_outliers,
+        cfg.kv_memory,
+        &bc.map,
+    )
+}
+
 /// The pool's `ClassTokens` for `cfg` and cache `bc` (a `hold_fp8` profile's FP8 holding on).
 fn cfg_tokens(cfg: &ServeBenchConfig, layout: &PagedLayout, bc: &BenchCache) -> ClassTokens {
     pool_tokens(layout, &bc.map, cfg.fp8.or_hold(bc.hold_fp8))
@@ -1544,8 +1559,21 @@ pub fn pool_layout_for(
     kv_memory: usize,
     map: &ClassMap,
 ) -> Result<(PagedLayout, usize), GpuError> {
-    let mut layout =
-        PagedLayout::new(shape.q_heads, shape.kv_heads, 1, v_group)?.with_k_group(k_group)?;
+    pool_layout_with(shape, v_group, k_group, 0.0, kv_memory, map)
+}
+
+/// `pool_layout_for` with room for `key_outliers` of every key group kept exactly.
+pub fn pool_layout_with(
+    shape: &ModelShape,
+    v_group: usize,
+    k_group: usize,
+    key_outliers: f64,
+    kv_memory: usize,
+    map: &ClassMap,
+) -> Result<(PagedLayout, usize), GpuError> {
+    let mut layout = PagedLayout::new(shape.q_heads, shape.kv_heads, 1, v_group)?
+        .with_k_group(k_group)?
+        .with_k_outliers(key_outliers)?;
     let mut used = vec![KvClass::F16, map.default];
     used.extend(map.classes.values().copied());
     if map.quantizes() {
@@ -1589,7 +1617,7 @@ pub fn serve_cache<E: Executor>(
     iterations: Option<usize>,
     mut progress: impl FnMut(&str),
 ) -> Result<ServeBenchRow, GpuError> {
-    let (layout, slot_bytes) = pool_layout(cfg, &bc.map)?;
+    let (layout, slot_bytes) = cache_layout(cfg, bc)?;
     let t = Instant::now();
     let order = session_order(work.sessions.len(), cfg.order);
     let mut rng = {
@@ -1821,7 +1849,7 @@ pub fn run(
     let mut step = DecodeStep::new(gpu, shape, max_rows, cfg.v_group)?;
     let mut rows = Vec::new();
     for bc in &cfg.caches {
-        let (layout, _) = pool_layout(cfg, &bc.map)?;
+        let (layout, _) = cache_layout(cfg, bc)?;
         let exec = GpuExec::new(gpu, &mut step, &w, &layout, 1024, true)?.timing_attention();
         rows.push(serve_cache(
             exec,
@@ -1986,11 +2014,13 @@ mod tests {
                 name: "bf16".into(),
                 map: ClassMap::uniform(KvClass::F16, 0, 0),
                 hold_fp8: false,
+                key_outliers: 0.0,
             },
             BenchCache {
                 name: "mixed".into(),
                 map: mixed(),
                 hold_fp8: false,
+                key_outliers: 0.0,
             },
             BenchCache {
                 name: "mixed-w0".into(),
@@ -1999,12 +2029,14 @@ mod tests {
                     ..mixed()
                 },
                 hold_fp8: false,
+                key_outliers: 0.0,
             },
             // A `--hold-fp8` profile holds its window (and the rest) in FP8 without the flags.
             BenchCache {
                 name: "mixed-hold".into(),
                 map: mixed(),
                 hold_fp8: true,
+                key_outliers: 0.0,
             },
         ];
         // Separate steps, fused ones, fused with tokens waiting in FP8 blocks, the sinks in
@@ -2097,6 +2129,7 @@ mod tests {
                 name: "bf16".into(),
                 map: ClassMap::uniform(KvClass::F16, 0, 0),
                 hold_fp8: false,
+                key_outliers: 0.0,
             }],
             ..ServeBenchConfig::new(crate::gpu::decode_step::ModelShape::llama3_8b(), 1 << 30)
         };
@@ -2125,6 +2158,7 @@ mod tests {
                 ..mixed()
             },
             hold_fp8: false,
+            key_outliers: 0.0,
         };
         let run = |staggered_start: bool| {
             let cfg = ServeBenchConfig {

@@ -12,6 +12,7 @@ use super::full::causal_attention;
 use super::{KvCache, KvShape};
 use crate::quant::int::quantize_with;
 use crate::quant::layout::{e4m3_decode, e4m3_encode, E4M3_MAX};
+use crate::quant::outliers;
 use crate::quant::{
     clipped_group_params, fwht, group_params, Bits, GroupParams, KeyMode, QuantError,
 };
@@ -127,11 +128,11 @@ pub struct QuantCacheConfig {
     /// `paged::pool::ClassTokens::fp8_window`). Sinks follow `sinks_fp8`; 16-bit tags stay
     /// 16-bit.
     pub window_fp8: bool,
-    /// Dense-and-sparse keys (KVQuant): this fraction of a sealed per-channel key block's
-    /// elements, those whose removal narrows their channel's range most, is kept exactly
-    /// (fp16 value + 16-bit index, 4 bytes each) and the rest quantized over the narrowed
-    /// range. `eval --key-outliers` only: no GPU layout holds them.
-    pub key_outliers: f32,
+    /// Dense-and-sparse keys (`quant::outliers`): in each sealed per-channel key block and KV
+    /// head, `outliers::per_group(key_outliers, ..)` elements, those whose removal narrows
+    /// their channel's range most, keep an fp16 correction (4 bytes each with their index, as
+    /// the packed layout stores them) and the rest are quantized over the narrowed range.
+    pub key_outliers: f64,
 }
 
 impl Default for QuantCacheConfig {
@@ -183,7 +184,7 @@ struct Entry {
     pos: usize,
     k: Coded,
     v: Coded,
-    /// Key elements kept exactly by a dense-and-sparse seal: (channel, value).
+    /// Key elements a dense-and-sparse seal corrects: (channel, `δ = x - x̂`).
     k_out: Vec<(u16, f16)>,
 }
 
@@ -536,7 +537,8 @@ impl QuantCache {
         if full {
             layer.open.remove(&class);
             if per_channel && class.k != KEEP {
-                seal_per_channel(layer, b, row, bits_of(class.k)?, cfg.key_outliers)?;
+                let bits = bits_of(class.k)?;
+                seal_per_channel(layer, b, row, bits, hd, cfg.key_outliers)?;
             }
         }
         // The mirror now holds exactly what the store decodes to.
@@ -671,7 +673,8 @@ fn seal_per_channel(
     b: usize,
     row: usize,
     bits: Bits,
-    outliers: f32,
+    head_dim: usize,
+    outliers: f64,
 ) -> Result<(), QuantError> {
     let Some(blk) = layer.blocks[b].as_mut() else {
         return Ok(());
@@ -688,10 +691,12 @@ fn seal_per_channel(
                 .collect()
         })
         .collect();
-    let kept = key_outliers(
-        &cols,
-        (outliers.max(0.0) * (rows * row) as f32).round() as usize,
-    );
+    // The packed layout keeps a fixed number per key group and KV head.
+    let n = outliers::per_group(outliers, rows, head_dim);
+    let mut kept = Vec::with_capacity(row);
+    for head in cols.chunks(head_dim.max(1)) {
+        kept.extend(outliers::choose(head, n));
+    }
     let mut params = Vec::with_capacity(row);
     let mut codes = vec![vec![0u8; row]; rows];
     for (c, col) in cols.iter().enumerate() {
@@ -710,7 +715,10 @@ fn seal_per_channel(
     for (r, (e, c)) in blk.entries.iter_mut().zip(codes).enumerate() {
         e.k_out = (0..row)
             .filter(|&ch| kept[ch].contains(&r))
-            .map(|ch| (ch as u16, f16::from_f32(cols[ch][r])))
+            .map(|ch| {
+                let x = cols[ch][r];
+                (ch as u16, f16::from_f32(x - params[ch].dequantize(c[ch])))
+            })
             .collect();
         e.k = Coded::Int {
             codes: c,
@@ -725,60 +733,6 @@ fn seal_per_channel(
         layer.k[pos * row..(pos + 1) * row].copy_from_slice(&kd);
     }
     Ok(())
-}
-
-/// The rows of each channel to keep exactly, `n` in all: greedily the channel end (its
-/// lowest or highest remaining value) whose removal shrinks that channel's squared range
-/// most, since a per-channel group's error grows with the square of its range.
-fn key_outliers(cols: &[Vec<f32>], n: usize) -> Vec<Vec<usize>> {
-    let mut kept = vec![Vec::new(); cols.len()];
-    if n == 0 {
-        return kept;
-    }
-    let order: Vec<Vec<usize>> = cols
-        .iter()
-        .map(|col| {
-            let mut o: Vec<usize> = (0..col.len()).collect();
-            o.sort_by(|&a, &b| col[a].total_cmp(&col[b]));
-            o
-        })
-        .collect();
-    // (taken from the bottom, taken from the top) per channel.
-    let mut ends = vec![(0usize, 0usize); cols.len()];
-    for _ in 0..n {
-        let mut best: Option<(f32, usize, bool)> = None;
-        for (c, col) in cols.iter().enumerate() {
-            let (lo, hi) = ends[c];
-            let len = col.len();
-            if lo + hi + 2 >= len {
-                continue;
-            }
-            let at = |i: usize| col[order[c][i]];
-            let range = at(len - 1 - hi) - at(lo);
-            for top in [false, true] {
-                let narrowed = if top {
-                    at(len - 2 - hi) - at(lo)
-                } else {
-                    at(len - 1 - hi) - at(lo + 1)
-                };
-                let gain = range * range - narrowed * narrowed;
-                if best.is_none_or(|(g, _, _)| gain > g) {
-                    best = Some((gain, c, top));
-                }
-            }
-        }
-        let Some((_, c, top)) = best else { break };
-        let len = cols[c].len();
-        let (lo, hi) = &mut ends[c];
-        if top {
-            kept[c].push(order[c][len - 1 - *hi]);
-            *hi += 1;
-        } else {
-            kept[c].push(order[c][*lo]);
-            *lo += 1;
-        }
-    }
-    kept
 }
 
 fn decode(c: &Coded, channel: Option<&[GroupParams]>, hd: usize, rotate: bool) -> Vec<f32> {
@@ -827,8 +781,8 @@ fn decode_entry(
         .ok_or_else(|| QuantError::Layout(format!("token {pos} is not in block {b}")))?;
     let rotate = matches!(cfg.key_mode, KeyMode::PerToken { rotate: true });
     let mut k = decode(&e.k, blk.k_channel.as_deref(), hd, rotate);
-    for &(c, x) in &e.k_out {
-        k[c as usize] = x.to_f32();
+    for &(c, d) in &e.k_out {
+        k[c as usize] += d.to_f32();
     }
     let v = decode(&e.v, None, hd, false);
     Ok((k, v))
@@ -1200,30 +1154,12 @@ mod tests {
         assert!(err(&v1) < 0.9 * err(&v0), "{} vs {}", err(&v1), err(&v0));
     }
 
-    /// The greedy choice takes, one at a time, the channel end whose removal shrinks a
-    /// squared range most: here the far spike first, then the spike of the wider channel,
-    /// and never more than the channel can give.
+    /// Dense-and-sparse keys: a few extreme key elements kept out of the quantization leave
+    /// the other elements of their channels a narrower range (lower INT2 key error), decode
+    /// to within their correction's fp16 rounding, and are counted at 4 bytes each; values do
+    /// not change.
     #[test]
-    fn key_outliers_take_the_ends_that_narrow_ranges_most() {
-        let cols = vec![
-            vec![0.0, 1.0, 10.0, 0.5], // spike 10 at row 2
-            vec![0.0, -3.0, 0.2, 0.1], // spike -3 at row 1
-            vec![0.1, 0.2, 0.3, 0.4],  // no spike
-        ];
-        assert_eq!(key_outliers(&cols, 0), vec![Vec::<usize>::new(); 3]);
-        assert_eq!(key_outliers(&cols, 1), vec![vec![2], vec![], vec![]]);
-        assert_eq!(key_outliers(&cols, 2), vec![vec![2], vec![1], vec![]]);
-        // At most len - 2 per channel: two values always remain to span the range.
-        let k = key_outliers(&cols, 100);
-        assert!(k.iter().all(|c| c.len() <= 2), "{k:?}");
-        assert_eq!(k.iter().map(Vec::len).sum::<usize>(), 6);
-    }
-
-    /// Dense-and-sparse keys: a few extreme key elements kept exactly leave the other
-    /// elements of their channels a narrower range (lower INT2 key error), are decoded
-    /// exactly, and are counted at 4 bytes each; values do not change.
-    #[test]
-    fn key_outliers_are_kept_exactly_and_narrow_their_channels() {
+    fn key_outliers_narrow_their_channels_and_are_corrected() {
         let s = shape();
         let row = s.num_kv_heads * s.head_dim;
         let n = 300;
@@ -1238,7 +1174,7 @@ mod tests {
         }
         let t = tags(n);
         let policy = KvPolicy::uniform(s.num_layers, PrecisionClass::new(2, 2).unwrap());
-        let run = |outliers: f32| {
+        let run = |outliers: f64| {
             let cfg = QuantCacheConfig {
                 key_outliers: outliers,
                 ..QuantCacheConfig::default()
@@ -1258,10 +1194,11 @@ mod tests {
                 .sum()
         };
         assert!(err(&k1) < 0.1 * err(&k0), "{} vs {}", err(&k1), err(&k0));
-        // Spikes in sealed blocks are kept; the others are 16-bit (sinks, window, staged).
+        // Spikes in sealed blocks are corrected to within the fp16 rounding of their δ; the
+        // others are 16-bit (sinks, window, staged).
         for (i, (&a, &b)) in k1.iter().zip(&k).enumerate() {
             if b == 12.0 {
-                assert_eq!(a, 12.0, "spike {i} kept exactly");
+                assert!((a - 12.0).abs() < 8e-3, "spike {i} decodes to {a}");
             }
         }
         // 300 tokens, 4 sinks, a 64-token window: 3 sealed blocks of 64, one kept element
@@ -1269,6 +1206,47 @@ mod tests {
         let sealed = (n - DEFAULT_SINKS - DEFAULT_WINDOW) / 64;
         assert_eq!(b1.params - b0.params, 4 * sealed * row);
         assert_eq!((b1.packed, b1.half), (b0.packed, b0.half));
+    }
+
+    /// The CPU cache and the packed block (what the GPU pool stores) keep the same key
+    /// outliers and decode a sealed block's keys to the same bits.
+    #[test]
+    fn key_outliers_match_the_packed_block() {
+        use crate::quant::{BlockGeometry, KvClass, QuantizedBlock};
+        let s = KvShape {
+            num_layers: 1,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 64,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut k: Vec<f32> = (0..64 * 64).map(|_| rng.random::<f32>() - 0.5).collect();
+        let v: Vec<f32> = (0..64 * 64).map(|_| rng.random::<f32>() - 0.5).collect();
+        for i in (0..k.len()).step_by(97) {
+            k[i] *= 20.0;
+        }
+        // The cache stages keys at 16 bits before sealing them.
+        let k16: Vec<f32> = k.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+        let cfg = QuantCacheConfig {
+            sinks: 0,
+            window: 0,
+            key_outliers: 0.005,
+            ..QuantCacheConfig::default()
+        };
+        let policy = KvPolicy::uniform(1, PrecisionClass::new(2, 2).unwrap());
+        let mut c = QuantCache::new(s, policy, cfg).unwrap();
+        c.append(0, &k, &v, &tags(64));
+        assert!(c.error().is_none());
+        let n = outliers::per_group(0.005, 64, 64);
+        assert_eq!(n, 21);
+        let g = BlockGeometry::new(KvClass::Int2, 64, 64, 64)
+            .unwrap()
+            .with_k_outliers(n)
+            .unwrap();
+        let b = QuantizedBlock::quantize(g, &k16, &v).unwrap();
+        assert_eq!(c.dequantize(0).unwrap().0, b.dequantize().0);
+        // K scale+zero per channel, V scale+zero per token (one group), 4 bytes per outlier.
+        assert_eq!(c.bytes().params, 4 * 64 + 4 * 64 + 4 * n);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! each warp-wide load reads `512` contiguous bytes (`R = 4`).
 
 use super::int::{group_params, quantize_with, Bits, GroupParams};
+use super::outliers;
 use super::QuantError;
 use half::f16;
 
@@ -70,6 +71,10 @@ pub struct BlockGeometry {
     /// Tokens per per-channel key scale/zero (INT4 and INT2; `tokens` unless set with
     /// `with_k_group`). The GPU kernels read one key group per block only.
     pub k_group: usize,
+    /// Entries per key group of the key-outlier area (INT4 and INT2; 0 = none, the layout
+    /// byte for byte without it): `docs/KV_LAYOUT.md`, "Key outliers". Only its bytes are
+    /// built: `QuantizedBlock` leaves it zero (no outliers) and the kernels do not read it.
+    pub k_outliers: usize,
 }
 
 fn align16(x: usize) -> usize {
@@ -113,7 +118,28 @@ impl BlockGeometry {
             head_dim,
             v_group,
             k_group: tokens,
+            k_outliers: 0,
         })
+    }
+
+    /// The same block with an area of `n` key-outlier entries (4 bytes each) per key group
+    /// after the V zeros (INT4 and INT2 only; 0 removes it).
+    pub fn with_k_outliers(self, n: usize) -> Result<Self, QuantError> {
+        if n > 0 && self.class.int_bits().is_none() {
+            return Err(QuantError::Layout(format!(
+                "key outliers in a {:?} block: INT4 and INT2 only",
+                self.class
+            )));
+        }
+        Ok(BlockGeometry {
+            k_outliers: n,
+            ..self
+        })
+    }
+
+    /// Start of the key-outlier area (group `g`'s entries at `+ 4 * k_outliers * g`).
+    pub fn k_outlier_offset(&self) -> usize {
+        align16(self.v_zero_offset() + 2 * self.tokens * self.v_groups())
     }
 
     /// The same block with keys quantized per channel over groups of `k_group` tokens (a
@@ -235,7 +261,7 @@ impl BlockGeometry {
         match self.class {
             KvClass::F16 => self.k_bytes() + self.v_bytes(),
             KvClass::Fp8 => self.k_scale_offset() + 16,
-            _ => align16(self.v_zero_offset() + 2 * self.tokens * self.v_groups()),
+            _ => align16(self.k_outlier_offset() + 4 * self.k_outliers * self.k_groups()),
         }
     }
 
@@ -344,12 +370,14 @@ pub enum BlockData {
         v_scale: f32,
     },
     /// Codes `[tokens][head_dim]`, one per byte; per-channel K parameters `[head_dim]`;
-    /// per-token V parameters `[tokens][v_groups]`.
+    /// per-token V parameters `[tokens][v_groups]`; key-outlier entries
+    /// `[k_groups][geom.k_outliers]` (`quant::outliers::entry`, unused ones 0).
     Int {
         k_codes: Vec<u8>,
         v_codes: Vec<u8>,
         k_params: Vec<GroupParams>,
         v_params: Vec<GroupParams>,
+        k_outliers: Vec<u32>,
     },
 }
 
@@ -397,19 +425,44 @@ impl QuantizedBlock {
                 let mut v_codes = vec![0u8; slots];
                 let mut k_params = vec![ZERO_PARAMS; geom.k_groups() * d];
                 let mut v_params = vec![ZERO_PARAMS; geom.tokens * geom.v_groups()];
+                let no = geom.k_outliers;
+                let mut k_outliers = vec![0u32; geom.k_groups() * no];
                 for (gi, r0) in (0..len).step_by(geom.k_group).enumerate() {
                     let rows = r0..len.min(r0 + geom.k_group);
-                    let mut col = vec![0f32; rows.len()];
-                    for c in 0..d {
-                        col.iter_mut()
-                            .zip(rows.clone())
-                            .for_each(|(x, r)| *x = k[r * d + c]);
-                        let p = group_params(&col, bits).map_err(|e| at("key channel", c, e))?;
-                        k_params[gi * d + c] = p;
-                        for (x, r) in col.iter().zip(rows.clone()) {
-                            k_codes[r * d + c] = quantize_with(*x, p, bits);
+                    let cols: Vec<Vec<f32>> = (0..d)
+                        .map(|c| rows.clone().map(|r| k[r * d + c]).collect())
+                        .collect();
+                    if no > 0 {
+                        // What is kept must still be a finite fp16 value: the same check as
+                        // without outliers.
+                        for (c, col) in cols.iter().enumerate() {
+                            group_params(col, bits).map_err(|e| at("key channel", c, e))?;
                         }
                     }
+                    let kept = outliers::choose(&cols, no);
+                    let mut entries = Vec::with_capacity(no);
+                    for (c, col) in cols.iter().enumerate() {
+                        let inliers: Vec<f32> = col
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| !kept[c].contains(i))
+                            .map(|(_, &x)| x)
+                            .collect();
+                        let p =
+                            group_params(&inliers, bits).map_err(|e| at("key channel", c, e))?;
+                        k_params[gi * d + c] = p;
+                        for (i, (x, r)) in col.iter().zip(rows.clone()).enumerate() {
+                            let q = quantize_with(*x, p, bits);
+                            k_codes[r * d + c] = q;
+                            if kept[c].contains(&i) {
+                                let delta = f16::from_f32(x - p.dequantize(q));
+                                entries.push(outliers::entry(r, c, d, delta));
+                            }
+                        }
+                    }
+                    // Sorted by token (then channel), as the decode kernel scans them.
+                    entries.sort_unstable_by_key(|&e| e >> 16);
+                    k_outliers[gi * no..gi * no + entries.len()].copy_from_slice(&entries);
                 }
                 let g = geom.v_group;
                 for r in 0..len {
@@ -427,6 +480,7 @@ impl QuantizedBlock {
                     v_codes,
                     k_params,
                     v_params,
+                    k_outliers,
                 }
             }
         };
@@ -462,12 +516,19 @@ impl QuantizedBlock {
                 v_codes,
                 k_params,
                 v_params,
+                k_outliers,
             } => {
                 let ng = self.geom.v_groups();
                 let kg = self.geom.k_group;
-                let kd = (0..n)
+                let mut kd: Vec<f32> = (0..n)
                     .map(|i| k_params[(i / d / kg) * d + i % d].dequantize(k_codes[i]))
                     .collect();
+                for &e in k_outliers {
+                    let (r, c, delta) = outliers::read(e, d);
+                    if r < self.len {
+                        kd[r * d + c] += delta.to_f32();
+                    }
+                }
                 let vd = (0..n)
                     .map(|i| {
                         let (r, c) = (i / d, i % d);
@@ -516,7 +577,12 @@ impl QuantizedBlock {
                 v_codes,
                 k_params,
                 v_params,
+                k_outliers,
             } => {
+                let at = g.k_outlier_offset();
+                for (i, e) in k_outliers.iter().enumerate() {
+                    out[at + 4 * i..at + 4 * i + 4].copy_from_slice(&e.to_le_bytes());
+                }
                 for r in 0..g.tokens {
                     for c in 0..d {
                         let (ko, ks) = g.k_code_pos(r, c);
@@ -618,11 +684,19 @@ impl QuantizedBlock {
                 let nv = geom.tokens * ng;
                 let v_params =
                     get_params(bytes, geom.v_scale_offset(), geom.v_zero_offset(), nv, slot);
+                let at = geom.k_outlier_offset();
+                let k_outliers = (0..geom.k_groups() * geom.k_outliers)
+                    .map(|i| {
+                        let o = at + 4 * i;
+                        u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]])
+                    })
+                    .collect();
                 BlockData::Int {
                     k_codes,
                     v_codes,
                     k_params,
                     v_params,
+                    k_outliers,
                 }
             }
         };
@@ -758,6 +832,31 @@ mod tests {
         out
     }
 
+    /// The key-outlier area: 4 bytes per entry and key group after the V zeros, nothing
+    /// when empty (the layout is unchanged), INT4/INT2 only.
+    #[test]
+    fn key_outlier_area_follows_the_v_zeros() {
+        let g = BlockGeometry::default_for(KvClass::Int2, 128)
+            .unwrap()
+            .with_k_group(64)
+            .unwrap();
+        assert_eq!(g.with_k_outliers(0).unwrap(), g);
+        assert_eq!(g.k_outlier_offset(), g.slab_bytes());
+        let o = g.with_k_outliers(41).unwrap();
+        assert_eq!(g.slab_bytes(), 10240);
+        assert_eq!(
+            o.slab_bytes(),
+            10240 + (4 * 41 * 2usize).next_multiple_of(16)
+        );
+        assert_eq!(o.k_outlier_offset(), g.slab_bytes());
+        assert!(o.effective_bits() > g.effective_bits());
+        for c in [KvClass::F16, KvClass::Fp8] {
+            let f = BlockGeometry::default_for(c, 128).unwrap();
+            assert!(f.with_k_outliers(1).is_err());
+            assert_eq!(f.with_k_outliers(0).unwrap(), f);
+        }
+    }
+
     /// Every code has its own bits: no two (token, dim, K|V) share a byte and shift, and all
     /// lie inside their areas.
     #[test]
@@ -850,6 +949,7 @@ mod tests {
                 v_codes,
                 k_params,
                 v_params,
+                k_outliers: Vec::new(),
             },
         };
         let bytes = block.pack();
@@ -898,6 +998,7 @@ mod tests {
                 v_codes,
                 k_params: vec![ZERO_PARAMS; 64],
                 v_params: vec![ZERO_PARAMS; 16],
+                k_outliers: Vec::new(),
             },
         };
         let bytes = block.pack();
@@ -906,6 +1007,80 @@ mod tests {
         // V at 256: lane L's 2 words at L*8.
         assert_eq!(&bytes[256..260], &[0x03, 0x02, 0x01, 0xc0]);
         assert_eq!(QuantizedBlock::unpack(g, &bytes, 16).unwrap(), block);
+    }
+
+    /// A block with key outliers: entries sorted by token in each group's area (after the V
+    /// zeros), the corrected keys nearer the input than without them, bytes that read back
+    /// to the same block, and no change at all with an empty area.
+    #[test]
+    fn key_outliers_pack_and_correct_the_keys() {
+        let d = 64;
+        let g = BlockGeometry::new(KvClass::Int2, 32, d, 64)
+            .unwrap()
+            .with_k_group(16)
+            .unwrap();
+        let mut rng = 7u64;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let mut k: Vec<f32> = (0..30 * d).map(|_| next()).collect();
+        let v: Vec<f32> = (0..30 * d).map(|_| next()).collect();
+        k[3 * d + 5] = 9.0; // group 0
+        k[20 * d + 40] = -7.0; // group 1
+        let plain = QuantizedBlock::quantize(g, &k, &v).unwrap();
+        let go = g.with_k_outliers(4).unwrap();
+        let b = QuantizedBlock::quantize(go, &k, &v).unwrap();
+        let BlockData::Int { k_outliers, .. } = &b.data else {
+            panic!("an INT2 block")
+        };
+        assert_eq!(k_outliers.len(), 2 * 4);
+        let read: Vec<(usize, usize)> = k_outliers
+            .iter()
+            .map(|&e| {
+                let (r, c, _) = outliers::read(e, d);
+                (r, c)
+            })
+            .collect();
+        assert!(
+            read[..4].contains(&(3, 5)) && read[4..].contains(&(20, 40)),
+            "{read:?}"
+        );
+        for grp in read.chunks(4) {
+            assert!(grp.windows(2).all(|w| w[0].0 <= w[1].0), "{read:?}");
+            assert!(grp.iter().all(|&(r, _)| r < 30));
+        }
+        // The two spiked channels: their other values get a narrow range.
+        let err = |blk: &QuantizedBlock| -> f32 {
+            let kd = blk.dequantize().0;
+            (0..30)
+                .flat_map(|r| [r * d + 5, r * d + 40])
+                .map(|i| (kd[i] - k[i]).powi(2))
+                .sum()
+        };
+        assert!(
+            err(&b) < 0.1 * err(&plain),
+            "{} vs {}",
+            err(&b),
+            err(&plain)
+        );
+        let (kd, vd) = b.dequantize();
+        assert!((kd[3 * d + 5] - 9.0).abs() < 8e-3 && (kd[20 * d + 40] + 7.0).abs() < 8e-3);
+        assert_eq!(vd, plain.dequantize().1, "values do not change");
+        let bytes = b.pack();
+        assert_eq!(bytes.len(), go.slab_bytes());
+        let at = go.k_outlier_offset();
+        assert_eq!(&bytes[at..at + 4], &k_outliers[0].to_le_bytes());
+        assert_eq!(QuantizedBlock::unpack(go, &bytes, 30).unwrap(), b);
+        // An empty area changes nothing: the bytes of the layout without it.
+        assert_eq!(
+            QuantizedBlock::quantize(g.with_k_outliers(0).unwrap(), &k, &v)
+                .unwrap()
+                .pack(),
+            plain.pack()
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod golden;
 pub mod hadamard;
 pub mod int;
 pub mod layout;
+pub mod outliers;
 pub mod reference;
 
 pub use hadamard::{fwht, fwht_rows};
