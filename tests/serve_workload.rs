@@ -11,6 +11,21 @@ use triaxkv::tags::Role;
 
 use common::default_model as model;
 
+/// `bench serve-workload` of `traces` into `dir/w.json`.
+fn workload(dir: &Path, traces: &Path) -> std::path::PathBuf {
+    let w = dir.join("w.json");
+    let o = triaxkv(&[
+        "bench",
+        "serve-workload",
+        "--traces",
+        traces.to_str().unwrap(),
+        "-o",
+        w.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    w
+}
+
 fn triaxkv(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_triaxkv"))
         .args(args)
@@ -161,24 +176,14 @@ fn host_check_serves_recorded_sessions() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let w = dir.path().join("w.json");
     let json = dir.path().join("serve.json");
-    let traces = Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/test");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let profile = format!(
         "{},{}",
         root.join("profiles/triaxial-2.97.json").display(),
         root.join("profiles/tag-only-2.55-w0.json").display()
     );
-    let o = triaxkv(&[
-        "bench",
-        "serve-workload",
-        "--traces",
-        traces.to_str().unwrap(),
-        "-o",
-        w.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w = workload(dir.path(), &root.join("traces/test"));
     let o = triaxkv(&[
         "bench",
         "serve",
@@ -300,17 +305,7 @@ fn key_outliers_are_sized_by_the_host_check_and_refused_on_the_gpu() {
     p["name"] = "with-outliers".into();
     let profile = dir.path().join("p.json");
     std::fs::write(&profile, p.to_string()).unwrap();
-    let w = dir.path().join("w.json");
-    let traces = root.join("traces/test");
-    let o = triaxkv(&[
-        "bench",
-        "serve-workload",
-        "--traces",
-        traces.to_str().unwrap(),
-        "-o",
-        w.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w = workload(dir.path(), &root.join("traces/test"));
     let both = format!("{},{}", plain.display(), profile.display());
     let run = |extra: &[&str]| {
         let mut args = vec![

@@ -700,13 +700,7 @@ fn seal_per_channel(
     let mut params = Vec::with_capacity(row);
     let mut codes = vec![vec![0u8; row]; rows];
     for (c, col) in cols.iter().enumerate() {
-        let inliers: Vec<f32> = col
-            .iter()
-            .enumerate()
-            .filter(|(r, _)| !kept[c].contains(r))
-            .map(|(_, &x)| x)
-            .collect();
-        let p = group_params(if inliers.is_empty() { col } else { &inliers }, bits)?;
+        let p = group_params(&outliers::inliers(col, &kept[c]), bits)?;
         for (r, &x) in col.iter().enumerate() {
             codes[r][c] = quantize_with(x, p, bits);
         }

@@ -442,14 +442,8 @@ impl QuantizedBlock {
                     let kept = outliers::choose(&cols, no);
                     let mut entries = Vec::with_capacity(no);
                     for (c, col) in cols.iter().enumerate() {
-                        let inliers: Vec<f32> = col
-                            .iter()
-                            .enumerate()
-                            .filter(|(i, _)| !kept[c].contains(i))
-                            .map(|(_, &x)| x)
-                            .collect();
-                        let p =
-                            group_params(&inliers, bits).map_err(|e| at("key channel", c, e))?;
+                        let p = group_params(&outliers::inliers(col, &kept[c]), bits)
+                            .map_err(|e| at("key channel", c, e))?;
                         k_params[gi * d + c] = p;
                         for (i, (x, r)) in col.iter().zip(rows.clone()).enumerate() {
                             let q = quantize_with(*x, p, bits);

@@ -68,6 +68,15 @@ pub fn choose(cols: &[Vec<f32>], n: usize) -> Vec<Vec<usize>> {
     kept
 }
 
+/// The values of `col` whose rows are not in `kept`: what the channel's range spans.
+pub fn inliers(col: &[f32], kept: &[usize]) -> Vec<f32> {
+    col.iter()
+        .enumerate()
+        .filter(|(r, _)| !kept.contains(r))
+        .map(|(_, &x)| x)
+        .collect()
+}
+
 /// One entry: `δ` at `(token, channel)` of a block with `head_dim` channels.
 pub fn entry(token: usize, channel: usize, head_dim: usize, delta: f16) -> u32 {
     (((token * head_dim + channel) as u32) << 16) | delta.to_bits() as u32
