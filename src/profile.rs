@@ -137,6 +137,7 @@ impl CacheSettings {
             sinks_fp8: self.hold_fp8,
             window_fp8: self.hold_fp8,
             key_outliers: self.key_outliers,
+            key_outliers_pooled: false,
         }
     }
 

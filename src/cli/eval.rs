@@ -59,6 +59,11 @@ pub struct EvalArgs {
     /// and `serve` hold no outliers.
     #[arg(long, value_name = "F", default_value_t = 0.0)]
     key_outliers: f64,
+    /// Choose the key outliers over all KV heads of a group together (a head may take more
+    /// than its share) instead of a fixed number per head as the packed layout stores them
+    /// (the name gets `-pooled`). An experiment.
+    #[arg(long)]
+    key_outliers_pooled: bool,
     /// Per-channel keys wait for their key group in FP8 (E4M3, scale 1) instead of 16 bits
     /// and values are quantized from their E4M3 rounding, in every profile (the name gets
     /// `-wait8`): what `bench serve --wait fp8` stores.
@@ -194,6 +199,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             if args.key_outliers > 0.0 {
                 profile.name = format!("{}-ko{}", profile.name, args.key_outliers);
             }
+            if args.key_outliers_pooled {
+                profile.name = format!("{}-pooled", profile.name);
+            }
             if args.wait_fp8 {
                 profile.name = format!("{}-wait8", profile.name);
             }
@@ -226,6 +234,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         sinks_fp8: args.sinks_fp8,
         window_fp8: args.window_fp8,
         key_outliers: args.key_outliers,
+        key_outliers_pooled: args.key_outliers_pooled,
         ..EvalOptions::default()
     };
     let (plans, notes) = prepare_plans(

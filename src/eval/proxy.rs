@@ -140,6 +140,7 @@ fn cache_config(t: &TableView) -> QuantCacheConfig {
         sinks_fp8: false,
         window_fp8: false,
         key_outliers: 0.0,
+        key_outliers_pooled: false,
     }
 }
 

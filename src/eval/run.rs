@@ -41,6 +41,8 @@ pub struct EvalOptions {
     pub window_fp8: bool,
     /// Fraction of every sealed per-channel key block kept exactly (`--key-outliers`).
     pub key_outliers: f64,
+    /// Outliers chosen over all KV heads of a group together (`--key-outliers-pooled`).
+    pub key_outliers_pooled: bool,
 }
 
 impl Default for EvalOptions {
@@ -57,6 +59,7 @@ impl Default for EvalOptions {
             sinks_fp8: false,
             window_fp8: false,
             key_outliers: 0.0,
+            key_outliers_pooled: false,
         }
     }
 }
@@ -283,6 +286,8 @@ pub struct EvalOptionsOut {
     pub window_fp8: bool,
     #[serde(skip_serializing_if = "is_zero_f64")]
     pub key_outliers: f64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub key_outliers_pooled: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -383,6 +388,7 @@ pub fn evaluate(
                 } else {
                     base.key_outliers
                 },
+                key_outliers_pooled: opts.key_outliers_pooled,
                 ..base.with_fp8(opts.wait_fp8, opts.sinks_fp8, opts.window_fp8)
             };
             Ok((p.profile.to_policy()?, cfg))
@@ -572,6 +578,7 @@ pub fn evaluate(
             sinks_fp8: opts.sinks_fp8,
             window_fp8: opts.window_fp8,
             key_outliers: opts.key_outliers,
+            key_outliers_pooled: opts.key_outliers_pooled,
         },
         trajectories: infos,
         reference: ReferenceSummary {

@@ -133,6 +133,11 @@ pub struct QuantCacheConfig {
     /// their channel's range most, keep an fp16 correction (4 bytes each with their index, as
     /// the packed layout stores them) and the rest are quantized over the narrowed range.
     pub key_outliers: f64,
+    /// The key group's outliers are chosen over all its KV heads together (as many in all as
+    /// per head times the heads; a head may take more than its share) instead of a fixed
+    /// number per head: `eval --key-outliers-pooled`, an experiment (the packed layout keeps
+    /// a fixed number per head).
+    pub key_outliers_pooled: bool,
 }
 
 impl Default for QuantCacheConfig {
@@ -150,6 +155,7 @@ impl Default for QuantCacheConfig {
             sinks_fp8: false,
             window_fp8: false,
             key_outliers: 0.0,
+            key_outliers_pooled: false,
         }
     }
 }
@@ -538,7 +544,7 @@ impl QuantCache {
             layer.open.remove(&class);
             if per_channel && class.k != KEEP {
                 let bits = bits_of(class.k)?;
-                seal_per_channel(layer, b, row, bits, hd, cfg.key_outliers)?;
+                seal_per_channel(layer, b, row, bits, hd, cfg)?;
             }
         }
         // The mirror now holds exactly what the store decodes to.
@@ -667,14 +673,14 @@ fn encode_tokens(
 }
 
 /// Quantize a full block's staged 16-bit keys per channel (one scale/zero per channel),
-/// keeping `outliers` of its elements exactly (`QuantCacheConfig::key_outliers`).
+/// correcting some of its elements (`QuantCacheConfig::key_outliers`).
 fn seal_per_channel(
     layer: &mut Layer,
     b: usize,
     row: usize,
     bits: Bits,
     head_dim: usize,
-    outliers: f64,
+    cfg: QuantCacheConfig,
 ) -> Result<(), QuantError> {
     let Some(blk) = layer.blocks[b].as_mut() else {
         return Ok(());
@@ -692,11 +698,16 @@ fn seal_per_channel(
         })
         .collect();
     // The packed layout keeps a fixed number per key group and KV head.
-    let n = outliers::per_group(outliers, rows, head_dim);
-    let mut kept = Vec::with_capacity(row);
-    for head in cols.chunks(head_dim.max(1)) {
-        kept.extend(outliers::choose(head, n));
-    }
+    let n = outliers::per_group(cfg.key_outliers, rows, head_dim);
+    let kept = if cfg.key_outliers_pooled {
+        outliers::choose(&cols, n * (row / head_dim.max(1)))
+    } else {
+        let mut kept = Vec::with_capacity(row);
+        for head in cols.chunks(head_dim.max(1)) {
+            kept.extend(outliers::choose(head, n));
+        }
+        kept
+    };
     let mut params = Vec::with_capacity(row);
     let mut codes = vec![vec![0u8; row]; rows];
     for (c, col) in cols.iter().enumerate() {
@@ -1325,6 +1336,7 @@ mod tests {
             sinks_fp8: false,
             window_fp8: false,
             key_outliers: 0.0,
+            key_outliers_pooled: false,
         };
         let mut c = QuantCache::new(
             s,
