@@ -1718,13 +1718,14 @@ fn logit_gap(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> (f32, usize, usize) {
 /// - INT4 past 4 sinks and a 16-token window (tokens moved and quantized on the device, the
 ///   kernels checked against the CPU in the tests above): a sequence batched with another
 ///   gives its logits run alone (no block of one read for the other); the logits stay near
-///   16-bit ones, nearer than INT2's, and the cache holds packed blocks.
+///   16-bit ones, nearer than INT2's, and the cache holds packed blocks;
+/// - FP8 holding (generated tokens written straight into the waiting blocks; a window kept
+///   there): batched as alone, within INT4's bound of 16 bits.
 #[test]
 fn serve_backend_matches_gpu_forward() {
     use triaxkv::gpu::{GpuBackend, GpuForward, PoolSpec};
     use triaxkv::model::config::Arch;
     use triaxkv::paged::pool::{ClassMap, Fp8Hold};
-    use triaxkv::tags::{Modality, Role, TokenTag};
     let Some(gpu) = gpu_or_skip("serve_backend_matches_gpu_forward") else {
         return;
     };
@@ -1732,25 +1733,7 @@ fn serve_backend_matches_gpu_forward() {
         let model = tiny_model(arch, head_dim, qk_norm);
         let v = model.config.vocab_size;
         // (prompt length, decode tokens) of each sequence; ids differ between them.
-        let lens = [(150usize, 30usize), (97, 40)];
-        let seqs: Vec<(Vec<u32>, Vec<TokenTag>, usize)> = lens
-            .iter()
-            .enumerate()
-            .map(|(s, &(p, d))| {
-                let ids = (0..p + d)
-                    .map(|k| ((k * 97 + 13 + s * 31) % v) as u32)
-                    .collect();
-                let tags = (0..p + d)
-                    .map(|k| TokenTag {
-                        role: if k < p { Role::User } else { Role::Assistant },
-                        modality: Modality::Text,
-                        turn: 1,
-                        step: 1,
-                    })
-                    .collect();
-                (ids, tags, p)
-            })
-            .collect();
+        let seqs = serve_seqs(v);
         // Reference: each sequence alone through the forward.
         let mut want: Vec<Vec<Vec<f32>>> = Vec::new();
         for (ids, _, p) in &seqs {
@@ -1844,8 +1827,8 @@ fn serve_backend_matches_gpu_forward() {
                 usage.packed
             );
         }
-        // FP8 holding against the same pool without it: the same batched as alone, and nearer
-        // it than INT4 is to 16 bits. Generated tokens written straight into the FP8 waiting
+        // FP8 holding against the same pool without it: the same batched as alone, and within
+        // the bound INT4 keeps to 16 bits. Generated tokens written straight into the FP8 waiting
         // blocks (`serve --gpu --wait-fp8 --sinks-fp8 --decode-fp8`, window 0) against a 16-bit
         // stream first; a 32-token window kept in the FP8 waiting blocks (`--window-fp8`, a
         // `--hold-fp8` profile) against the same window at 16 bits.
@@ -1884,10 +1867,13 @@ fn serve_backend_matches_gpu_forward() {
                 d_alone < 1e-3 * max_ref,
                 "{tag} {what}: batched vs alone {d_alone:.3e}"
             );
+            // Not "nearer than INT4": on this random model any change of INT4 codes moves
+            // the max logit gap by ~0.6 (the GPU's bf16 activations alone take it 0.64 from
+            // the CPU cache at INT4, `serve_backend_fp8_holding_matches_the_cpu_cache`, where
+            // FP8 holding is checked against the CPU's model of it); the INT4 bound below.
             assert!(
-                d_fp8.is_finite() && d_fp8 < quantized[0].0,
-                "{tag} {what}: {d_fp8:.3e} from 16 bits, INT4 {:.3e} from 16 bits",
-                quantized[0].0
+                d_fp8.is_finite() && d_fp8 < 0.25 * max_ref,
+                "{tag} {what}: {d_fp8:.3e} from 16 bits (max |logit| {max_ref:.3})"
             );
         }
         let ((d4, same4, rows), (d2, _, _)) = (quantized[0], quantized[1]);
@@ -2040,8 +2026,11 @@ fn fused_step_generates_what_separate_steps_do() {
 }
 
 /// A generated token written straight into an FP8 waiting block (`bench serve --decode-fp8`)
-/// holds the bytes the pool's move of the same token from a 16-bit block writes there, in
-/// every layer and KV head (E4M3 codes and the block's scales).
+/// holds the bytes the pool's move of the same token from a 16-bit block writes there in
+/// layer 0, every KV head (E4M3 codes and the block's scales; one code apart where fp16 then
+/// E4M3 rounds twice); in later layers, which see the token through layer 0's attention read
+/// at fp16 (moved) or E4M3 (direct), near them (H200, 2026-12-05: layer 0 1 byte of 528
+/// differs, layer 1 3.5% relative distance).
 #[test]
 fn decode_append_into_fp8_writes_what_a_move_does() {
     use triaxkv::gpu::decode_step::{DecodeStep, DeviceWeights};
@@ -2112,26 +2101,200 @@ fn decode_append_into_fp8_writes_what_a_move_does() {
     let pool = exec.pool_bytes().unwrap();
     let slab = layout.slab_bytes;
     let at = |l: usize, s: usize, h: usize| ((l * layout.slots + s) * layout.kv_heads + h) * slab;
-    let (mut differ, mut far, mut nonzero) = (0, 0, 0);
+    let codes = layout.geom(KvClass::Fp8).k_scale_offset();
+    let mut nonzero = 0;
     for l in 0..shape.layers {
+        let (mut differ, mut far, mut err2, mut ref2) = (0, 0, 0f64, 0f64);
         for h in 0..shape.kv_heads {
             let (a, b) = (at(l, 1, h), at(l, 2, h));
-            for (x, y) in pool[a..a + slab].iter().zip(&pool[b..b + slab]) {
+            for (i, (x, y)) in pool[a..a + slab].iter().zip(&pool[b..b + slab]).enumerate() {
                 nonzero += usize::from(*y != 0);
+                if i < codes {
+                    let (dx, dy) = (e4m3_decode(*x) as f64, e4m3_decode(*y) as f64);
+                    err2 += (dx - dy).powi(2);
+                    ref2 += dx * dx;
+                }
                 if x != y {
                     differ += 1;
-                    // E4M3 codes one step apart: fp16 then E4M3 rounds twice.
                     far += usize::from((*x as i32 - *y as i32).abs() > 1);
                 }
             }
         }
+        let rel = (err2 / ref2.max(1e-30)).sqrt();
+        eprintln!(
+            "decode append into FP8, layer {l}: {differ} bytes differ from the move's ({far} by \
+             more than one code), relative L2 distance of the decoded values {rel:.3e}"
+        );
+        if l == 0 {
+            // The same f32 k/v: E4M3 codes one step apart at most (fp16 then E4M3 rounds
+            // twice), and rarely.
+            assert_eq!(far, 0, "layer 0");
+            assert!(differ <= 8, "layer 0: {differ} bytes differ");
+        } else {
+            // Later layers see layer 0's attention read the token at fp16 (moved) or E4M3
+            // (direct): near, not equal.
+            assert!(rel < 0.1, "layer {l}: relative distance {rel:.3e}");
+        }
     }
-    eprintln!(
-        "decode append into FP8: {differ} bytes differ from the move's ({far} by more than one \
-         code), {nonzero} nonzero bytes"
-    );
     // Two layers × two heads × (128 K + 128 V codes + two 4-byte scales), most nonzero.
     assert!(nonzero > 600, "{nonzero} nonzero bytes");
-    assert_eq!(far, 0);
-    assert!(differ * 100 <= nonzero, "{differ} bytes differ");
+}
+
+/// Two sequences (prompt, generated) of the serve-backend tests, ids and tags; a prompt
+/// chunk is at most 40 tokens (`feed_backend`).
+type Seqs = Vec<(Vec<u32>, Vec<triaxkv::tags::TokenTag>, usize)>;
+
+fn serve_seqs(vocab: usize) -> Seqs {
+    use triaxkv::tags::{Modality, Role, TokenTag};
+    [(150usize, 30usize), (97, 40)]
+        .iter()
+        .enumerate()
+        .map(|(s, &(p, d))| {
+            let ids = (0..p + d)
+                .map(|k| ((k * 97 + 13 + s * 31) % vocab) as u32)
+                .collect();
+            let tags = (0..p + d)
+                .map(|k| TokenTag {
+                    role: if k < p { Role::User } else { Role::Assistant },
+                    modality: Modality::Text,
+                    turn: 1,
+                    step: 1,
+                })
+                .collect();
+            (ids, tags, p)
+        })
+        .collect()
+}
+
+/// The CPU model over a `QuantCache` of `class` everywhere, fed as `feed_backend` feeds the
+/// GPU: the prompt's last logits, then one row per generated token but the last.
+fn cpu_cache_logits(
+    model: &triaxkv::model::llama::Model,
+    seqs: &Seqs,
+    class: triaxkv::kvcache::quantized::PrecisionClass,
+    cfg: triaxkv::kvcache::quantized::QuantCacheConfig,
+) -> Vec<Vec<Vec<f32>>> {
+    use triaxkv::kvcache::quantized::{KvPolicy, QuantCache};
+    use triaxkv::kvcache::KvShape;
+    use triaxkv::model::llama::Logits;
+    let c = &model.config;
+    let shape = KvShape {
+        num_layers: c.num_layers,
+        num_heads: c.num_heads,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+    };
+    seqs.iter()
+        .map(|(ids, tags, p)| {
+            let mut cache =
+                QuantCache::new(shape, KvPolicy::uniform(c.num_layers, class), cfg).unwrap();
+            let mut last = Vec::new();
+            for (i, t) in ids[..*p].chunks(40).zip(tags[..*p].chunks(40)) {
+                last = model.forward(i, t, &mut cache, Logits::Last);
+            }
+            let mut rows = vec![last];
+            for k in *p..ids.len() - 1 {
+                rows.push(model.forward(&ids[k..k + 1], &tags[k..k + 1], &mut cache, Logits::Last));
+            }
+            rows
+        })
+        .collect()
+}
+
+/// The serve backend holding tokens in FP8 waiting blocks (waiting for a key group, the
+/// sinks, generated tokens written straight there, a window kept there) against the CPU
+/// cache that models each (`QuantCacheConfig::{wait_fp8, sinks_fp8, window_fp8}`): the GPU's
+/// distance from the CPU stays near the distance it has with every window token 16-bit.
+#[test]
+fn serve_backend_fp8_holding_matches_the_cpu_cache() {
+    use triaxkv::gpu::{GpuBackend, PoolSpec};
+    use triaxkv::kvcache::quantized::{PrecisionClass, QuantCacheConfig};
+    use triaxkv::model::config::Arch;
+    use triaxkv::paged::pool::{ClassMap, Fp8Hold};
+    let Some(_gpu) = gpu_or_skip("serve_backend_fp8_holding_matches_the_cpu_cache") else {
+        return;
+    };
+    let model = tiny_model(Arch::Llama, 64, false);
+    let seqs = serve_seqs(model.config.vocab_size);
+    let int4 = PrecisionClass::new(4, 4).unwrap();
+    let gpu_logits = |class: KvClass, window: usize, fp8: Fp8Hold, label: &str| {
+        let spec = PoolSpec {
+            fp8,
+            ..PoolSpec::new(ClassMap::uniform(class, 4, window), 64 << 20)
+        };
+        let backend = GpuBackend::open(
+            GpuContext::open(0).unwrap(),
+            "tiny",
+            &model,
+            spec,
+            128,
+            label,
+        )
+        .unwrap();
+        feed_backend(&backend, &seqs, label).0
+    };
+    let hold = |decode: bool, window: bool| Fp8Hold {
+        wait: true,
+        sinks: true,
+        decode,
+        window,
+    };
+    let cpu = |window: usize, wait: bool, window_fp8: bool| QuantCacheConfig {
+        sinks: 4,
+        window,
+        wait_fp8: wait,
+        sinks_fp8: wait,
+        window_fp8,
+        ..QuantCacheConfig::default()
+    };
+    let f16_gpu = gpu_logits(KvClass::F16, 0, Fp8Hold::default(), "f16");
+    let f16_cpu = cpu_cache_logits(&model, &seqs, PrecisionClass::FULL, cpu(0, false, false));
+    let (d_f16, ..) = logit_gap(&f16_gpu, &f16_cpu);
+    let mut gaps = Vec::new();
+    for (label, window, fp8, cfg) in [
+        ("int4 w32", 32, Fp8Hold::default(), cpu(32, false, false)),
+        (
+            "int4 w32, waiting+sinks fp8",
+            32,
+            hold(false, false),
+            cpu(32, true, false),
+        ),
+        (
+            "int4 w32, window fp8",
+            32,
+            hold(true, true),
+            cpu(32, true, true),
+        ),
+        (
+            "int4 w0, waiting+sinks fp8",
+            0,
+            hold(false, false),
+            cpu(0, true, false),
+        ),
+        (
+            "int4 w0, decode fp8",
+            0,
+            hold(true, false),
+            cpu(0, true, false),
+        ),
+    ] {
+        let g = gpu_logits(KvClass::Int4, window, fp8, label);
+        let c = cpu_cache_logits(&model, &seqs, int4, cfg);
+        let (d, same, rows) = logit_gap(&g, &c);
+        let (d16, ..) = logit_gap(&g, &f16_gpu);
+        let (c16, ..) = logit_gap(&c, &f16_cpu);
+        eprintln!(
+            "fp8 holding {label}: GPU vs CPU cache max |Δlogit| {d:.3e} (top-1 {same}/{rows}); \
+             from 16 bits: GPU {d16:.3e}, CPU {c16:.3e}"
+        );
+        gaps.push((label, d));
+    }
+    eprintln!("fp8 holding: f16 GPU vs CPU {d_f16:.3e}");
+    let base = gaps[0].1.max(d_f16);
+    for (label, d) in gaps {
+        assert!(
+            d < 3.0 * base,
+            "{label}: GPU {d:.3e} from the CPU cache, int4 w32 {base:.3e}"
+        );
+    }
 }
