@@ -599,4 +599,21 @@ fn key_outliers_are_charged_to_the_keys_and_recorded() {
         ));
         assert!(e.contains("--key-outliers"), "{e}");
     }
+    // A table calibrated with outliers (`calibrate --key-outliers 0.01`) measured its keys
+    // with them: the profile keeps them without the flag, charged alike.
+    let sha = triaxkv::model::load::inspect(Some(&tiny_model()))
+        .unwrap()
+        .sha256;
+    let mut t = fixture_table(&sha);
+    t.provenance.quantizer =
+        "k=per_channel/g64 v=per_token/g16 scale+zero=fp16 k_outliers=0.01".into();
+    let calib_ko = dir.path().join("calib-ko");
+    std::fs::create_dir_all(&calib_ko).unwrap();
+    t.write(&calib_ko).unwrap();
+    let o = allocate(&calib_ko, &out, &["--policy", "uniform-int2"]);
+    let said = ok(&o) + &String::from_utf8_lossy(&o.stderr);
+    let q = Profile::read(&out).unwrap();
+    assert_eq!(q.cache.key_outliers, 0.01);
+    assert_eq!(q.budget.achieved_bits, p.budget.achieved_bits);
+    assert!(said.contains("measured with them"), "{said}");
 }

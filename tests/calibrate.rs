@@ -170,6 +170,20 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
     ]);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("bit width 3"));
+
+    let tf = trace_file();
+    for bad in [
+        &["--key-outliers", "0.5"][..],
+        &["--key-outliers", "0.01", "--key-mode", "per-token"],
+    ] {
+        let mut args = vec!["--model", &m, "--traces", &tf, "-o", &o];
+        args.extend_from_slice(bad);
+        let r = calibrate(&args);
+        assert!(!r.status.success(), "{bad:?}");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains("--key-outliers"), "{bad:?}: {err}");
+        assert!(!out.exists());
+    }
 }
 
 /// Calibration replays a prefix shared with the previous trajectory only once: continuing

@@ -309,11 +309,18 @@ pub fn allocate(
         return Err(AllocateError::HoldFp8KeyMode);
     }
     cache.hold_fp8 = req.hold_fp8;
-    if req.key_outliers != 0.0 {
-        if !(0.0..=0.25).contains(&req.key_outliers) {
+    // A table calibrated with outliers measured its keys with them: the profile keeps them
+    // unless --key-outliers names another fraction.
+    let calibrated = cache.key_outliers;
+    let key_outliers = if req.key_outliers == 0.0 {
+        calibrated
+    } else {
+        req.key_outliers
+    };
+    if key_outliers != 0.0 {
+        if !(0.0..=0.25).contains(&key_outliers) {
             return Err(AllocateError::BudgetOptions(format!(
-                "--key-outliers {}: must be a fraction between 0 and 0.25",
-                req.key_outliers
+                "--key-outliers {key_outliers}: must be a fraction between 0 and 0.25"
             )));
         }
         if cache.key_mode != KeyModeName::PerChannel {
@@ -323,15 +330,35 @@ pub fn allocate(
                     .into(),
             ));
         }
+        let pooled = sens
+            .provenance
+            .quantizer
+            .parse::<crate::calibrate::QuantizerSettings>()
+            .is_ok_and(|q| q.key_outliers_pooled);
+        let measured = if calibrated == key_outliers && pooled {
+            "the table's distortions were measured with them chosen over a group's KV heads \
+             together (`eval --key-outliers-pooled`; the profile records the fraction only)"
+                .to_string()
+        } else if calibrated == key_outliers {
+            "the table's distortions were measured with them".to_string()
+        } else if calibrated == 0.0 {
+            "the objective reuses the table's distortions, measured without outliers: an \
+             estimate"
+                .to_string()
+        } else {
+            format!(
+                "the objective reuses the table's distortions, measured with {:.2}%: an estimate",
+                100.0 * calibrated
+            )
+        };
         notes.push(format!(
             "{:.2}% of every key group kept exactly (+{:.3} bits per quantized key element); \
-             the objective reuses the table's distortions, measured without outliers: an \
-             estimate. The GPU pool does not store outliers yet",
-            100.0 * req.key_outliers,
-            32.0 * req.key_outliers
+             {measured}. The GPU pool does not store outliers yet",
+            100.0 * key_outliers,
+            32.0 * key_outliers
         ));
     }
-    cache.key_outliers = req.key_outliers;
+    cache.key_outliers = key_outliers;
     let protected_bits = if req.hold_fp8 { 8.0 } else { 16.0 };
     let acc = accounting(&sens, sinks, window, req.context, protected_bits);
     let eff = |kv: Kv, b: u8| effective_bits(&cache, kv, b);

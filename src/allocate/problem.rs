@@ -75,7 +75,7 @@ pub fn cache_settings(p: &Provenance) -> Result<CacheSettings, AllocateError> {
         window: p.window,
         recency_unit: unit,
         hold_fp8: false,
-        key_outliers: 0.0,
+        key_outliers: q.key_outliers(),
     })
 }
 

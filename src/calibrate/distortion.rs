@@ -4,7 +4,7 @@
 use super::{CalibrateError, QuantizerSettings};
 use crate::kvcache::KvShape;
 use crate::linalg::{exp_shifted_sum, expm1_in_place, gemm, Parallelism, Strided};
-use crate::quant::{fake_quantize_keys, fake_quantize_values, Bits, KeyMode, QuantSpec};
+use crate::quant::{fake_quantize_keys, fake_quantize_values, outliers, Bits, KeyMode, QuantSpec};
 use crate::tags::{RecencyUnit, TokenTag, NUM_TAGS};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -102,8 +102,42 @@ pub fn quantize_layer(
         bits,
         group: q.key_group,
     };
+    let outliers = q.key_outliers_ppm > 0 && q.key_mode == KeyMode::PerChannel;
+    if outliers && clip {
+        return Err(CalibrateError::Option(
+            "key outliers are kept over min/max ranges, not clipped ones".into(),
+        ));
+    }
     let mut rows = Vec::new();
     for positions in groups.values() {
+        if outliers {
+            // The cache's seal: a key group's outliers per KV head, or over all of them.
+            let (width, parts) = if q.key_outliers_pooled {
+                (row, 1)
+            } else {
+                (hd, kvh)
+            };
+            for g in 0..parts {
+                rows.clear();
+                for &p in positions {
+                    rows.extend_from_slice(&k[p * row + g * width..p * row + (g + 1) * width]);
+                }
+                outliers::fake_quantize_keys(
+                    &mut rows,
+                    width,
+                    hd,
+                    q.key_group,
+                    bits,
+                    q.key_outliers(),
+                    q.key_outliers_pooled,
+                )?;
+                for (i, &p) in positions.iter().enumerate() {
+                    kq[p * row + g * width..p * row + (g + 1) * width]
+                        .copy_from_slice(&rows[i * width..(i + 1) * width]);
+                }
+            }
+            continue;
+        }
         for g in 0..kvh {
             rows.clear();
             for &p in positions {
@@ -807,6 +841,7 @@ mod tests {
                     key_mode: KeyMode::PerToken { rotate: true },
                     key_group: 32,
                     value_group: 32,
+                    ..QuantizerSettings::default()
                 },
             ],
         );
@@ -842,6 +877,7 @@ mod tests {
                 key_mode: KeyMode::PerChannel,
                 key_group: 64,
                 value_group: 32,
+                ..QuantizerSettings::default()
             }],
         );
     }
@@ -923,5 +959,96 @@ mod tests {
             column_counts(&tags, RecencyUnit::Turn, prot, &[39])[id],
             40 - 8 - 4
         );
+    }
+
+    /// Calibration's keys with outliers (`calibrate --key-outliers`, per KV head or pooled)
+    /// are the keys the CPU cache decodes after sealing the same key groups, bit for bit.
+    #[test]
+    fn key_outliers_quantize_as_the_cache_seals() {
+        use crate::kvcache::quantized::{KvPolicy, PrecisionClass, QuantCache, QuantCacheConfig};
+        use crate::kvcache::KvCache;
+        let shape = KvShape {
+            num_layers: 1,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+        };
+        let (len, row) = (128, 128);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let mut k: Vec<f32> = (0..len * row).map(|_| rng.random::<f32>() - 0.5).collect();
+        // Spikes, more of them in head 1, so pooling moves entries between heads.
+        for i in (0..k.len()).step_by(89) {
+            k[i] *= if (i % row) >= 64 { 30.0 } else { 8.0 };
+        }
+        // The cache stages keys at 16 bits before sealing them.
+        for x in &mut k {
+            *x = half::f16::from_f32(*x).to_f32();
+        }
+        let v: Vec<f32> = (0..len * row).map(|_| rng.random::<f32>() - 0.5).collect();
+        let tags = vec![
+            TokenTag {
+                role: Role::Observation,
+                modality: Modality::Text,
+                turn: 1,
+                step: 0
+            };
+            len
+        ];
+        for pooled in [false, true] {
+            let q = QuantizerSettings {
+                key_outliers_ppm: 5000,
+                key_outliers_pooled: pooled,
+                ..QuantizerSettings::default()
+            };
+            let got = quantize_layer(
+                shape,
+                &k,
+                &v,
+                &tags,
+                RecencyUnit::Turn,
+                0,
+                Bits::B2,
+                &q,
+                false,
+            )
+            .unwrap();
+            let cfg = QuantCacheConfig {
+                sinks: 0,
+                window: 0,
+                key_outliers: 0.005,
+                key_outliers_pooled: pooled,
+                ..QuantCacheConfig::default()
+            };
+            let policy = KvPolicy::uniform(1, PrecisionClass::new(2, 2).unwrap());
+            let mut c = QuantCache::new(shape, policy, cfg).unwrap();
+            c.append(0, &k, &v, &tags);
+            assert!(c.error().is_none());
+            let want = c.dequantize(0).unwrap().0;
+            assert_eq!(got.k, want, "pooled {pooled}");
+            let plain = quantize_layer(
+                shape,
+                &k,
+                &v,
+                &tags,
+                RecencyUnit::Turn,
+                0,
+                Bits::B2,
+                &QuantizerSettings::default(),
+                false,
+            )
+            .unwrap();
+            let err = |y: &[f32]| -> f64 {
+                y.iter()
+                    .zip(&k)
+                    .map(|(a, b)| f64::from(a - b).powi(2))
+                    .sum()
+            };
+            assert!(
+                err(&got.k) < 0.5 * err(&plain.k),
+                "pooled {pooled}: outliers {} vs none {}",
+                err(&got.k),
+                err(&plain.k)
+            );
+        }
     }
 }

@@ -51,6 +51,19 @@ pub struct QuantizerSettings {
     pub key_group: usize,
     /// Head-dimension elements per value group.
     pub value_group: usize,
+    /// Dense-and-sparse keys (`quant::outliers`): the share of each per-channel key group
+    /// and KV head kept exactly, in millionths (0: none; a whole number keeps the settings
+    /// `Eq` and `Hash`).
+    pub key_outliers_ppm: u32,
+    /// The outliers of a key group chosen over all its KV heads together (as many in all).
+    pub key_outliers_pooled: bool,
+}
+
+impl QuantizerSettings {
+    /// `key_outliers_ppm` as a fraction.
+    pub fn key_outliers(&self) -> f64 {
+        f64::from(self.key_outliers_ppm) / 1e6
+    }
 }
 
 impl Default for QuantizerSettings {
@@ -61,6 +74,8 @@ impl Default for QuantizerSettings {
             key_mode: KeyMode::PerChannel,
             key_group: 64,
             value_group: 64,
+            key_outliers_ppm: 0,
+            key_outliers_pooled: false,
         }
     }
 }
@@ -76,7 +91,14 @@ impl fmt::Display for QuantizerSettings {
             f,
             "k={k}/g{} v=per_token/g{} scale+zero=fp16",
             self.key_group, self.value_group
-        )
+        )?;
+        if self.key_outliers_ppm > 0 {
+            write!(f, " k_outliers={}", self.key_outliers())?;
+            if self.key_outliers_pooled {
+                write!(f, "/pooled")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -106,6 +128,7 @@ impl std::str::FromStr for QuantizerSettings {
                 .ok_or_else(|| err(format!("{part}: group {g:?} is not g<N> with N > 0")))
         };
         let (mut key, mut value, mut params) = (None, None, false);
+        let (mut key_outliers_ppm, mut key_outliers_pooled) = (0, false);
         for part in text.split_whitespace() {
             if let Some(k) = part.strip_prefix("k=") {
                 let (mode, g) = k
@@ -128,6 +151,18 @@ impl std::str::FromStr for QuantizerSettings {
                 value = Some(group(part, g)?);
             } else if part == "scale+zero=fp16" {
                 params = true;
+            } else if let Some(o) = part.strip_prefix("k_outliers=") {
+                let (frac, pooled) = match o.strip_suffix("/pooled") {
+                    Some(f) => (f, true),
+                    None => (o, false),
+                };
+                let ppm = frac
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| (0.0..=0.25).contains(x))
+                    .map(|x| (x * 1e6).round() as u32)
+                    .ok_or_else(|| err(format!("{part}: not a fraction between 0 and 0.25")))?;
+                (key_outliers_ppm, key_outliers_pooled) = (ppm, pooled);
             } else {
                 return Err(err(format!("unknown part {part:?}")));
             }
@@ -137,6 +172,8 @@ impl std::str::FromStr for QuantizerSettings {
                 key_mode,
                 key_group,
                 value_group,
+                key_outliers_ppm,
+                key_outliers_pooled,
             }),
             (None, _, _) => Err(err("no k=...".into())),
             (_, None, _) => Err(err("no v=...".into())),
@@ -156,19 +193,39 @@ mod tests {
             KeyMode::PerToken { rotate: false },
             KeyMode::PerToken { rotate: true },
         ] {
-            let q = QuantizerSettings {
-                key_mode,
-                key_group: 32,
-                value_group: 128,
-            };
-            assert_eq!(q.to_string().parse::<QuantizerSettings>(), Ok(q));
+            for (key_outliers_ppm, key_outliers_pooled) in [(0, false), (5000, false), (20, true)] {
+                let q = QuantizerSettings {
+                    key_mode,
+                    key_group: 32,
+                    value_group: 128,
+                    key_outliers_ppm,
+                    key_outliers_pooled,
+                };
+                assert_eq!(q.to_string().parse::<QuantizerSettings>(), Ok(q));
+            }
         }
+        // Tables written before outliers existed read as none.
+        let old: QuantizerSettings = "k=per_channel/g64 v=per_token/g64 scale+zero=fp16"
+            .parse()
+            .unwrap();
+        assert_eq!(old, QuantizerSettings::default());
+        assert_eq!(
+            QuantizerSettings {
+                key_outliers_ppm: 5000,
+                key_outliers_pooled: true,
+                ..QuantizerSettings::default()
+            }
+            .to_string(),
+            "k=per_channel/g64 v=per_token/g64 scale+zero=fp16 k_outliers=0.005/pooled"
+        );
         for bad in [
             "",
             "k=per_channel/g64 v=per_token/g64",
             "k=per_row/g64 v=per_token/g64 scale+zero=fp16",
             "k=per_channel/g0 v=per_token/g64 scale+zero=fp16",
             "k=per_channel/64 v=per_token/g64 scale+zero=fp16",
+            "k=per_channel/g64 v=per_token/g64 scale+zero=fp16 k_outliers=0.5",
+            "k=per_channel/g64 v=per_token/g64 scale+zero=fp16 k_outliers=x/pooled",
         ] {
             let e = bad.parse::<QuantizerSettings>().unwrap_err();
             assert!(e.to_string().contains("expected e.g."), "{e}");

@@ -526,6 +526,7 @@ pub fn candidate_settings(hd: usize) -> Vec<QuantizerSettings> {
             key_mode: KeyMode::PerChannel,
             key_group: g,
             value_group: 64.min(hd),
+            ..QuantizerSettings::default()
         });
     }
     for rotate in [false, true] {
@@ -535,6 +536,7 @@ pub fn candidate_settings(hd: usize) -> Vec<QuantizerSettings> {
                     key_mode: KeyMode::PerToken { rotate },
                     key_group: g,
                     value_group: g,
+                    ..QuantizerSettings::default()
                 });
             }
         }

@@ -64,6 +64,15 @@ pub struct CalibrateArgs {
     sinks: usize,
     #[arg(long, default_value_t = triaxkv::kvcache::quantized::DEFAULT_WINDOW)]
     window: usize,
+    /// Dense-and-sparse keys: keep this fraction of each per-channel key group's elements
+    /// (per KV head) out of the quantization, as `eval --key-outliers` and profiles allocated
+    /// with `--key-outliers` store them (0 to 0.25).
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    key_outliers: f64,
+    /// Choose a key group's outliers over all its KV heads together (`eval
+    /// --key-outliers-pooled`).
+    #[arg(long, requires = "key_outliers")]
+    key_outliers_pooled: bool,
     /// Instead of the table: compare key modes and group sizes by their mean distortion and
     /// write DIR/quantizer_comparison.md.
     #[arg(long)]
@@ -82,6 +91,20 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     }
     if args.queries == 0 {
         bail!("--queries must be at least 1");
+    }
+    if !(0.0..=0.25).contains(&args.key_outliers) {
+        bail!(
+            "--key-outliers {}: must be a fraction between 0 and 0.25",
+            args.key_outliers
+        );
+    }
+    if args.key_outliers > 0.0 && !matches!(args.key_mode, KeyModeArg::Channel) {
+        bail!(
+            "--key-outliers keeps elements of per-channel key groups: use --key-mode per-channel"
+        );
+    }
+    if args.key_outliers > 0.0 && args.compare_quantizers {
+        bail!("--key-outliers and --compare-quantizers: the comparison measures plain quantizers");
     }
     let files = read_glob(&args.traces).context("reading --traces")?;
     if files.iter().all(|f| f.trajectories.is_empty()) {
@@ -105,6 +128,8 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             },
             key_group: args.key_group,
             value_group: args.value_group,
+            key_outliers_ppm: (args.key_outliers * 1e6).round() as u32,
+            key_outliers_pooled: args.key_outliers_pooled,
         },
         protected: Protected {
             sinks: args.sinks,

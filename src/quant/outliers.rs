@@ -5,6 +5,8 @@
 //! correction `δ = x - x̂` (the value minus what its code decodes to) in the low half and
 //! `token * head_dim + channel` in the high half; unused entries are 0 (`δ = 0`: no-ops).
 
+use super::int::{group_params, quantize_with};
+use super::{Bits, QuantError};
 use half::f16;
 
 /// Entries per key group of `k_group` tokens and `head_dim` channels for a kept `fraction`
@@ -86,6 +88,54 @@ pub fn entry(token: usize, channel: usize, head_dim: usize, delta: f16) -> u32 {
 pub fn read(e: u32, head_dim: usize) -> (usize, usize, f16) {
     let at = (e >> 16) as usize;
     (at / head_dim, at % head_dim, f16::from_bits(e as u16))
+}
+
+/// Quantize-then-dequantize per-channel key groups of `group` rows (the last may be shorter)
+/// as the CPU cache seals them with dense-and-sparse keys (`calibrate --key-outliers`):
+/// `rows` is `[n][width]`, `width` a multiple of `head_dim`. Each group keeps
+/// `per_group(fraction, its rows, head_dim)` elements per head — chosen within the head, or
+/// when `pooled` over all heads of the row together (as many in all) — at `x̂ + f16(x − x̂)`;
+/// every other value becomes its code's value over its channel's range without the kept ones.
+pub fn fake_quantize_keys(
+    rows: &mut [f32],
+    width: usize,
+    head_dim: usize,
+    group: usize,
+    bits: Bits,
+    fraction: f64,
+    pooled: bool,
+) -> Result<(), QuantError> {
+    if head_dim == 0 || width % head_dim != 0 || rows.len() % width != 0 || group == 0 {
+        return Err(QuantError::Shape(format!(
+            "{} key values are not rows of {width} in heads of {head_dim} (groups of {group})",
+            rows.len()
+        )));
+    }
+    let heads = width / head_dim;
+    for block in rows.chunks_mut(group * width) {
+        let n_rows = block.len() / width;
+        let cols: Vec<Vec<f32>> = (0..width)
+            .map(|c| (0..n_rows).map(|r| block[r * width + c]).collect())
+            .collect();
+        let n = per_group(fraction, n_rows, head_dim);
+        let kept = if pooled {
+            choose(&cols, n * heads)
+        } else {
+            cols.chunks(head_dim).flat_map(|h| choose(h, n)).collect()
+        };
+        for (c, col) in cols.iter().enumerate() {
+            let p = group_params(&inliers(col, &kept[c]), bits)?;
+            for (r, &x) in col.iter().enumerate() {
+                let xq = p.dequantize(quantize_with(x, p, bits));
+                block[r * width + c] = if kept[c].contains(&r) {
+                    xq + f16::from_f32(x - xq).to_f32()
+                } else {
+                    xq
+                };
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
