@@ -116,6 +116,11 @@ pub struct CacheSettings {
     /// and `serve` (CPU) apply it; the GPU pool does not store outliers and refuses it.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub key_outliers: f64,
+    /// The key outliers of a group are chosen over all its KV heads together (as many in all
+    /// as per head times the heads) instead of a fixed number per head (`allocate
+    /// --key-outliers-pooled`, or a table calibrated so).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub key_outliers_pooled: bool,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -137,7 +142,7 @@ impl CacheSettings {
             sinks_fp8: self.hold_fp8,
             window_fp8: self.hold_fp8,
             key_outliers: self.key_outliers,
-            key_outliers_pooled: false,
+            key_outliers_pooled: self.key_outliers_pooled && self.key_outliers > 0.0,
         }
     }
 
@@ -152,6 +157,7 @@ impl CacheSettings {
             recency_unit: c.unit,
             hold_fp8: c.wait_fp8 && c.sinks_fp8 && c.window_fp8,
             key_outliers: c.key_outliers,
+            key_outliers_pooled: c.key_outliers_pooled,
         }
     }
 }

@@ -577,6 +577,7 @@ fn key_outliers_are_charged_to_the_keys_and_recorded() {
     ok(&allocate(&calib, &out, &["--policy", "uniform-int2"]));
     let plain = Profile::read(&out).unwrap();
     assert_eq!(plain.cache.key_outliers, 0.0);
+    // Old readers see no new field in a profile without outliers.
     assert!(!std::fs::read_to_string(&out)
         .unwrap()
         .contains("key_outliers"));
@@ -614,6 +615,36 @@ fn key_outliers_are_charged_to_the_keys_and_recorded() {
     let said = ok(&o) + &String::from_utf8_lossy(&o.stderr);
     let q = Profile::read(&out).unwrap();
     assert_eq!(q.cache.key_outliers, 0.01);
+    assert!(!q.cache.key_outliers_pooled);
     assert_eq!(q.budget.achieved_bits, p.budget.achieved_bits);
     assert!(said.contains("measured with them"), "{said}");
+    // Pooled over a group's KV heads: from the flag or from a table calibrated so, recorded
+    // and applied by the cache the profile builds; the flag alone pools nothing.
+    ok(&allocate(
+        &calib,
+        &out,
+        &[
+            "--policy",
+            "uniform-int2",
+            "--key-outliers",
+            "0.01",
+            "--key-outliers-pooled",
+        ],
+    ));
+    let r = Profile::read(&out).unwrap();
+    assert!(r.cache.key_outliers_pooled && r.cache.cache_config().key_outliers_pooled);
+    assert_eq!(r.budget.achieved_bits, p.budget.achieved_bits);
+    t.provenance.quantizer =
+        "k=per_channel/g64 v=per_token/g16 scale+zero=fp16 k_outliers=0.01/pooled".into();
+    t.write(&calib_ko).unwrap();
+    let o = allocate(&calib_ko, &out, &["--policy", "uniform-int2"]);
+    let said = ok(&o) + &String::from_utf8_lossy(&o.stderr);
+    assert!(Profile::read(&out).unwrap().cache.key_outliers_pooled);
+    assert!(said.contains("measured with them"), "{said}");
+    let e = failed(&allocate(
+        &calib,
+        &dir.path().join("bad.json"),
+        &["--policy", "uniform-int2", "--key-outliers-pooled"],
+    ));
+    assert!(e.contains("--key-outliers-pooled"), "{e}");
 }

@@ -86,6 +86,7 @@ fn profile(model: &ModelIdentity, name: &str, k: u8, v: u8) -> Profile {
             recency_unit: RecencyUnit::Turn,
             hold_fp8: false,
             key_outliers: 0.0,
+            key_outliers_pooled: false,
         },
         budget: Budget {
             asked_bits: None,

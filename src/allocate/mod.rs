@@ -144,6 +144,9 @@ pub struct Request {
     pub layer_bands: Option<usize>,
     /// Fraction of each per-channel key group kept exactly (`CacheSettings::key_outliers`).
     pub key_outliers: f64,
+    /// Those outliers chosen over a group's KV heads together
+    /// (`CacheSettings::key_outliers_pooled`).
+    pub key_outliers_pooled: bool,
 }
 
 /// The sensitivity table solved over, for the profile's provenance.
@@ -310,13 +313,23 @@ pub fn allocate(
     }
     cache.hold_fp8 = req.hold_fp8;
     // A table calibrated with outliers measured its keys with them: the profile keeps them
-    // unless --key-outliers names another fraction.
+    // (and their pooling) unless --key-outliers names another fraction.
     let calibrated = cache.key_outliers;
-    let key_outliers = if req.key_outliers == 0.0 {
-        calibrated
+    let (key_outliers, pooled) = if req.key_outliers == 0.0 {
+        (
+            calibrated,
+            cache.key_outliers_pooled || req.key_outliers_pooled,
+        )
     } else {
-        req.key_outliers
+        (req.key_outliers, req.key_outliers_pooled)
     };
+    if pooled && key_outliers == 0.0 {
+        return Err(AllocateError::BudgetOptions(
+            "--key-outliers-pooled pools key outliers: give --key-outliers F (or a table \
+             calibrated with them)"
+                .into(),
+        ));
+    }
     if key_outliers != 0.0 {
         if !(0.0..=0.25).contains(&key_outliers) {
             return Err(AllocateError::BudgetOptions(format!(
@@ -330,16 +343,8 @@ pub fn allocate(
                     .into(),
             ));
         }
-        let pooled = sens
-            .provenance
-            .quantizer
-            .parse::<crate::calibrate::QuantizerSettings>()
-            .is_ok_and(|q| q.key_outliers_pooled);
-        let measured = if calibrated == key_outliers && pooled {
-            "the table's distortions were measured with them chosen over a group's KV heads \
-             together (`eval --key-outliers-pooled`; the profile records the fraction only)"
-                .to_string()
-        } else if calibrated == key_outliers {
+        let calibrated_pooled = cache.key_outliers_pooled;
+        let measured = if calibrated == key_outliers && calibrated_pooled == pooled {
             "the table's distortions were measured with them".to_string()
         } else if calibrated == 0.0 {
             "the objective reuses the table's distortions, measured without outliers: an \
@@ -347,18 +352,30 @@ pub fn allocate(
                 .to_string()
         } else {
             format!(
-                "the objective reuses the table's distortions, measured with {:.2}%: an estimate",
-                100.0 * calibrated
+                "the objective reuses the table's distortions, measured with {:.2}%{}: an \
+                 estimate",
+                100.0 * calibrated,
+                if calibrated_pooled {
+                    " pooled"
+                } else {
+                    " per head"
+                }
             )
         };
         notes.push(format!(
-            "{:.2}% of every key group kept exactly (+{:.3} bits per quantized key element); \
+            "{:.2}% of every key group kept exactly{} (+{:.3} bits per quantized key element); \
              {measured}. The GPU pool does not store outliers yet",
             100.0 * key_outliers,
+            if pooled {
+                ", chosen over its KV heads together"
+            } else {
+                ""
+            },
             32.0 * key_outliers
         ));
     }
     cache.key_outliers = key_outliers;
+    cache.key_outliers_pooled = pooled;
     let protected_bits = if req.hold_fp8 { 8.0 } else { 16.0 };
     let acc = accounting(&sens, sinks, window, req.context, protected_bits);
     let eff = |kv: Kv, b: u8| effective_bits(&cache, kv, b);

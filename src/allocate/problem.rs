@@ -76,6 +76,7 @@ pub fn cache_settings(p: &Provenance) -> Result<CacheSettings, AllocateError> {
         recency_unit: unit,
         hold_fp8: false,
         key_outliers: q.key_outliers(),
+        key_outliers_pooled: q.key_outliers_pooled,
     })
 }
 

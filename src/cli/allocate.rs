@@ -123,6 +123,10 @@ pub struct AllocateArgs {
     /// `eval` and `serve` (CPU) hold them. Not stored by the GPU pool yet.
     #[arg(long, value_name = "F", default_value_t = 0.0)]
     key_outliers: f64,
+    /// Choose a key group's outliers over all its KV heads together (as many in all), as
+    /// `eval --key-outliers-pooled` did: recorded in the profile.
+    #[arg(long)]
+    key_outliers_pooled: bool,
     /// The calibrated model (GGUF file or safetensors folder), for its identity and shape
     /// [default: the bundled SmolLM2 from scripts/setup.sh].
     #[arg(long)]
@@ -172,6 +176,7 @@ pub fn run(args: AllocateArgs) -> Result<()> {
         hold_fp8: args.hold_fp8,
         layer_bands: args.layer_bands,
         key_outliers: args.key_outliers,
+        key_outliers_pooled: args.key_outliers_pooled,
     };
     let calibration = Calibration {
         path: file.display().to_string(),

@@ -388,7 +388,7 @@ pub fn evaluate(
                 } else {
                     base.key_outliers
                 },
-                key_outliers_pooled: opts.key_outliers_pooled,
+                key_outliers_pooled: opts.key_outliers_pooled || base.key_outliers_pooled,
                 ..base.with_fp8(opts.wait_fp8, opts.sinks_fp8, opts.window_fp8)
             };
             Ok((p.profile.to_policy()?, cfg))
