@@ -108,20 +108,22 @@ pub fn quantize_layer(
             "key outliers are kept over min/max ranges, not clipped ones".into(),
         ));
     }
+    // Keys are gathered per KV head, or per whole row when outliers are pooled over the heads
+    // (the cache's seal).
+    let (width, parts) = if outliers && q.key_outliers_pooled {
+        (row, 1)
+    } else {
+        (hd, kvh)
+    };
     let mut rows = Vec::new();
     for positions in groups.values() {
-        if outliers {
-            // The cache's seal: a key group's outliers per KV head, or over all of them.
-            let (width, parts) = if q.key_outliers_pooled {
-                (row, 1)
-            } else {
-                (hd, kvh)
-            };
-            for g in 0..parts {
-                rows.clear();
-                for &p in positions {
-                    rows.extend_from_slice(&k[p * row + g * width..p * row + (g + 1) * width]);
-                }
+        for g in 0..parts {
+            let span = |p: usize| p * row + g * width..p * row + (g + 1) * width;
+            rows.clear();
+            for &p in positions {
+                rows.extend_from_slice(&k[span(p)]);
+            }
+            if outliers {
                 outliers::fake_quantize_keys(
                     &mut rows,
                     width,
@@ -131,22 +133,11 @@ pub fn quantize_layer(
                     q.key_outliers(),
                     q.key_outliers_pooled,
                 )?;
-                for (i, &p) in positions.iter().enumerate() {
-                    kq[p * row + g * width..p * row + (g + 1) * width]
-                        .copy_from_slice(&rows[i * width..(i + 1) * width]);
-                }
+            } else {
+                fake_quantize_keys(&mut rows, hd, kspec, q.key_mode, clip)?;
             }
-            continue;
-        }
-        for g in 0..kvh {
-            rows.clear();
-            for &p in positions {
-                rows.extend_from_slice(&k[p * row + g * hd..p * row + (g + 1) * hd]);
-            }
-            fake_quantize_keys(&mut rows, hd, kspec, q.key_mode, clip)?;
             for (i, &p) in positions.iter().enumerate() {
-                kq[p * row + g * hd..p * row + (g + 1) * hd]
-                    .copy_from_slice(&rows[i * hd..(i + 1) * hd]);
+                kq[span(p)].copy_from_slice(&rows[i * width..(i + 1) * width]);
             }
         }
     }
