@@ -1833,24 +1833,13 @@ fn serve_backend_matches_gpu_forward() {
         // stream first; a 32-token window kept in the FP8 waiting blocks (`--window-fp8`, a
         // `--hold-fp8` profile) against the same window at 16 bits.
         let fp8_pool = |window: usize, direct: bool, label: &str| {
-            let spec = PoolSpec {
-                fp8: Fp8Hold {
-                    wait: true,
-                    sinks: true,
-                    decode: direct,
-                    window: direct && window > 0,
-                },
-                ..PoolSpec::new(ClassMap::uniform(KvClass::Int4, 4, window), 64 << 20)
+            let fp8 = Fp8Hold {
+                wait: true,
+                sinks: true,
+                decode: direct,
+                window: direct && window > 0,
             };
-            GpuBackend::open(
-                GpuContext::open(0).unwrap(),
-                "tiny",
-                &model,
-                spec,
-                128,
-                label,
-            )
-            .unwrap()
+            uniform_backend(&model, KvClass::Int4, window, fp8, label)
         };
         for (window, what) in [(0, "decode fp8"), (32, "window 32 in fp8")] {
             let (base, _) = feed_backend(&fp8_pool(window, false, "16-bit"), &seqs, "16-bit");
@@ -2140,6 +2129,32 @@ fn decode_append_into_fp8_writes_what_a_move_does() {
     assert!(nonzero > 600, "{nonzero} nonzero bytes");
 }
 
+/// `GpuBackend` over 64 MiB of `class` everywhere past 4 sinks and a `window`, with `fp8`
+/// holding, in steps of at most 128 rows.
+fn uniform_backend(
+    model: &triaxkv::model::llama::Model,
+    class: KvClass,
+    window: usize,
+    fp8: triaxkv::paged::pool::Fp8Hold,
+    label: &str,
+) -> triaxkv::gpu::GpuBackend<triaxkv::gpu::GpuDevice> {
+    use triaxkv::gpu::{GpuBackend, PoolSpec};
+    use triaxkv::paged::pool::ClassMap;
+    let spec = PoolSpec {
+        fp8,
+        ..PoolSpec::new(ClassMap::uniform(class, 4, window), 64 << 20)
+    };
+    GpuBackend::open(
+        GpuContext::open(0).unwrap(),
+        "tiny",
+        model,
+        spec,
+        128,
+        label,
+    )
+    .unwrap()
+}
+
 /// Two sequences (prompt, generated) of the serve-backend tests, ids and tags; a prompt
 /// chunk is at most 40 tokens (`feed_backend`).
 type Seqs = Vec<(Vec<u32>, Vec<triaxkv::tags::TokenTag>, usize)>;
@@ -2207,10 +2222,9 @@ fn cpu_cache_logits(
 /// distance from the CPU stays near the distance it has with every window token 16-bit.
 #[test]
 fn serve_backend_fp8_holding_matches_the_cpu_cache() {
-    use triaxkv::gpu::{GpuBackend, PoolSpec};
     use triaxkv::kvcache::quantized::{PrecisionClass, QuantCacheConfig};
     use triaxkv::model::config::Arch;
-    use triaxkv::paged::pool::{ClassMap, Fp8Hold};
+    use triaxkv::paged::pool::Fp8Hold;
     let Some(_gpu) = gpu_or_skip("serve_backend_fp8_holding_matches_the_cpu_cache") else {
         return;
     };
@@ -2218,19 +2232,7 @@ fn serve_backend_fp8_holding_matches_the_cpu_cache() {
     let seqs = serve_seqs(model.config.vocab_size);
     let int4 = PrecisionClass::new(4, 4).unwrap();
     let gpu_logits = |class: KvClass, window: usize, fp8: Fp8Hold, label: &str| {
-        let spec = PoolSpec {
-            fp8,
-            ..PoolSpec::new(ClassMap::uniform(class, 4, window), 64 << 20)
-        };
-        let backend = GpuBackend::open(
-            GpuContext::open(0).unwrap(),
-            "tiny",
-            &model,
-            spec,
-            128,
-            label,
-        )
-        .unwrap();
+        let backend = uniform_backend(&model, class, window, fp8, label);
         feed_backend(&backend, &seqs, label).0
     };
     let hold = |decode: bool, window: bool| Fp8Hold {
